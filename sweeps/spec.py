@@ -1,0 +1,379 @@
+"""SweepSpec: a sweep described in YAML, validated before anything starts.
+
+Every error names the spec file, the line where it can, the key and what was expected. Importing this
+module does not import Ray, torch or MLflow, so a bad spec fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bagssl_core.config import (
+    ConfigError,
+    TrainConfig,
+    config_paths,
+    describe_validation_error,
+    merge_overrides,
+    parse_overrides,
+    read_yaml_mapping,
+    set_dotted,
+)
+
+DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
+PROBE_METRIC = re.compile(r"^(knn|linear)_top(1|5)(/[a-z_]+)?$")
+# What the trainer reports every epoch besides the probes (see bagssl_core.train).
+TRAIN_METRICS = frozenset({"train/loss", "lr", "patches_per_s", "epoch_seconds"})
+LOSS_PARTS = {
+    "bag_vicreg": ("invariance", "variance", "covariance"),
+    "vicreg": ("invariance", "variance", "covariance"),
+    "tcr": ("coding_rate", "invariance"),
+}
+
+
+class SpecError(ValueError):
+    """A problem with a sweep spec, phrased for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """Exactly one of the keys: the distribution of one dotted TrainConfig path."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    quniform: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        given = [k for k in DIST_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of {', '.join(DIST_KINDS)}; got {given or 'none'}")
+        kind = given[0]
+        v = getattr(self, kind)
+        if kind in ("choice", "grid") and not v:
+            raise ValueError(f"{kind}: expected a non-empty list of values")
+        if kind in ("uniform", "loguniform", "randint", "quniform") and not v[0] < v[1]:
+            raise ValueError(f"{kind}: expected low < high, got {list(v)}")
+        if kind == "loguniform" and v[0] <= 0:
+            raise ValueError(f"loguniform: expected positive bounds, got {list(v)}")
+        if kind == "quniform" and v[2] <= 0:
+            raise ValueError(f"quniform: expected a positive step q, got {v[2]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIST_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    @property
+    def discrete(self) -> bool:
+        return self.kind in ("choice", "grid")
+
+    def probe_values(self) -> list[Any]:
+        """Values to validate against TrainConfig before the sweep starts: every listed value, or the bounds
+        (randint's upper bound is exclusive, as in Tune)."""
+        a = self.args
+        if self.kind in ("choice", "grid"):
+            return list(a)
+        if self.kind == "randint":
+            return [a[0], a[1] - 1]
+        return [a[0], a[1]]
+
+
+class SearchSpec(_Strict):
+    algo: Literal["optuna", "grid", "random"] = "optuna"
+    sampler: Literal["tpe", "random", "cmaes", "gp"] = Field("tpe", description="optuna only")
+    seed: int = 0
+    n_startup_trials: int = Field(4, ge=0, description="optuna tpe: random trials before TPE takes over")
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["asha", "median", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ResourcesSpec(_Strict):
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class TrackingSpec(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    experiment: str = "bagssl"
+
+
+class FailureSpec(_Strict):
+    max_retries: int = Field(1, ge=0, description="times a failed trial's Train run is restarted from its checkpoint")
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Distribution] = Field(min_length=1)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    metric: str
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    storage_path: str = "./sweeps_storage"
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+
+    @field_validator("space")
+    @classmethod
+    def _paths(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
+        known = config_paths()
+        for key in space:
+            if key not in known:
+                close = sorted(p for p in known if p.split(".")[-1] == key.split(".")[-1])
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise ValueError(f"{key}: not a TrainConfig field{hint}; expected a dotted path such as patch.size")
+        return space
+
+    # --- derived --------------------------------------------------------------------------------
+    def eval_axes(self) -> dict[str, Distribution]:
+        """Discrete eval.* axes: enumerated inside every trial on the same checkpoints, never retrained."""
+        return {k: d for k, d in self.space.items() if k.startswith("eval.") and d.discrete}
+
+    def train_axes(self) -> dict[str, Distribution]:
+        """Axes searched by Tune: every trial trains its own model."""
+        ev = self.eval_axes()
+        return {k: d for k, d in self.space.items() if k not in ev}
+
+
+# --- YAML with line numbers ------------------------------------------------------------------------
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """(path of keys) -> 1-based line of each mapping key in a YAML document."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, str(k.value))
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(lines: Mapping[tuple[str, ...], int], loc: Iterable[Any]) -> int | None:
+    path: tuple[str, ...] = ()
+    best = None
+    for part in loc:
+        path = (*path, str(part))
+        if path in lines:
+            best = lines[path]
+    return best
+
+
+def _spec_error_lines(err: ValidationError, source: str, lines: Mapping[tuple[str, ...], int]) -> str:
+    out = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not isinstance(p, int)]
+        # Distribution keys are dotted paths: keep them whole and drop pydantic's union/type tags.
+        parts: list[str] = []
+        for p in loc:
+            parts.append(str(p))
+            if p in DIST_KINDS or (len(parts) == 2 and parts[0] == "space" and e["type"] != "extra_forbidden"):
+                break
+        key = ".".join(parts)
+        line = _line_of(lines, parts)
+        where = f"{source}:{line}" if line else source
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Input should be"):
+            msg = "expected " + msg.removeprefix("Input should be ")
+        got = e.get("input")
+        got_s = "" if e["type"] in {"extra_forbidden", "missing", "value_error"} or isinstance(got, dict) else f" (got {got!r})"
+        out.append(f"{where}: {key}: {msg}{got_s}")
+    return "\n".join(dict.fromkeys(out))
+
+
+def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
+    """`--set key=value` on the spec: `num_samples=2`, `base.schedule.epochs=1`,
+    `space.patch.size={choice: [8, 16]}` (everything after `space.` is one dotted TrainConfig path)."""
+    for key, value in parse_overrides(items).items():
+        if key.startswith("space."):
+            tree.setdefault("space", {})
+            if not isinstance(tree["space"], dict):
+                raise SpecError(f"--set {key}: space is not a mapping")
+            tree["space"][key.removeprefix("space.")] = value
+        else:
+            try:
+                set_dotted(tree, key, value)
+            except ConfigError as err:
+                raise SpecError(f"--set {key}: {err}") from None
+    return tree
+
+
+def resolve_base(spec: SweepSpec, spec_dir: Path, source: str) -> dict[str, Any]:
+    """The base TrainConfig as a plain dict: `base.config` file (relative to the spec), then the other keys."""
+    base = dict(spec.base)
+    tree: dict[str, Any] = {}
+    cfg_path = base.pop("config", None)
+    if cfg_path is not None:
+        p = Path(cfg_path)
+        p = p if p.is_absolute() else spec_dir / p
+        try:
+            tree = read_yaml_mapping(p)
+        except ConfigError as err:
+            raise SpecError(f"{source}: base.config: {err}") from None
+    nested = {k: v for k, v in base.items() if "." not in k}
+    dotted = {k: v for k, v in base.items() if "." in k}
+    for section, value in nested.items():
+        if isinstance(value, dict) and isinstance(tree.get(section), dict):
+            tree[section] = merge_overrides(tree[section], value)
+        else:
+            tree[section] = value
+    return merge_overrides(tree, dotted)
+
+
+def coerce_value(path: str, value: Any) -> Any:
+    """A scalar given for a list-typed field (e.g. `eval.aggregation: centre`) means a one-element list."""
+    default = _defaults().get(path)
+    if isinstance(default, list) and not isinstance(value, list):
+        return [value]
+    return value
+
+
+def _defaults() -> dict[str, Any]:
+    from bagssl_core.config import flatten
+
+    return flatten(TrainConfig().model_dump(mode="json"))
+
+
+def validate_trial_config(base: Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> TrainConfig:
+    """TrainConfig for base + overrides, or SpecError naming the overrides that broke it."""
+    tree = merge_overrides(base, {k: coerce_value(k, v) for k, v in overrides.items()})
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        what = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "base"
+        raise SpecError(f"{source}: {what}: {describe_validation_error(err)}") from None
+
+
+def known_metrics(spec: SweepSpec, base_cfg: TrainConfig) -> set[str]:
+    """Every metric a trial of this sweep reports (probe metrics for every scheme it will evaluate)."""
+    schemes = set(base_cfg.eval.aggregation)
+    probes = set(base_cfg.eval.probes)
+    for key, d in spec.space.items():
+        if key == "eval.aggregation":
+            for v in d.probe_values():
+                schemes.update(coerce_value(key, v))
+        if key == "eval.probes":
+            for v in d.probe_values():
+                probes.update(coerce_value(key, v))
+    out = set(TRAIN_METRICS)
+    losses = {base_cfg.loss.name}
+    if "loss.name" in spec.space:
+        losses.update(spec.space["loss.name"].probe_values())
+    for name in losses:
+        out.update(f"train/{p}" for p in LOSS_PARTS.get(name, ()))
+    for probe in probes:
+        for k in (1, 5):
+            out.add(f"{probe}_top{k}")
+            out.update(f"{probe}_top{k}/{s}" for s in schemes)
+    return out
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpec, TrainConfig]:
+    """Read, override and validate a spec; also validate every value of its space against TrainConfig.
+
+    Returns the spec and the base TrainConfig. Raises SpecError with file, line, key and expectation.
+    """
+    p = Path(path)
+    source = str(p)
+    if not p.is_file():
+        raise SpecError(f"{source}: no such file")
+    text = p.read_text()
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{source}{line}: not valid YAML: {problem}") from None
+    if tree is None:
+        raise SpecError(f"{source}: the file is empty; expected a sweep spec with name, space and metric")
+    if not isinstance(tree, dict):
+        raise SpecError(f"{source}: expected a mapping (name, base, space, metric, ...), got {type(tree).__name__}")
+    tree = apply_spec_overrides(tree, overrides)
+    lines = _key_lines(text)
+    try:
+        spec = SweepSpec.model_validate(tree)
+    except ValidationError as err:
+        raise SpecError(_spec_error_lines(err, source, lines)) from None
+
+    base_tree = resolve_base(spec, p.parent, source)
+    try:
+        base_cfg = TrainConfig.model_validate(base_tree)
+    except ValidationError as err:
+        raise SpecError(
+            f"{source}:{_line_of(lines, ['base']) or ''}: base: " + describe_validation_error(err).replace("\n", "\n  ")
+        ) from None
+    for key, d in spec.space.items():
+        for v in d.probe_values():
+            try:
+                validate_trial_config(base_tree, {key: v}, source)
+            except SpecError as err:
+                line = _line_of(lines, ["space", key])
+                detail = str(err).split(": ", 2)[-1]
+                raise SpecError(f"{source}:{line or ''}: space.{key}: value {v!r} is rejected: {detail}") from None
+    metrics = known_metrics(spec, base_cfg)
+    if spec.metric not in metrics:
+        line = _line_of(lines, ["metric"])
+        probes = sorted(m for m in metrics if PROBE_METRIC.match(m))
+        raise SpecError(
+            f"{source}:{line or ''}: metric: {spec.metric!r} is never reported by the trainer; expected one of "
+            f"{', '.join(probes[:12])}{' ...' if len(probes) > 12 else ''} or {', '.join(sorted(TRAIN_METRICS))}"
+        )
+    if spec.search.algo == "optuna":
+        grids = [k for k, d in spec.train_axes().items() if d.kind == "grid"]
+        if grids:
+            raise SpecError(
+                f"{source}:{_line_of(lines, ['space', grids[0]]) or ''}: space.{grids[0]}: grid needs search.algo: grid "
+                "(Optuna samples; use choice with optuna)"
+            )
+    return spec, base_cfg
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Trials Tune will run: num_samples, times the product of grid sizes (grid repeats per sample)."""
+    grid = math.prod(len(d.args) for d in spec.train_axes().values() if d.kind == "grid")
+    return spec.num_samples * grid
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    out = spec.model_dump(mode="json", exclude_none=True)
+    out["space"] = {k: {d.kind: list(d.args)} for k, d in spec.space.items()}
+    return out
