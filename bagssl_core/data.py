@@ -1,0 +1,455 @@
+"""Datasets as uint8 image tensors (N, C, H, W) and int64 labels (N,), one split at a time.
+
+`load_split(cfg, split, seed)` is the one entry point. In-memory datasets (fashion_mnist, cifar10, cifar100,
+stl10, synthetic) are decoded once, resized once when `data.image_size` asks for it, and served in whole
+batches through `__getitems__`, which torch's DataLoader calls instead of one `__getitem__` per image.
+imagefolder decodes lazily, per image, so the work happens in DataLoader workers.
+
+Every missing file or failed download surfaces as a `DataError`: one line that says what is missing and
+what to do about it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import tarfile
+import time
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from bagssl_core.config import NATIVE_IMAGE_SIZE, ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "test"]
+
+# Where Debian's `dataset-fashion-mnist` package installs the original idx files.
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_FASHION_MNIST_COUNT = {"train": 60_000, "test": 10_000}
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+# Errors torchvision raises for missing, corrupted or undownloadable files.
+_DATASET_ERRORS = (RuntimeError, OSError, EOFError, tarfile.TarError, zlib.error)
+
+
+class DataError(RuntimeError):
+    """A dataset could not be loaded; the message (one line) says what is missing and what to do."""
+
+
+class ImageData(Dataset, ABC):
+    """One split of a dataset: uint8 images (C, H, W) with int labels.
+
+    Attributes:
+        name: dataset name as in `data.name`.
+        split: "train" or "test".
+        num_classes: number of classes (labels are 0 .. num_classes - 1).
+        image_size: side S of every (square) image this dataset yields.
+        channels: C, 3 for RGB (or replicated grayscale), 1 for grayscale.
+        labels: int64 (N,), the label of every image, in index order.
+    """
+
+    def __init__(
+        self, name: str, split: Split, num_classes: int, image_size: int, channels: int, labels: torch.Tensor
+    ) -> None:
+        self.name = name
+        self.split = split
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.channels = channels
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Image uint8 (C, S, S) and its label."""
+
+    @abstractmethod
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images uint8 (B, C, S, S) and labels int64 (B,) for B indices, already batched."""
+
+    @abstractmethod
+    def subset(self, indices: torch.Tensor) -> ImageData:
+        """The images at `indices` (int64 (K,)), in that order, as a dataset of the same kind."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name} {self.split}: {len(self)} images, "
+            f"{self.channels}x{self.image_size}x{self.image_size}, {self.num_classes} classes)"
+        )
+
+
+class TensorImageData(ImageData):
+    """A split held in memory as one uint8 tensor (N, C, S, S); batches are gathered with one index op."""
+
+    def __init__(
+        self, name: str, split: Split, images: torch.Tensor, labels: torch.Tensor, num_classes: int
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"expected uint8 images (N, C, S, S), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
+        super().__init__(name, split, num_classes, images.shape[-1], images.shape[1], labels.to(torch.int64))
+        self.images = images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        # Advanced indexing copies into a fresh contiguous batch, even from an expanded (to_rgb) tensor.
+        return self.images[idx], self.labels[idx]
+
+    def subset(self, indices: torch.Tensor) -> TensorImageData:
+        return TensorImageData(
+            self.name, self.split, self.images[indices], self.labels[indices], self.num_classes
+        )
+
+
+class ImageFolderData(ImageData):
+    """A `root/<split dir>/<class>/<image>` tree, decoded to RGB and resized per image on access.
+
+    Each image's shorter side is resized to `image_size` (bilinear, antialiased), then centre-cropped.
+    """
+
+    def __init__(
+        self, split: Split, files: list[Path], labels: torch.Tensor, classes: list[str], image_size: int
+    ) -> None:
+        super().__init__("imagefolder", split, len(classes), image_size, 3, labels)
+        self.files = files
+        self.classes = classes
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._load(self.files[index]), int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return torch.stack([self._load(self.files[i]) for i in idx.tolist()]), self.labels[idx]
+
+    def subset(self, indices: torch.Tensor) -> ImageFolderData:
+        return ImageFolderData(
+            self.split,
+            [self.files[i] for i in indices.tolist()],
+            self.labels[indices],
+            self.classes,
+            self.image_size,
+        )
+
+    def _load(self, path: Path) -> torch.Tensor:
+        try:
+            img = decode_image(str(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as err:
+            raise DataError(f"imagefolder: cannot decode {path}: {str(err).splitlines()[0]}") from None
+        img = TF.resize(img, [self.image_size], antialias=True)
+        return TF.center_crop(img, [self.image_size, self.image_size])
+
+
+def collate_images(
+    batch: tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, int]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DataLoader `collate_fn` for ImageData: passes `__getitems__` batches through, stacks single items.
+
+    Args:
+        batch: what the DataLoader fetched: either `(images (B, C, S, S), labels (B,))` from
+            `__getitems__`, or a list of B `(image (C, S, S), label)` pairs.
+
+    Returns:
+        Images uint8 (B, C, S, S) and labels int64 (B,).
+    """
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], torch.Tensor):
+        return batch
+    images, labels = zip(*batch, strict=True)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
+    """Load one split of `cfg.name`, resized to `cfg.image_size` and cut to the configured subset.
+
+    Args:
+        cfg: the data part of the run config.
+        split: "train" or "test".
+        seed: seeds the subset choice (and the synthetic images).
+
+    Returns:
+        The split as an ImageData; images uint8 (C, S, S), S = cfg.image_size or the native size.
+
+    Raises:
+        DataError: the dataset is missing, corrupted, or could not be downloaded.
+        ConfigError: a subset larger than the split.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    start = time.perf_counter()
+    size = cfg.image_size or NATIVE_IMAGE_SIZE[cfg.name]
+    if cfg.name == "imagefolder":
+        data: ImageData = _load_imagefolder(Path(cfg.root), split, size)
+    elif cfg.name == "synthetic":
+        n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
+        images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, split)
+        data = TensorImageData("synthetic", split, images, labels, cfg.synthetic_classes)
+    else:
+        images, labels, num_classes = _LOADERS[cfg.name](cfg, split)
+        data = TensorImageData(cfg.name, split, images, labels, num_classes)
+    subset = cfg.train_subset if split == "train" else cfg.test_subset
+    if subset is not None:
+        key = f"data.{split}_subset"
+        if subset > len(data):
+            raise ConfigError(
+                f"{key}: {subset} is more than the {len(data)} images of {cfg.name} {split}; "
+                f"expected at most {len(data)}"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        data = data.subset(torch.randperm(len(data), generator=gen)[:subset])
+    if isinstance(data, TensorImageData):
+        # Resize after subsetting (fewer images) and before replicating channels (fewer pixels).
+        images = data.images
+        if images.shape[-1] != size:
+            images = resize_images(images, size)
+        if cfg.to_rgb and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        data = TensorImageData(data.name, split, images, data.labels, data.num_classes)
+    log.info("%r loaded in %.2f s", data, time.perf_counter() - start)
+    return data
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize uint8 images (N, C, H, W) to (N, C, size, size): bilinear, antialiased, rounded to uint8."""
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i : i + chunk].float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i : i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# --- idx files (MNIST / Fashion-MNIST) --------------------------------------------------------------
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file of unsigned bytes (gzip-compressed when the name ends in .gz).
+
+    Returns:
+        uint8 array (N, rows, cols) for an image file (magic 2051) or (N,) for a label file (magic 2049).
+
+    Raises:
+        DataError: unreadable, not gzip, wrong magic number, or a size that disagrees with the header.
+    """
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: unreadable ({err}); reinstall the dataset or delete the file") from None
+    if len(raw) < 8:
+        raise DataError(
+            f"{path}: truncated idx file ({len(raw)} bytes); reinstall the dataset or delete the file"
+        )
+    magic, n = np.frombuffer(raw, dtype=">i4", count=2)
+    if magic == _IDX_IMAGES_MAGIC:
+        if len(raw) < 16:
+            raise DataError(f"{path}: truncated idx header; reinstall the dataset or delete the file")
+        dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=4)[1:])
+        offset = 16
+    elif magic == _IDX_LABELS_MAGIC:
+        dims, offset = (int(n),), 8
+    else:
+        raise DataError(
+            f"{path}: not an idx file of unsigned bytes (magic {int(magic)}, expected "
+            f"{_IDX_IMAGES_MAGIC} or {_IDX_LABELS_MAGIC}); reinstall the dataset or delete the file"
+        )
+    expected = offset + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path}: {len(raw)} bytes, but its header {dims} implies {expected}; "
+            "reinstall the dataset or delete the file"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _load_fashion_mnist(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+    root = Path(cfg.root)
+    dirs = [FASHION_MNIST_SYSTEM_DIR, root, root / "FashionMNIST" / "raw"]
+    img_stem, lbl_stem = _FASHION_MNIST_FILES[split]
+    for d in dirs:
+        img_path, lbl_path = _find_idx(d, img_stem), _find_idx(d, lbl_stem)
+        if img_path is not None and lbl_path is not None:
+            images, labels = read_idx(img_path), read_idx(lbl_path)
+            _check_fashion_mnist(images, labels, split, img_path, lbl_path)
+            log.debug("fashion_mnist %s from %s", split, d)
+            return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10
+    if not cfg.download:
+        raise DataError(
+            f"fashion_mnist: {split} files not found in {FASHION_MNIST_SYSTEM_DIR}, {root} or "
+            f"{root / 'FashionMNIST' / 'raw'}; install Debian's dataset-fashion-mnist "
+            "(apt-get install dataset-fashion-mnist) or set data.download=true"
+        )
+    ds = _torchvision_dataset(torchvision.datasets.FashionMNIST, "fashion_mnist", cfg, train=split == "train")
+    return ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64), 10
+
+
+def _check_fashion_mnist(
+    images: np.ndarray, labels: np.ndarray, split: Split, img_path: Path, lbl_path: Path
+) -> None:
+    n = _FASHION_MNIST_COUNT[split]
+    if images.shape != (n, 28, 28):
+        raise DataError(
+            f"{img_path}: expected {n} images of 28x28 (idx3), got shape {images.shape}; "
+            "reinstall the dataset or delete the file"
+        )
+    if labels.shape != (n,) or labels.max() > 9:
+        raise DataError(
+            f"{lbl_path}: expected {n} labels in 0..9 (idx1), got shape {labels.shape}; "
+            "reinstall the dataset or delete the file"
+        )
+
+
+# --- torchvision datasets -----------------------------------------------------------------------------
+
+
+def _torchvision_dataset(cls: type, name: str, cfg: DataConfig, **kwargs: object) -> Dataset:
+    """Instantiate a torchvision dataset, turning its missing-file and download errors into DataError."""
+    try:
+        return cls(cfg.root, download=cfg.download, **kwargs)
+    except _DATASET_ERRORS as err:
+        if cfg.download:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(
+                f"{name}: download into {cfg.root} failed ({reason}); check the internet connection, "
+                "or put the files in data.root yourself and set data.download=false"
+            ) from None
+        raise DataError(
+            f"{name}: not found (or corrupted) in {cfg.root}; set data.download=true to fetch it "
+            "(needs internet), or set data.root to the directory that holds it"
+        ) from None
+
+
+def _load_cifar(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+    cls, classes = (
+        (torchvision.datasets.CIFAR10, 10) if cfg.name == "cifar10" else (torchvision.datasets.CIFAR100, 100)
+    )
+    ds = _torchvision_dataset(cls, cfg.name, cfg, train=split == "train")
+    # torchvision keeps CIFAR as numpy (N, 32, 32, 3).
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.as_tensor(ds.targets, dtype=torch.int64), classes
+
+
+def _load_stl10(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+    ds = _torchvision_dataset(torchvision.datasets.STL10, "stl10", cfg, split=split)
+    return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), 10
+
+
+_LOADERS = {
+    "fashion_mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar,
+    "cifar100": _load_cifar,
+    "stl10": _load_stl10,
+}
+
+
+# --- imagefolder ------------------------------------------------------------------------------------
+
+
+def _list_images(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _load_imagefolder(root: Path, split: Split, image_size: int) -> ImageFolderData:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DataError(
+            f"imagefolder: {train_dir} not found; set data.root to a directory holding "
+            "train/<class>/*.JPEG and val/<class>/*.JPEG (the ImageNet-100 layout)"
+        )
+    # Class indices always come from train/, so that val labels mean the same classes.
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"imagefolder: no class directories in {train_dir}; expected train/<class>/<image>")
+    if split == "train":
+        split_dir = train_dir
+    else:
+        split_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), root / "val")
+        if not split_dir.is_dir():
+            raise DataError(
+                f"imagefolder: {split_dir} not found; expected val/<class>/<image> next to train/"
+            )
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[Path] = []
+    labels: list[int] = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        if class_dir.name not in index:
+            raise DataError(
+                f"imagefolder: class {class_dir.name!r} in {split_dir} has no directory in {train_dir}; "
+                "the splits must share class names"
+            )
+        found = _list_images(class_dir)
+        files += found
+        labels += [index[class_dir.name]] * len(found)
+    if not files:
+        raise DataError(
+            f"imagefolder: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {split_dir}/<class>/"
+        )
+    return ImageFolderData(split, files, torch.tensor(labels, dtype=torch.int64), classes, image_size)
+
+
+# --- synthetic ----------------------------------------------------------------------------------------
+
+
+def synthetic_images(
+    n: int, num_classes: int, size: int, seed: int, split: Split
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, class-dependent RGB textures, for tests: each class is a stripe grating of its own orientation.
+
+    Class c has stripes at angle pi * c / num_classes and one of two spatial frequencies (alternating with c);
+    each image draws its own phase, colour and pixel noise, so the class shows in every patch
+    (the texture) but not in the mean colour.
+
+    Args:
+        n: number of images.
+        num_classes: number of classes; labels are balanced (n // num_classes each, the rest spread).
+        size: image side S.
+        seed: with `split`, fixes every pixel.
+        split: "train" or "test"; the two splits are independent draws.
+
+    Returns:
+        Images uint8 (n, 3, S, S) and labels int64 (n,).
+    """
+    state = np.random.SeedSequence([seed, 0 if split == "train" else 1]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(state))
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
+    angle = torch.pi * labels.float() / num_classes
+    cycles = torch.where(labels % 2 == 0, 3.0, 5.0) * size / 32  # stripes per 32 px
+    phase = 2 * torch.pi * torch.rand(n, generator=gen)
+    coords = torch.arange(size, dtype=torch.float32) / size
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    proj = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy  # (n, S, S)
+    wave = 0.5 + 0.5 * torch.sin(2 * torch.pi * cycles[:, None, None] * proj + phase[:, None, None])
+    # A random light colour per image, modulated by the stripes: contrast never vanishes.
+    colour = 0.4 + 0.6 * torch.rand(n, 3, 1, 1, generator=gen)
+    img = colour * (0.25 + 0.75 * wave[:, None])  # (n, 3, S, S)
+    img = img + 0.08 * torch.randn(img.shape, generator=gen)
+    return (img * 255).round_().clamp_(0, 255).to(torch.uint8), labels

@@ -1,0 +1,156 @@
+"""Backbones (chosen by name) and the VICReg-style projector, combined into `BagSSLModel`.
+
+The backbone f maps a patch to its embedding h (the representation that probes see); the projector g
+maps h to z (what the loss sees). All patches of a step go through both as one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torchvision
+from torch import nn
+
+from bagssl_core.config import ModelConfig
+from bagssl_core.syncbn import convert_global_batchnorm
+
+log = logging.getLogger(__name__)
+
+
+def resnet18_cifar(in_channels: int = 3) -> tuple[nn.Module, int]:
+    """ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution and no max-pool (small images).
+
+    Returns:
+        The backbone, mapping (M, C, S, S) to (M, 512), and its feature dimension 512.
+    """
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net, 512
+
+
+def resnet18(in_channels: int = 3) -> tuple[nn.Module, int]:
+    """torchvision ResNet-18 (ImageNet stem), randomly initialised; (M, C, S, S) -> (M, 512)."""
+    return _torchvision_resnet(torchvision.models.resnet18(weights=None), in_channels), 512
+
+
+def resnet50(in_channels: int = 3) -> tuple[nn.Module, int]:
+    """torchvision ResNet-50 (ImageNet stem), randomly initialised; (M, C, S, S) -> (M, 2048)."""
+    return _torchvision_resnet(torchvision.models.resnet50(weights=None), in_channels), 2048
+
+
+def _torchvision_resnet(net: torchvision.models.ResNet, in_channels: int) -> nn.Module:
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+# Name (as in `model.backbone`) -> builder(in_channels) returning (module, feature dimension).
+BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
+    "resnet18_cifar": resnet18_cifar,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+}
+
+
+class Projector(nn.Sequential):
+    """MLP g: Linear-BatchNorm1d-ReLU for every width but the last, then a plain Linear.
+
+    As the official VICReg projector (facebookresearch/vicreg, main_vicreg.py `Projector`): hidden
+    Linear layers keep their bias, the last has none.
+
+    Args:
+        in_dim: input dimension (the backbone's feature dimension).
+        widths: output width of each layer; the last one is the projection dimension.
+
+    Shapes:
+        (M, in_dim) -> (M, widths[-1]).
+    """
+
+    def __init__(self, in_dim: int, widths: list[int]) -> None:
+        if not widths:
+            raise ValueError("Projector: expected at least one width")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for width in widths[:-1]:
+            layers += [nn.Linear(dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            dim = width
+        layers.append(nn.Linear(dim, widths[-1], bias=False))
+        super().__init__(*layers)
+        self.in_dim = in_dim
+        self.out_dim = widths[-1]
+
+
+class BagSSLModel(nn.Module):
+    """Backbone f and projector g.
+
+    Attributes:
+        backbone: f, (M, C, S, S) -> (M, embed_dim).
+        projector: g, (M, embed_dim) -> (M, proj_dim).
+        embed_dim: dimension of the embedding h.
+        proj_dim: dimension of the projection z.
+    """
+
+    def __init__(self, backbone: nn.Module, embed_dim: int, projector: Projector) -> None:
+        super().__init__()
+        if projector.in_dim != embed_dim:
+            raise ValueError(f"projector takes {projector.in_dim} features, the backbone gives {embed_dim}")
+        self.backbone = backbone
+        self.projector = projector
+        self.embed_dim = embed_dim
+        self.proj_dim = projector.out_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed and project a batch of M patches (every patch of every image, flattened).
+
+        Args:
+            x: float (M, C, S, S), normalised patches.
+
+        Returns:
+            h (M, embed_dim) and z (M, proj_dim).
+        """
+        h = self.backbone(x)
+        return h, self.projector(h)
+
+
+def build_model(cfg: ModelConfig, in_channels: int = 3) -> BagSSLModel:
+    """The model `cfg` describes, randomly initialised.
+
+    Args:
+        cfg: the model part of the run config.
+        in_channels: channels of the input images (3 unless grayscale images are kept as one channel).
+
+    Raises:
+        ValueError: an unknown backbone name (the message lists the valid ones).
+    """
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(
+            f"model.backbone: unknown backbone {cfg.backbone!r}; expected one of {sorted(BACKBONES)}"
+        )
+    backbone, dim = BACKBONES[cfg.backbone](in_channels)
+    return BagSSLModel(backbone, dim, Projector(dim, list(cfg.projector)))
+
+
+def prepare_for_device(model: BagSSLModel, device: torch.device | str, cfg: ModelConfig) -> BagSSLModel:
+    """Move the model to `device`, with synchronised BatchNorm and channels_last where `cfg` asks and they apply.
+
+    With `cfg.sync_bn` under torch.distributed, BatchNorm statistics span all ranks: torch's SyncBatchNorm
+    on CUDA, and `GlobalBatchNorm` elsewhere (torch's rejects CPU inputs in training mode).
+    channels_last is applied on CUDA only (on CPU it slows the convolutions down).
+    """
+    device = torch.device(device)
+    if cfg.sync_bn and dist.is_available() and dist.is_initialized():
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            model = convert_global_batchnorm(model)
+        log.info("BatchNorm layers synchronised across ranks")
+    model = model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,256 @@
+"""bagssl_core.data on real files: Debian's Fashion-MNIST, image trees written here, torchvision's layouts."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.io import write_png
+
+from bagssl_core import data
+from bagssl_core.config import ConfigError, DataConfig
+from bagssl_core.data import DataError, ImageData, collate_images, load_split, read_idx
+
+FMNIST = data.FASHION_MNIST_SYSTEM_DIR
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed in {FMNIST} (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(scope="module")
+def fmnist_train() -> ImageData:
+    return load_split(DataConfig(), "train", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fmnist_test() -> ImageData:
+    return load_split(DataConfig(), "test", seed=0)
+
+
+# --- Fashion-MNIST ------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_fashion_mnist_splits(fmnist_train: ImageData, fmnist_test: ImageData) -> None:
+    for ds, n in ((fmnist_train, 60_000), (fmnist_test, 10_000)):
+        assert len(ds) == n and ds.name == "fashion_mnist"
+        assert (ds.num_classes, ds.image_size, ds.channels) == (10, 28, 3)
+        img, label = ds[0]
+        assert img.shape == (3, 28, 28) and img.dtype == torch.uint8 and isinstance(label, int)
+        assert ds.labels.dtype == torch.int64
+        # The published dataset is exactly balanced: 6000 / 1000 images per class.
+        assert ds.labels.bincount().tolist() == [n // 10] * 10
+        # Real photographs of clothing on a black background, not a blank or constant array.
+        assert img.max() > 200 and img[:, 0, 0].eq(0).all()
+
+
+@needs_fmnist
+def test_fashion_mnist_to_rgb(fmnist_test: ImageData) -> None:
+    gray = load_split(DataConfig(to_rgb=False), "test", seed=0)
+    assert gray.channels == 1 and gray[0][0].shape == (1, 28, 28)
+    rgb, _ = fmnist_test.__getitems__(range(100))
+    assert rgb.shape == (100, 3, 28, 28) and rgb.is_contiguous()
+    assert torch.equal(rgb, gray.__getitems__(range(100))[0].expand(-1, 3, -1, -1))
+
+
+@needs_fmnist
+def test_fashion_mnist_resized_once_at_load() -> None:
+    ds = load_split(DataConfig(image_size=32, test_subset=64), "test", seed=0)
+    native = load_split(DataConfig(test_subset=64), "test", seed=0)
+    assert ds.image_size == 32 and ds[0][0].shape == (3, 32, 32) and ds[0][0].dtype == torch.uint8
+    assert torch.equal(ds.labels, native.labels)
+    ref = F.interpolate(native.images.float(), size=(32, 32), mode="bilinear", antialias=True)
+    assert (ds.images.float() - ref).abs().max() <= 0.5
+
+
+@needs_fmnist
+def test_fashion_mnist_from_root_gz_or_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The system directory is tried first; point it elsewhere so that data.root is what gets read.
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    raw = tmp_path / "a" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    plain = tmp_path / "b"
+    plain.mkdir()
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(FMNIST / f"{stem}.gz", raw)
+        (plain / stem).write_bytes(gzip.decompress((FMNIST / f"{stem}.gz").read_bytes()))
+    a = load_split(DataConfig(root=str(tmp_path / "a"), to_rgb=False), "test", seed=0)
+    b = load_split(DataConfig(root=str(plain), to_rgb=False), "test", seed=0)
+    assert len(a) == 10_000 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert np.array_equal(a.images[:, 0].numpy(), read_idx(FMNIST / "t10k-images-idx3-ubyte.gz"))
+    with pytest.raises(DataError) as err:
+        load_split(DataConfig(root=str(tmp_path / "a")), "train", seed=0)
+    msg = str(err.value)
+    assert "\n" not in msg and "fashion_mnist" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "data.download=true" in msg
+
+
+def _idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
+    return np.array([magic, *dims], dtype=">i4").tobytes() + payload
+
+
+def test_read_idx_valid_round_trip(tmp_path: Path) -> None:
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "img.gz").write_bytes(gzip.compress(_idx_bytes(2051, (2, 3, 4), images.tobytes())))
+    (tmp_path / "lbl").write_bytes(_idx_bytes(2049, (2,), bytes([7, 1])))
+    assert np.array_equal(read_idx(tmp_path / "img.gz"), images)
+    assert read_idx(tmp_path / "lbl").tolist() == [7, 1]
+
+
+_PIXELS = np.random.default_rng(0).integers(0, 256, 100 * 784, dtype=np.uint8).tobytes()
+_FULL = gzip.compress(_idx_bytes(2051, (100, 28, 28), _PIXELS))
+_CORRUPTED = {
+    "not_gzip.gz": b"this is not gzip data at all" * 10,
+    "cut_gzip.gz": _FULL[: len(_FULL) // 2],
+    "flipped_byte.gz": _FULL[:1000] + bytes([_FULL[1000] ^ 0xFF]) + _FULL[1001:],
+    "short_payload.gz": gzip.compress(_idx_bytes(2051, (100, 28, 28), _PIXELS[:-784])),
+    "bad_magic.gz": gzip.compress(_idx_bytes(1234, (2,), bytes(2))),
+    "empty.gz": gzip.compress(b""),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CORRUPTED))
+def test_read_idx_rejects_corrupted_files(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(_CORRUPTED[name])
+    with pytest.raises(DataError) as err:
+        read_idx(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@needs_fmnist
+def test_subset_is_seeded(fmnist_test: ImageData) -> None:
+    a = load_split(DataConfig(test_subset=100), "test", seed=3)
+    b = load_split(DataConfig(test_subset=100), "test", seed=3)
+    c = load_split(DataConfig(test_subset=100), "test", seed=4)
+    assert len(a) == 100 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.labels, c.labels)
+    # A subset holds real images of the split, with their own labels.
+    first, label = a[0]
+    matches = (fmnist_test.images == first).flatten(1).all(1).nonzero().flatten()
+    assert len(matches) >= 1 and label in fmnist_test.labels[matches].tolist()
+    with pytest.raises(ConfigError, match="data.test_subset: 10001 is more than the 10000"):
+        load_split(DataConfig(test_subset=10_001), "test", seed=0)
+
+
+@needs_fmnist
+def test_dataloader_batches_equal_items(fmnist_test: ImageData) -> None:
+    order = torch.randperm(len(fmnist_test), generator=torch.Generator().manual_seed(0))[:70].tolist()
+    loader = DataLoader(fmnist_test, batch_size=32, sampler=order, collate_fn=collate_images)
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [32, 32, 6]
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert images.dtype == torch.uint8 and images.shape == (70, 3, 28, 28) and labels.dtype == torch.int64
+    assert torch.equal(images, torch.stack([fmnist_test[i][0] for i in order]))
+    assert labels.tolist() == [fmnist_test[i][1] for i in order]
+
+
+def test_collate_stacks_single_items() -> None:
+    items = [(torch.full((3, 4, 4), i, dtype=torch.uint8), i) for i in range(3)]
+    images, labels = collate_images(items)
+    assert images.shape == (3, 3, 4, 4) and labels.tolist() == [0, 1, 2] and labels.dtype == torch.int64
+
+
+# --- torchvision datasets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
+def test_missing_dataset_is_one_line_error(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DataError) as err:
+        load_split(DataConfig(name=name, root=str(tmp_path)), "train", seed=0)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{name}:") and str(tmp_path) in msg
+    assert "data.download=true" in msg and "data.root" in msg
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+# --- imagefolder ------------------------------------------------------------------------------------
+
+
+def _write_tree(root: Path) -> None:
+    """train/ and val/ with two classes; each image is a centre square of the class colour in a grey frame."""
+    colours = {"ant": (250, 10, 10), "bee": (10, 10, 250)}
+    for split, count in (("train", 3), ("val", 2)):
+        for cls, colour in colours.items():
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(count):
+                h, w = (40, 60) if i % 2 == 0 else (50, 30)  # landscape and portrait
+                img = torch.full((3, h, w), 128, dtype=torch.uint8)
+                s = min(h, w) // 2
+                top, left = (h - s) // 2, (w - s) // 2
+                fill = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+                img[:, top : top + s, left : left + s] = fill
+                if i == 0:
+                    write_png(img, str(d / f"{i}.png"))
+                else:
+                    Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i}.JPEG", quality=95)
+    (root / "train" / "ant" / "notes.txt").write_text("not an image")
+
+
+def test_imagefolder_labels_and_size(tmp_path: Path) -> None:
+    _write_tree(tmp_path)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16)
+    train, val = load_split(cfg, "train", seed=0), load_split(cfg, "test", seed=0)
+    assert (len(train), len(val), train.num_classes, train.channels, train.image_size) == (6, 4, 2, 3, 16)
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and val.labels.tolist() == [0, 0, 1, 1]
+    images, labels = next(iter(DataLoader(val, batch_size=4, collate_fn=collate_images, num_workers=1)))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    assert torch.equal(labels, val.labels) and torch.equal(images[2], val[2][0])
+    # The centre crop keeps the class colour in the middle; the frame survives only at the edges.
+    centre = images[:, :, 6:10, 6:10].float().mean(dim=(2, 3))
+    assert (centre[:2, 0] > 200).all() and (centre[2:, 2] > 200).all()
+    sub = load_split(cfg.model_copy(update={"train_subset": 4}), "train", seed=1)
+    assert len(sub) == 4 and all(sub[i][1] == int(sub.labels[i]) for i in range(4))
+
+
+def test_imagefolder_native_size_and_errors(tmp_path: Path) -> None:
+    _write_tree(tmp_path)
+    ds = load_split(DataConfig(name="imagefolder", root=str(tmp_path)), "train", seed=0)
+    assert ds[0][0].shape == (3, 224, 224)
+    with pytest.raises(DataError, match=r"imagefolder: .*train not found"):
+        load_split(DataConfig(name="imagefolder", root=str(tmp_path / "nowhere")), "train", seed=0)
+    (tmp_path / "val" / "cow").mkdir()
+    with pytest.raises(DataError, match="class 'cow'"):
+        load_split(DataConfig(name="imagefolder", root=str(tmp_path)), "test", seed=0)
+
+
+# --- synthetic ----------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_seeded() -> None:
+    cfg = DataConfig(name="synthetic", synthetic_train=64, synthetic_test=32, synthetic_classes=4)
+    a, b = load_split(cfg, "train", seed=1), load_split(cfg, "train", seed=1)
+    assert len(a) == 64 and a[0][0].shape == (3, 32, 32) and a.num_classes == 4
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.labels.bincount().tolist() == [16] * 4
+    assert not torch.equal(a.images, load_split(cfg, "train", seed=2).images)
+    test = load_split(cfg, "test", seed=1)
+    assert len(test) == 32 and not torch.equal(test.images[:32], a.images[:32])
+    big = load_split(cfg.model_copy(update={"image_size": 48}), "train", seed=1)
+    assert big.image_size == 48 and big.images.shape == (64, 3, 48, 48)
+
+
+def test_synthetic_classes_are_learnable() -> None:
+    """Nearest class centroid on Fourier magnitudes (orientation + frequency) beats chance by far."""
+    cfg = DataConfig(name="synthetic", synthetic_train=256, synthetic_test=128, synthetic_classes=4)
+    train, test = load_split(cfg, "train", seed=0), load_split(cfg, "test", seed=0)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        gray = images.float().mean(1)
+        mag = torch.fft.fft2(gray - gray.mean(dim=(1, 2), keepdim=True)).abs().flatten(1)
+        return F.normalize(mag, dim=1)
+
+    f_train, f_test = features(train.images), features(test.images)
+    centroids = torch.stack([f_train[train.labels == c].mean(0) for c in range(4)])
+    acc = (torch.cdist(f_test, centroids).argmin(1) == test.labels).float().mean().item()
+    assert acc > 0.9
