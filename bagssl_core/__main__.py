@@ -1,0 +1,99 @@
+"""`python -m bagssl_core train|eval ...`: one BagSSL run, locally, no Ray.
+
+    python -m bagssl_core train [--config FILE] [--out DIR] [--resume] [key=value ...]
+    python -m bagssl_core eval CHECKPOINT [--out FILE] [key=value ...]
+
+Bad input (a config error, a missing dataset, a missing checkpoint) is one message on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bagssl_core.config import ConfigError, load_config, merge_overrides, parse_overrides, validate_config
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bagssl_core", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one run (defaults: a short Fashion-MNIST job on CPU)")
+    t.add_argument("--config", help="TrainConfig YAML file; key=value arguments override it")
+    t.add_argument("--out", help="run directory (default: run.out_dir)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. patch.size=8 eval.aggregation=[mean_emb,centre]")
+    e = sub.add_parser("eval", help="re-run the probes on a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint directory, a run directory (latest checkpoint) or state.pt")
+    e.add_argument("--out", help="write the probe results as JSON here")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.aggregation=[mean_emb,max_emb,whole]")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bagssl_core.probes import format_probe_table
+    from bagssl_core.provenance import provenance
+    from bagssl_core.train import find_checkpoint, train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or cfg.run.out_dir)
+    resume = None
+    if args.resume:
+        try:
+            resume = find_checkpoint(out)
+        except FileNotFoundError as err:
+            raise ConfigError(f"--resume: {err}") from None
+    elif (out / "summary.json").exists() or (out / "checkpoints").exists():
+        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
+    result = train(cfg, out, resume_from=resume, progress=not args.quiet)
+    print(format_probe_table(result.metrics))
+    print(f"status: {result.status} after {result.epochs} epochs; run directory: {out}")
+    return EXIT_OK if result.status == "finished" else EXIT_FAILED
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bagssl_core.data import load_split
+    from bagssl_core.models import build_model, prepare_for_device
+    from bagssl_core.probes import format_probe_table
+    from bagssl_core.train import evaluate, load_checkpoint, resolve_device
+
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ConfigError(str(err)) from None
+    cfg = validate_config(merge_overrides(state["config"], parse_overrides(args.overrides)), f"{args.checkpoint} + overrides")
+    device = resolve_device(cfg)
+    model = prepare_for_device(build_model(cfg.model), device, cfg.model)
+    model.load_state_dict(state["model"])
+    train_data, test_data = (load_split(cfg.data, s, cfg.run.seed) for s in ("train", "test"))
+    metrics = evaluate(model, cfg, train_data, test_data, device)
+    print(format_probe_table(metrics))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "epoch": state["epoch"], **metrics}, indent=2) + "\n")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from bagssl_core.data import DataError
+
+    try:
+        return _train(args) if args.command == "train" else _eval(args)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""The BagSSL training loop: step, epoch, evaluate, checkpoint and exact resume.
+
+Metrics leave through a `Reporter` callback, so Ray Train and MLflow plug in from outside without this
+module knowing them. Runs alone or under a torch.distributed process group the caller initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bagssl_core import dist
+from bagssl_core.aggregate import extract_features
+from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml
+from bagssl_core.data import ImageData, collate_images, load_split
+from bagssl_core.losses import build_loss
+from bagssl_core.models import build_model, prepare_for_device
+from bagssl_core.optim import build_optimizer, lr_schedule, set_lr
+from bagssl_core.patches import channel_stats, train_batch
+from bagssl_core.probes import run_probes
+
+log = logging.getLogger(__name__)
+
+# metrics (flat name -> float) and, on rank 0 when one was written, the checkpoint directory
+Reporter = Callable[[dict[str, float], "Path | None"], None]
+ModelWrapper = Callable[[nn.Module], nn.Module]
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: the run stops with status "diverged"."""
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" | "diverged"
+    epochs: int  # epochs completed
+    metrics: dict[str, float] = field(default_factory=dict)  # the last probe results and final epoch metrics
+    out_dir: Path | None = None
+
+
+# --- set-up --------------------------------------------------------------------------------------
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device: cuda was asked for but no CUDA device is available; expected auto or cpu")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and dist.is_distributed():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(want)
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(cfg: TrainConfig, epoch: int, device: torch.device) -> torch.Generator:
+    """The patch-sampling generator of one epoch on this rank: reseeded from (seed, epoch, rank), so a
+    run resumed at an epoch boundary draws exactly the patches of an uninterrupted run."""
+    seed = (cfg.run.seed * 1_000_003 + epoch * 1009 + dist.rank()) % 2**63
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def per_rank_batch(cfg: TrainConfig) -> int:
+    world = dist.world_size()
+    if cfg.data.batch_size % world:
+        raise ConfigError(
+            f"data.batch_size: the global batch {cfg.data.batch_size} does not split over {world} ranks; "
+            f"expected a multiple of {world}"
+        )
+    return cfg.data.batch_size // world
+
+
+def train_loader(data: ImageData, cfg: TrainConfig, epoch: int) -> DataLoader:
+    """Shuffled per epoch from the seed; each rank gets its slice (DistributedSampler, also for 1 rank)."""
+    bs = per_rank_batch(cfg)
+    if len(data) < cfg.data.batch_size:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} images per step but the training set has {len(data)}; "
+            "expected a smaller batch or a larger data.train_subset"
+        )
+    sampler = DistributedSampler(
+        data, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=cfg.run.seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        data, batch_size=bs, sampler=sampler, drop_last=True, collate_fn=collate_images,
+        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+    )
+
+
+def eval_loader(data: ImageData, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_images, num_workers=num_workers)
+
+
+def default_wrapper(model: nn.Module, device: torch.device) -> nn.Module:
+    if not dist.is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+# --- one step ------------------------------------------------------------------------------------
+
+
+def train_step(
+    model: nn.Module,
+    views: torch.Tensor,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    grad_clip: float | None = None,
+    autocast: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward all B*N patches in one batch, the bag loss, backward, optimizer step.
+
+    Args:
+        views: (B, N, C, S, S) normalised patches of B images.
+    Returns:
+        The (detached) total loss and its parts as floats. Raises NonFiniteLoss before stepping.
+    """
+    b, n = views.shape[:2]
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=views.device.type, dtype=torch.bfloat16, enabled=autocast):
+        _, z = model(views.flatten(0, 1))
+    out = loss_fn(z.float().view(b, n, -1))
+    if not torch.isfinite(out.total):
+        raise NonFiniteLoss(f"loss is {out.total.item()} (parts: {_floats(out.parts)})")
+    out.total.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return out.total.detach(), _floats(out.parts)
+
+
+def _floats(parts: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in parts.items()}
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def eval_variant_config(cfg: TrainConfig, ev: EvalConfig) -> TrainConfig:
+    """cfg with its eval part replaced, re-validated (the grid must still fit the image)."""
+    return TrainConfig.model_validate({**cfg.model_dump(), "eval": ev.model_dump()})
+
+
+def variant_suffix(name: str) -> str:
+    # ":" because MLflow metric names allow only letters, digits, "_", "-", ".", " ", ":" and "/".
+    return f":{name}" if name else ""
+
+
+def evaluate(
+    model: nn.Module,
+    cfg: TrainConfig,
+    train_data: ImageData,
+    test_data: ImageData,
+    device: torch.device,
+    variants: Mapping[str, EvalConfig] | None = None,
+) -> dict[str, float]:
+    """Probe every scheme of every evaluation variant on frozen features.
+
+    Args:
+        variants: name -> EvalConfig; "" (no suffix) is cfg.eval. Metrics are named
+            `knn_top1/<scheme>` and, for a named variant, `knn_top1/<scheme>:<name>`.
+    """
+    variants = {"": cfg.eval} if variants is None else variants
+    mean_std = channel_stats(cfg.data.name, train_data.channels)
+    autocast = use_bf16(cfg, device)
+    metrics: dict[str, float] = {}
+    for name, ev in variants.items():
+        vcfg = eval_variant_config(cfg, ev)
+        loaders = [eval_loader(d, ev.batch_size, cfg.data.num_workers) for d in (train_data, test_data)]
+        (tr, ytr), (te, yte) = (
+            extract_features(model, ld, vcfg, ev.aggregation, device, mean_std, autocast) for ld in loaders
+        )
+        feats = {s: (tr[s], te[s]) for s in ev.aggregation}
+        probe = run_probes(feats, ytr, yte, train_data.num_classes, ev, cfg.run.seed)
+        metrics.update({k + variant_suffix(name): v for k, v in probe.items()})
+    return metrics
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, step: int
+) -> Path:
+    """Write `epoch_XXXX/state.pt` (+ config.yaml) atomically: a crash mid-write never leaves a torn checkpoint."""
+    final = ckpt_dir / f"epoch_{epoch:04d}"
+    tmp = ckpt_dir / f".tmp_epoch_{epoch:04d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "config": cfg.model_dump(mode="json"),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        },
+    }
+    torch.save(state, tmp / CHECKPOINT_FILE)
+    (tmp / "config.yaml").write_text(config_to_yaml(cfg))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    for old in sorted(ckpt_dir.glob("epoch_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself, a run directory (its latest checkpoint), or a state.pt file."""
+    p = Path(path)
+    if p.is_file():
+        return p.parent
+    if (p / CHECKPOINT_FILE).is_file():
+        return p
+    found = sorted((p / "checkpoints").glob("epoch_*/" + CHECKPOINT_FILE))
+    if not found:
+        raise FileNotFoundError(f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or checkpoints/epoch_*/)")
+    return found[-1].parent
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    ckpt = find_checkpoint(path) / CHECKPOINT_FILE
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: say which, never restart silently at epoch 0
+        raise RuntimeError(f"{ckpt}: cannot load checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _restore_rng(rng: Mapping[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(_as_tuple(rng["python"]))
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr (loss, patches/s, ETA); a plain line per update when not a tty."""
+
+    def __init__(self, total_steps: int, enabled: bool):
+        self.total, self.enabled = total_steps, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, epoch: int, epochs: int, loss: float, patches_per_s: float, done_here: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(1, done_here) * (self.total - step)
+        frac = step / self.total
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        line = (
+            f"epoch {epoch}/{epochs} [{bar}] {step}/{self.total} loss {loss:.4f} "
+            f"{patches_per_s:,.0f} patches/s ETA {_hms(eta)}"
+        )
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    reporter: Reporter | None = None,
+    resume_from: str | Path | None = None,
+    eval_variants: Mapping[str, EvalConfig] | None = None,
+    wrap_model: ModelWrapper | None = None,
+    progress: bool = False,
+) -> RunResult:
+    """Train BagSSL as configured; returns the status and the final metrics.
+
+    Args:
+        out_dir: run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json); default cfg.run.out_dir.
+            Only rank 0 writes there.
+        reporter: called on every rank after each epoch with that epoch's metrics, and on rank 0 with the
+            checkpoint directory written for it (None otherwise).
+        resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly.
+        eval_variants: extra evaluation settings probed on the same model (see `evaluate`).
+        wrap_model: wraps the model for distributed training; default DistributedDataParallel when a
+            process group is initialised.
+    """
+    out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
+    main = dist.is_main()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    seed_everything(cfg.run.seed + dist.rank())
+    device = resolve_device(cfg)
+    autocast = use_bf16(cfg, device)
+
+    train_data = load_split(cfg.data, "train", cfg.run.seed)
+    test_data = load_split(cfg.data, "test", cfg.run.seed)
+
+    model = prepare_for_device(build_model(cfg.model), device, cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = len(train_loader(train_data, cfg, 0))
+    lrs = lr_schedule(cfg, steps_per_epoch)
+    start_epoch, step = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        _restore_rng(state["rng"])
+        log.info("resumed from %s at epoch %d (step %d)", find_checkpoint(resume_from), start_epoch, step)
+    model = (wrap_model or (lambda m: default_wrapper(m, device)))(model)
+    loss_fn = build_loss(cfg.loss)
+
+    ckpt_dir = out / "checkpoints"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+    epochs = cfg.schedule.epochs
+    bar = Progress(epochs * steps_per_epoch, enabled=progress and main)
+    patches_per_step = cfg.data.batch_size * cfg.patch.num
+    result = RunResult(status="finished", epochs=start_epoch, out_dir=out)
+    probe: dict[str, float] = {}
+    model.train()
+    try:
+        for epoch in range(start_epoch, epochs):
+            gen = step_generator(cfg, epoch, device)
+            sums: dict[str, float] = {}
+            t0 = time.perf_counter()
+            n_steps = 0
+            for images, _ in train_loader(train_data, cfg, epoch):
+                views = train_batch(images.to(device, non_blocking=True), cfg, gen)
+                loss, parts = train_step(model, views, loss_fn, optimizer, float(lrs[step]), cfg.optim.grad_clip, autocast)
+                step += 1
+                n_steps += 1
+                for k, v in {"loss": float(loss), **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if step % cfg.run.log_every == 0 or n_steps == steps_per_epoch:
+                    rate = n_steps * patches_per_step / (time.perf_counter() - t0)
+                    bar.update(step, epoch + 1, epochs, float(loss), rate, step - start_epoch * steps_per_epoch)
+            seconds = time.perf_counter() - t0
+            metrics: dict[str, float] = {f"train/{k}": v / n_steps for k, v in sums.items()}
+            metrics.update(
+                {
+                    "epoch": epoch + 1,
+                    "lr": float(lrs[step - 1]),
+                    "patches_per_s": n_steps * patches_per_step / seconds,
+                    "epoch_seconds": seconds,
+                }
+            )
+            if _probe_due(cfg, epoch + 1):
+                probe = _evaluate_on_main(model, cfg, train_data, test_data, device, eval_variants)
+                metrics.update(probe)
+            ckpt = None
+            if main and cfg.run.checkpoint_every and ((epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == epochs):
+                ckpt = save_checkpoint(ckpt_dir, model, optimizer, cfg, epoch + 1, step)
+                prune_checkpoints(ckpt_dir, cfg.run.keep_checkpoints)
+            if main:
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            result.epochs, result.metrics = epoch + 1, {**probe, **metrics}
+            if reporter is not None:
+                reporter(metrics, ckpt)
+    except NonFiniteLoss as err:
+        log.error("stopping: %s", err)
+        result.status = "diverged"
+        result.metrics["diverged_at_step"] = step
+    finally:
+        bar.close()
+    if main:
+        summary = {"status": result.status, "epochs": result.epochs, **result.metrics}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def _probe_due(cfg: TrainConfig, epoch: int) -> bool:
+    every = cfg.eval.every
+    return epoch == cfg.schedule.epochs or (every > 0 and epoch % every == 0)
+
+
+def _evaluate_on_main(
+    model: nn.Module,
+    cfg: TrainConfig,
+    train_data: ImageData,
+    test_data: ImageData,
+    device: torch.device,
+    variants: Mapping[str, EvalConfig] | None,
+) -> dict[str, float]:
+    """Rank 0 probes the unwrapped model (no collectives in eval mode) while the others wait; every rank
+    then gets the same metrics so that all of them report the same values."""
+    metrics: dict[str, float] = {}
+    if dist.is_main():
+        metrics = evaluate(unwrap(model), cfg, train_data, test_data, device, variants)
+    if dist.is_distributed():
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return {k: float(v) for k, v in metrics.items()}
