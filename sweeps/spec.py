@@ -33,7 +33,7 @@ TRAIN_METRICS = frozenset({"train/loss", "lr", "patches_per_s", "epoch_seconds"}
 LOSS_PARTS = {
     "bag_vicreg": ("invariance", "variance", "covariance"),
     "vicreg": ("invariance", "variance", "covariance"),
-    "tcr": ("coding_rate", "invariance"),
+    "tcr": ("coding_rate", "similarity"),
 }
 
 

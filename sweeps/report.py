@@ -1,0 +1,122 @@
+"""A finished sweep: the trial table, the best trial, its config as YAML, and where MLflow has it all."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bagssl_core.config import config_to_yaml, merge_overrides, validate_config
+from sweeps.space import objective, trial_overrides, variant_of, variant_values
+from sweeps.spec import SweepSpec
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    params: dict[str, Any]
+    status: str  # FINISHED | KILLED | FAILED
+    metrics: dict[str, float] = field(default_factory=dict)  # the trial's last report
+
+
+@dataclass
+class Report:
+    text: str
+    summary: dict[str, Any]
+    artifacts: dict[str, str]
+    best_config_path: Path | None
+
+
+def trial_status(metrics: Mapping[str, float], failed: bool, epochs: int) -> str:
+    if failed:
+        return "FAILED"
+    return "FINISHED" if metrics.get("epoch", 0) >= epochs else "KILLED"
+
+
+def best_trial(trials: Iterable[TrialOutcome], metric: str, mode: str) -> tuple[TrialOutcome, float, str] | None:
+    """The trial whose last report has the best objective (failed trials excluded)."""
+    scored = []
+    for t in trials:
+        if t.status == "FAILED":
+            continue
+        found = objective(t.metrics, metric, mode)
+        if found is not None:
+            scored.append((t, *found))
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda s: s[1])
+
+
+def best_config_yaml(spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], metric_key: str) -> str:
+    """The best trial's full TrainConfig (with the winning evaluation variant), for `bagssl_core train --config`."""
+    overrides = trial_overrides(params)
+    overrides.update(trial_overrides(variant_values(spec).get(variant_of(metric_key), {})))
+    cfg = validate_config(merge_overrides(base, overrides), "best trial")
+    return config_to_yaml(cfg)
+
+
+def format_table(trials: list[TrialOutcome], metric: str, mode: str) -> str:
+    """One row per trial, best first: id, status, epochs run, the objective, the sampled parameters."""
+    keys = sorted({k for t in trials for k in t.params})
+    scored = []
+    for t in trials:
+        found = objective(t.metrics, metric, mode)
+        score = None if found is None else found[0]
+        row = [t.trial_id, t.status, str(int(t.metrics.get("epoch", 0))), "-" if score is None else f"{score:.2f}",
+               *(_short(t.params.get(k)) for k in keys)]
+        scored.append((score, row))
+    sign = -1 if mode == "max" else 1
+    scored.sort(key=lambda s: (s[0] is None, sign * s[0] if s[0] is not None else 0.0))
+    rows = [row for _, row in scored]
+    header = ["trial", "status", "epochs", metric, *keys]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def write_report(
+    spec: SweepSpec,
+    base: Mapping[str, Any],
+    trials: list[TrialOutcome],
+    out_dir: Path | None,
+    tracking_uri: str,
+    parent_run_id: str,
+    experiment: str,
+) -> Report:
+    """Print-ready text, MLflow summary/artifacts, and best_config.yaml + trials.txt under out_dir."""
+    table = format_table(trials, spec.metric, spec.mode)
+    counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED", "FAILED")}
+    lines = [f"sweep {spec.name}: {len(trials)} trial(s): "
+             + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n), table]
+    summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
+    artifacts = {"trials.txt": table + "\n"}
+    best_path = None
+    best = best_trial(trials, spec.metric, spec.mode)
+    if best is None:
+        lines.append("no trial reported the objective; no best config")
+    else:
+        t, value, key = best
+        text = best_config_yaml(spec, base, t.params, key)
+        artifacts["best_config.yaml"] = text
+        summary.update({"best_value": value, "best_trial": t.trial_id, "best_metric_key": key})
+        lines.append(f"best trial {t.trial_id}: {spec.metric} = {value:.4f} ({key}) with {t.params}")
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            best_path = out_dir / "best_config.yaml"
+            best_path.write_text(text)
+            (out_dir / "trials.txt").write_text(table + "\n")
+            lines.append(f"best config: {best_path}  (python -m bagssl_core train --config {best_path})")
+        else:
+            lines.append("best config:\n" + text)
+    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
+    lines.append(f"MLflow: experiment {experiment!r}, parent run {parent_run_id} at {tracking_uri}; open with: {ui}")
+    return Report("\n".join(lines), summary, artifacts, best_path)

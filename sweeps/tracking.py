@@ -1,0 +1,261 @@
+"""MLflow: one parent run per sweep, one child run per trial, written from the driver only.
+
+Runs opened inside Ray workers stay RUNNING when Tune kills a trial (NOTES.md), so workers never talk to
+MLflow: `MlflowTracker` is fed by a Tune callback in the driver. Each child run carries the trial id as a
+tag and is looked up before it is created, so a resumed sweep or a retried trial never duplicates one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bagssl_core.config import flatten
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+TAG_SWEEP = "bagssl.sweep"  # sweep storage key, on the parent and every child
+TAG_TRIAL = "bagssl.trial_id"
+TAG_ROLE = "bagssl.role"  # "sweep" | "trial"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LEN = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; phrased for the user."""
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The spec's URI, else MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with one line, when the tracking store cannot be reached or written."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                if resp.status >= 400:
+                    raise TrackingError(f"tracking.uri: {uri} answered HTTP {resp.status} at /health")
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"tracking.uri: cannot reach the MLflow server at {uri} ({reason}); expected a running "
+                "server (mlflow server ...) or a sqlite:///file.db URI"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        parent = db.parent if str(db.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise TrackingError(f"tracking.uri: {uri}: directory {parent} does not exist or is not writable")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"tracking.uri: {uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"
+        )
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, list | dict) else str(v)
+    return s[:MAX_PARAM_LEN]
+
+
+class MlflowTracker:
+    """Parent run of a sweep and a child per trial, in one experiment."""
+
+    def __init__(self, uri: str, experiment: str, sweep_key: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.sweep_key = sweep_key
+        self.parent_id: str | None = None
+        self._children: dict[str, str] = {}
+
+    # --- parent -------------------------------------------------------------------------------
+    def start_parent(
+        self, name: str, params: Mapping[str, Any], artifacts: Mapping[str, str], resume: bool = False
+    ) -> str:
+        """Open the sweep's parent run; on resume, reopen the newest one of this sweep with its children."""
+        found = self._search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep_key}'") if resume else []
+        if found:
+            self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+            for child in self._search(f"tags.`{PARENT_TAG}` = '{self.parent_id}'"):
+                self._children[child.data.tags.get(TAG_TRIAL, "")] = child.info.run_id
+            return self.parent_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={TAG_ROLE: "sweep", TAG_SWEEP: self.sweep_key}
+        )
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, params)
+        for file_name, text in artifacts.items():
+            self.client.log_text(self.parent_id, text, file_name)
+        return self.parent_id
+
+    def finish_parent(self, status: str, summary: Mapping[str, Any], artifacts: Mapping[str, str]) -> None:
+        assert self.parent_id is not None
+        metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self._log_metrics(self.parent_id, metrics, step=0)
+        tags = {f"best.{k}": str(v) for k, v in summary.items() if k not in metrics}
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_id, k, v[:5000])
+        for file_name, text in artifacts.items():
+            self.client.log_text(self.parent_id, text, file_name)
+        self.client.set_terminated(self.parent_id, status=status)
+
+    # --- children -----------------------------------------------------------------------------
+    def child(self, trial_id: str, name: str, params: Mapping[str, Any], artifacts: Mapping[str, str]) -> str:
+        """The trial's child run, created once; later calls (retries, resumes) return the same run."""
+        if trial_id in self._children:
+            return self._children[trial_id]
+        assert self.parent_id is not None
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={PARENT_TAG: self.parent_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: self.sweep_key},
+        )
+        run_id = run.info.run_id
+        self._children[trial_id] = run_id
+        self._log_params(run_id, params)
+        for file_name, text in artifacts.items():
+            self.client.log_text(run_id, text, file_name)
+        return run_id
+
+    def has_child(self, trial_id: str) -> bool:
+        return trial_id in self._children
+
+    def log_epoch(self, trial_id: str, metrics: Mapping[str, float], epoch: int) -> None:
+        self._log_metrics(self._children[trial_id], metrics, step=epoch)
+
+    def finish_child(self, trial_id: str, status: str, artifacts: Mapping[str, str] = {}) -> None:
+        run_id = self._children.get(trial_id)
+        if run_id is None:
+            return
+        for file_name, text in artifacts.items():
+            self.client.log_text(run_id, text, file_name)
+        self.client.set_terminated(run_id, status=status)
+
+    def child_status(self, trial_id: str) -> str | None:
+        run_id = self._children.get(trial_id)
+        return self.client.get_run(run_id).info.status if run_id else None
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _search(self, filter_string: str) -> list[Any]:
+        return list(
+            self.client.search_runs(
+                [self.experiment_id], filter_string=filter_string, max_results=10000, order_by=["start_time DESC"]
+            )
+        )
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
+        items = [Param(k, _param_value(v)) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+# --- the Tune callback: the only place trials reach MLflow ----------------------------------------
+
+# Keys Tune adds to every result; everything else numeric in a result came from the trainer.
+TUNE_KEYS = frozenset(
+    {
+        "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "iterations_since_restore",
+        "time_since_restore", "done", "node_ip", "hostname", "date", "trial_id", "experiment_tag",
+        "checkpoint_dir_name", "config", "should_checkpoint",
+    }
+)
+
+
+def trainer_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k not in TUNE_KEYS and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+class TrialLogger:
+    """Feeds an MlflowTracker from trial events; shared by the Tune callback and `--local` mode."""
+
+    def __init__(self, tracker: MlflowTracker, epochs: int, describe: Callable[[Mapping[str, Any]], tuple[dict, dict]]):
+        self.tracker = tracker
+        self.epochs = epochs
+        self.describe = describe  # params -> (flat params, {artifact name: text})
+        self.last_epoch: dict[str, int] = {}
+        self.last_result: dict[str, dict[str, float]] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+        self.statuses: dict[str, str] = {}
+
+    def start(self, trial_id: str, name: str, params: Mapping[str, Any]) -> None:
+        self.params[trial_id] = dict(params)
+        flat, artifacts = self.describe(params)
+        existed = self.tracker.has_child(trial_id)
+        run_id = self.tracker.child(trial_id, name, flat, artifacts)
+        if existed and trial_id not in self.last_epoch:
+            history = self.tracker.client.get_metric_history(run_id, "epoch")
+            self.last_epoch[trial_id] = max((int(m.value) for m in history), default=0)
+
+    def result(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        metrics = trainer_metrics(result)
+        epoch = int(metrics.get("epoch", 0))
+        self.last_result[trial_id] = metrics
+        # A resumed trial re-reports nothing MLflow already has: one value per epoch.
+        if epoch <= self.last_epoch.get(trial_id, 0):
+            return
+        self.last_epoch[trial_id] = epoch
+        self.tracker.log_epoch(trial_id, metrics, epoch)
+
+    def complete(self, trial_id: str) -> str:
+        """FINISHED when the trial ran every epoch, KILLED when the scheduler stopped it early."""
+        from bagssl_core.probes import format_probe_table
+
+        status = "FINISHED" if self.last_epoch.get(trial_id, 0) >= self.epochs else "KILLED"
+        table = format_probe_table(self.last_result.get(trial_id, {}))
+        self.tracker.finish_child(trial_id, status, {"probes.txt": table} if table else {})
+        self.statuses[trial_id] = status
+        return status
+
+    def error(self, trial_id: str, message: str) -> None:
+        self.tracker.finish_child(trial_id, "FAILED", {"error.txt": message})
+        self.statuses[trial_id] = "FAILED"
+
+
+def make_tune_callback(logger: TrialLogger) -> Any:
+    """A ray.tune.Callback that forwards trial events to `logger` (runs in the driver)."""
+    from ray import tune
+
+    class _MlflowCallback(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            logger.start(trial.trial_id, str(trial), trial.config)
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            logger.result(trial.trial_id, result)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            logger.complete(trial.trial_id)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))
+
+    return _MlflowCallback()

@@ -1,0 +1,124 @@
+"""One trial = one Ray Train `TorchTrainer` whose workers run bagssl_core's loop under DDP.
+
+`run_trial` is the trial code itself (build the TrainConfig from base + overrides, train, report); the
+Ray worker loop and `--local` mode both call it, so a trial debugged locally is the trial Ray runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bagssl_core.config import EvalConfig, TrainConfig, merge_overrides
+from bagssl_core.train import RunResult, train
+from sweeps.space import objective, trial_overrides
+
+# metrics, checkpoint directory (rank 0, when one was written this epoch)
+TrialReporter = Callable[[dict[str, float], "Path | None"], None]
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs besides its sampled parameters; plain data, so Ray can ship it."""
+
+    base: dict[str, Any]
+    eval_variants: dict[str, dict[str, Any]]
+    metric: str
+    mode: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, params: Mapping[str, Any]) -> TrainConfig:
+        return TrainConfig.model_validate(merge_overrides(self.base, trial_overrides(params)))
+
+    def variants(self) -> dict[str, EvalConfig]:
+        return {k: EvalConfig.model_validate(v) for k, v in self.eval_variants.items()}
+
+
+def with_objective(metrics: dict[str, float], metric: str, mode: str) -> dict[str, float]:
+    """Add the spec's objective under its own name when it is the best of several variants/schemes."""
+    found = objective(metrics, metric, mode)
+    if found is not None and metric not in metrics:
+        metrics = {**metrics, metric: found[0]}
+    return metrics
+
+
+def run_trial(
+    plan: TrialPlan,
+    params: Mapping[str, Any],
+    out_dir: Path,
+    report: TrialReporter,
+    resume_from: Path | None = None,
+) -> RunResult:
+    """Train one trial's config, probing every evaluation variant, and pass each epoch to `report`."""
+    cfg = plan.config(params)
+
+    def reporter(metrics: dict[str, float], ckpt: Path | None) -> None:
+        report(with_objective(metrics, plan.metric, plan.mode), ckpt)
+
+    return train(cfg, out_dir, reporter=reporter, resume_from=resume_from, eval_variants=plan.variants())
+
+
+# --- Ray -------------------------------------------------------------------------------------------
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: the process group is already initialised by TorchTrainer."""
+    import ray.train
+
+    plan: TrialPlan = config["plan"]
+    params: dict[str, Any] = config["params"]
+
+    def report(metrics: dict[str, float], ckpt: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
+        # Every rank reports (it is a barrier); rank 0 alone carries the checkpoint.
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    with _restored_checkpoint(ray.train.get_checkpoint()) as resume, tempfile.TemporaryDirectory(prefix="bagssl_") as d:
+        result = run_trial(plan, params, Path(d), report, resume)
+    if result.status != "finished":
+        raise RuntimeError(f"trial {result.status}: {result.metrics.get('diverged_at_step', '')}")
+
+
+@contextlib.contextmanager
+def _restored_checkpoint(checkpoint: Any) -> Iterator[Path | None]:
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
+def make_trial_fn(
+    plan: TrialPlan, storage_path: str, workers: int, cpus: float, gpus: float, max_failures: int
+) -> Callable[[dict[str, Any]], None]:
+    """The Tune trainable: builds and fits a TorchTrainer named after the trial (restore finds it by name)."""
+
+    def trial_fn(params: dict[str, Any]) -> None:
+        import ray.train
+        from ray import tune
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        trial_id = tune.get_context().get_trial_id()
+        per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"plan": plan, "params": params},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"train_{trial_id}",
+                storage_path=storage_path,
+                callbacks=[TuneReportCallback()],
+                failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        trainer.fit()
+
+    return trial_fn
