@@ -2,6 +2,7 @@
 
     python -m bagssl_core train [--config FILE] [--out DIR] [--resume] [key=value ...]
     python -m bagssl_core eval CHECKPOINT [--out FILE] [key=value ...]
+    python -m bagssl_core eval --random-init [--config FILE] [--out FILE] [key=value ...]
 
 Bad input (a config error, a missing dataset, a missing checkpoint) is one message on stderr and exit 2.
 """
@@ -28,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. patch.size=8 eval.aggregation=[mean_emb,centre]")
-    e = sub.add_parser("eval", help="re-run the probes on a checkpoint")
-    e.add_argument("checkpoint", help="a checkpoint directory, a run directory (latest checkpoint) or state.pt")
+    e = sub.add_parser("eval", help="re-run the probes on a checkpoint (or on a randomly initialised backbone)")
+    e.add_argument("checkpoint", nargs="?", help="a checkpoint directory, a run directory (latest checkpoint) or state.pt")
+    e.add_argument("--random-init", action="store_true", help="probe an untrained model built from --config (a baseline)")
+    e.add_argument("--config", help="with --random-init: TrainConfig YAML file")
     e.add_argument("--out", help="write the probe results as JSON here")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.aggregation=[mean_emb,max_emb,whole]")
     return p
@@ -62,21 +65,34 @@ def _eval(args: argparse.Namespace) -> int:
     from bagssl_core.data import load_split
     from bagssl_core.models import build_model, prepare_for_device
     from bagssl_core.probes import format_probe_table
-    from bagssl_core.train import evaluate, load_checkpoint, resolve_device
+    from bagssl_core.train import evaluate, load_checkpoint, resolve_device, seed_everything
 
-    try:
-        state = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise ConfigError(str(err)) from None
-    cfg = validate_config(merge_overrides(state["config"], parse_overrides(args.overrides)), f"{args.checkpoint} + overrides")
+    if args.random_init == (args.checkpoint is not None):
+        raise ConfigError("eval: expected either a CHECKPOINT or --random-init (with an optional --config)")
+    if args.random_init:
+        cfg = load_config(args.config, args.overrides)
+        state, epoch = None, 0
+    else:
+        try:
+            state = load_checkpoint(args.checkpoint)
+        except (FileNotFoundError, RuntimeError) as err:
+            raise ConfigError(str(err)) from None
+        source = f"{args.checkpoint} + overrides"
+        cfg = validate_config(merge_overrides(state["config"], parse_overrides(args.overrides)), source)
+        epoch = state["epoch"]
+    seed_everything(cfg.run.seed)
     device = resolve_device(cfg)
-    model = prepare_for_device(build_model(cfg.model), device, cfg.model)
-    model.load_state_dict(state["model"])
+    model = build_model(cfg.model)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = prepare_for_device(model, device, cfg.model)
     train_data, test_data = (load_split(cfg.data, s, cfg.run.seed) for s in ("train", "test"))
     metrics = evaluate(model, cfg, train_data, test_data, device)
     print(format_probe_table(metrics))
     if args.out:
-        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "epoch": state["epoch"], **metrics}, indent=2) + "\n")
+        what = "random-init" if args.random_init else str(args.checkpoint)
+        payload = {"checkpoint": what, "epoch": epoch, **metrics}
+        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     return EXIT_OK
 
 

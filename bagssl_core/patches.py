@@ -62,8 +62,8 @@ def _check_generator(generator: torch.Generator, device: torch.device) -> None:
 
 
 def _to_unit_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [0, 1]; float input is returned as float32 unchanged in value."""
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    """uint8 [0, 255] -> float32 [0, 1]; float input is copied as float32. Never shares x's memory."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
 
 
 def _resize_matrix(size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -517,38 +517,60 @@ def _augment(x: torch.Tensor, aug: AugConfig, generator: torch.Generator, by_ind
     if x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"x: expected shape (M, C, S, S) with C in {{1, 3}}, got {tuple(x.shape)}")
     _check_generator(generator, x.device)
-    m, c, s, _ = x.shape
-    dev = x.device
-    ops: list[tuple[torch.Tensor, _SampleOp]] = []
-    # Every draw happens here, in a fixed order, before any pixel work: both paths see the same values.
+    plan = _draw_plan(x.shape[0], x.shape[1], x.shape[-1], aug, generator, x.device)
+    if not by_index:
+        return _apply_plan(x, plan, 0, by_index=False)
+    out = x.clone()  # augmented in place below; the caller's tensor stays untouched
+    for start in range(0, len(out), _CPU_BLOCK):
+        _apply_plan(out[start : start + _CPU_BLOCK], plan, start, by_index=True)
+    return out
+
+
+# Augmentations to apply: for each, the `(M, 1, 1, 1)` mask of selected samples and the operation.
+_Plan = list[tuple[torch.Tensor, _SampleOp]]
+
+
+def _draw_plan(
+    m: int, c: int, side: int, aug: AugConfig, generator: torch.Generator, dev: torch.device
+) -> _Plan:
+    """Every random draw of `augment` for M samples, in a fixed order, before any pixel work.
+
+    Drawing up front makes the result independent of how the samples are later split into blocks.
+    """
+    plan: _Plan = []
     if aug.flip_p > 0:
-        ops.append((_rand_mask(m, aug.flip_p, generator, dev), _flip))
+        plan.append((_rand_mask(m, aug.flip_p, generator, dev), _flip))
     strengths = (aug.brightness, aug.contrast) + ((aug.saturation, aug.hue) if c == 3 else (0.0, 0.0))
     if aug.jitter_p > 0 and any(v > 0 for v in strengths):
-        ops.append(_draw_jitter(m, c, aug, generator, dev))
+        plan.append(_draw_jitter(m, c, aug, generator, dev))
     if aug.grayscale_p > 0 and c == 3:
-        ops.append((_rand_mask(m, aug.grayscale_p, generator, dev), _grayscale))
+        plan.append((_rand_mask(m, aug.grayscale_p, generator, dev), _grayscale))
     if aug.blur_p > 0:
         on = _rand_mask(m, aug.blur_p, generator, dev)
         sigma = _uniform(m, aug.blur_sigma[0], aug.blur_sigma[1], generator, dev)
-        k = blur_kernel_size(s)
-        ops.append((on, lambda xs, i: gaussian_blur(xs, sigma[i], k)))
+        k = blur_kernel_size(side)
+        plan.append((on, lambda xs, i: gaussian_blur(xs, sigma[i], k)))
     if aug.solarize_p > 0:
-        ops.append((_rand_mask(m, aug.solarize_p, generator, dev), _solarize))
-    if not by_index:
-        for on, op in ops:
-            x = torch.where(on, op(x, slice(None)), x)
-        return x
-    out = x.clone()  # written in place below; the caller's tensor stays untouched
-    # Blocks of samples keep every temporary small: cache-resident, and reused by the allocator instead
-    # of fresh pages per op, which is most of the cost of whole-batch elementwise ops on CPU.
-    for start in range(0, m, _CPU_BLOCK):
-        block = out[start : start + _CPU_BLOCK]
-        for on, op in ops:
-            idx = on.view(-1)[start : start + _CPU_BLOCK].nonzero().squeeze(1)
+        plan.append((_rand_mask(m, aug.solarize_p, generator, dev), _solarize))
+    return plan
+
+
+def _apply_plan(x: torch.Tensor, plan: _Plan, start: int, by_index: bool) -> torch.Tensor:
+    """Apply `plan` to samples `start .. start + len(x)` of the batch it was drawn for.
+
+    by_index: each operation runs on its selected samples only, gathered and written back into x in
+    place (x must be the caller's own tensor). Otherwise each runs on all of x and `torch.where` keeps
+    the selected samples: no data-dependent shapes, so no host-device synchronisation on GPU.
+    """
+    stop = start + len(x)
+    for on, op in plan:
+        if by_index:
+            idx = on.view(-1)[start:stop].nonzero().squeeze(1)
             if idx.numel():
-                block.index_copy_(0, idx, op(block.index_select(0, idx), idx + start))
-    return out
+                x.index_copy_(0, idx, op(x.index_select(0, idx), idx + start))
+        else:
+            x = torch.where(on[start:stop], op(x, slice(start, stop)), x)
+    return x
 
 
 def _flip(xs: torch.Tensor, _: torch.Tensor | slice) -> torch.Tensor:
@@ -599,7 +621,8 @@ def channel_stats(dataset_name: str, channels: int) -> tuple[tuple[float, ...], 
     """
     if dataset_name not in CHANNEL_STATS:
         raise ValueError(
-            f"dataset_name: no channel statistics for {dataset_name!r}; expected one of {sorted(CHANNEL_STATS)}"
+            f"dataset_name: no channel statistics for {dataset_name!r}; "
+            f"expected one of {sorted(CHANNEL_STATS)}"
         )
     mean, std = CHANNEL_STATS[dataset_name]
     if channels == 3:
@@ -609,14 +632,24 @@ def channel_stats(dataset_name: str, channels: int) -> tuple[tuple[float, ...], 
     raise ValueError(f"channels: {dataset_name!r} has statistics for 3 channels, not {channels}")
 
 
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(x - mean) / std per channel, on channel dim -3 of `(..., C, S, S)`; returns a new tensor."""
+def _normalize_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale), each `(C, 1, 1)`, with (x - mean) / std = x * scale + shift."""
     if len(mean) != x.shape[-3] or len(std) != x.shape[-3]:
         raise ValueError(f"mean/std: expected {x.shape[-3]} values each, got {len(mean)} and {len(std)}")
     scale = 1.0 / torch.tensor(std, device=x.device, dtype=torch.float64)
     shift = -torch.tensor(mean, device=x.device, dtype=torch.float64) * scale
-    # x * (1 / std) + (-mean / std) in one pass; equal to (x - mean) / std up to rounding.
-    return torch.addcmul(shift.to(x.dtype).view(-1, 1, 1), x, scale.to(x.dtype).view(-1, 1, 1))
+    return shift.to(x.dtype).view(-1, 1, 1), scale.to(x.dtype).view(-1, 1, 1)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(x - mean) / std per channel, on channel dim -3 of `(..., C, S, S)`; returns a new tensor.
+
+    Computed in one pass as x * (1 / std) + (-mean / std): equal to (x - mean) / std up to rounding.
+    """
+    shift, scale = _normalize_affine(mean, std, x)
+    return torch.addcmul(shift, x, scale)
 
 
 def train_batch(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
@@ -624,8 +657,10 @@ def train_batch(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generat
 
     Bag losses get `cfg.patch.num` fixed-scale patches of `cfg.patch_px` pixels per image; two-view
     VICReg (`loss.name == "vicreg"`) gets two RandomResizedCrop views with area in `patch.view_scale`.
-    Each is resized to `cfg.input_size`, augmented by `augment`, and normalised with the dataset's
-    channel statistics when `patch.aug.normalize` is set.
+    Each is resized to `cfg.input_size`, augmented as `augment` does, and normalised with the dataset's
+    channel statistics when `patch.aug.normalize` is set. All positions and augmentation parameters are
+    drawn first; on CPU the pixel work then runs block by block of images (about 256 patches each) so
+    that every intermediate stays in cache. The result is the same either way.
 
     Args:
         images: `(B, C, H, W)` uint8 at `cfg.image_size` (H = W), on the training device.
@@ -641,13 +676,30 @@ def train_batch(images: torch.Tensor, cfg: TrainConfig, generator: torch.Generat
         raise ValueError(
             f"images: expected {cfg.image_size}x{cfg.image_size} images (cfg.image_size), got {h}x{w}"
         )
-    size = cfg.input_size
-    if cfg.loss.name == "vicreg":
-        x = sample_two_views(images, cfg.patch.view_scale, size, generator)
+    if c not in (1, 3):
+        raise ValueError(f"images: expected 1 or 3 channels, got {c}")
+    size, dev = cfg.input_size, images.device
+    views = cfg.loss.name == "vicreg"
+    if views:
+        n = 2
+        boxes = sample_view_boxes(b, n, (h, w), cfg.patch.view_scale, generator, dev)
     else:
-        x = sample_train_patches(images, cfg.patch.num, cfg.patch_px, size, generator)
-    n = x.shape[1]
-    x = augment(x.view(b * n, c, size, size), cfg.patch.aug, generator)
-    if cfg.patch.aug.normalize:
-        x = normalize(x, *channel_stats(cfg.data.name, c))
-    return x.view(b, n, c, size, size)
+        n = cfg.patch.num
+        boxes = sample_boxes(b, n, (h, w), cfg.patch_px, generator, dev)
+    plan = _draw_plan(b * n, c, size, cfg.patch.aug, generator, dev)
+    by_index = dev.type == "cpu"
+    out = torch.empty(b * n, c, size, size, device=dev)
+    norm = _normalize_affine(*channel_stats(cfg.data.name, c), out) if cfg.patch.aug.normalize else None
+    per_block = max(1, _CPU_BLOCK // n) if by_index else b
+    for lo in range(0, b, per_block):
+        hi = min(b, lo + per_block)
+        if views:
+            x = crop_resize_boxes(images[lo:hi], boxes[lo:hi], size)
+        else:
+            x = crop_patches(images[lo:hi], boxes[lo:hi], cfg.patch_px, size)
+        x = _apply_plan(x.view(-1, c, size, size), plan, lo * n, by_index)
+        if norm is None:
+            out[lo * n : hi * n] = x
+        else:
+            torch.addcmul(norm[0], x, norm[1], out=out[lo * n : hi * n])
+    return out.view(b, n, c, size, size)

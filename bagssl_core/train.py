@@ -387,7 +387,7 @@ def train(
                     rate = n_steps * patches_per_step / (time.perf_counter() - t0)
                     bar.update(step, epoch + 1, epochs, float(loss), rate, step - start_epoch * steps_per_epoch)
             seconds = time.perf_counter() - t0
-            metrics: dict[str, float] = {f"train/{k}": v / n_steps for k, v in sums.items()}
+            metrics: dict[str, float] = _global_means(sums, n_steps, device)
             metrics.update(
                 {
                     "epoch": epoch + 1,
@@ -419,6 +419,15 @@ def train(
         summary = {"status": result.status, "epochs": result.epochs, **result.metrics}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
+
+
+def _global_means(sums: Mapping[str, float], n_steps: int, device: torch.device) -> dict[str, float]:
+    """Epoch means of the loss and its parts over every step of every rank (the invariance term is local).
+    The tensor lives on the training device because NCCL reduces CUDA tensors only."""
+    keys = sorted(sums)
+    local = torch.tensor([sums[k] / n_steps for k in keys], dtype=torch.float64, device=device)
+    means = dist.all_reduce_mean(local).cpu()
+    return {f"train/{k}": float(v) for k, v in zip(keys, means, strict=True)}
 
 
 def _probe_due(cfg: TrainConfig, epoch: int) -> bool:
