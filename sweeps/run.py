@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -18,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from bagssl_core.config import ConfigError, config_to_yaml, flatten
+from bagssl_core.config import ConfigError
 from sweeps.spec import SpecError, SweepSpec, load_spec, spec_to_dict, trial_count
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 log = logging.getLogger("sweeps")
 
 
@@ -80,22 +81,14 @@ def print_plan(spec: SweepSpec, base_cfg: Any, source: str) -> None:
         f"{', '.join(f'{v:g} {k}' for k, v in trial_resources(spec).items() if k != 'workers')}"
         f"; {base_cfg.schedule.epochs} epochs; max concurrent: {spec.max_concurrent or 'from the cluster'}"
     )
+    evals = math.prod(len(d.args) for d in spec.eval_axes().values())
+    if evals > 1:
+        print(f"# evaluation-only axes: {evals} evaluation settings per trained model; searching them as training "
+              f"axes would train {evals * trial_count(spec)} models instead of {trial_count(spec)}")
     print(f"# storage: {experiment_dir(spec)}")
 
 
-# --- MLflow descriptions -----------------------------------------------------------------------------
-
-
-def _describer(plan: Any) -> Any:
-    def describe(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        cfg = plan.config(params)
-        flat = flatten(cfg.model_dump(mode="json"))
-        flat.update({f"trial.{k}": v for k, v in params.items()})
-        flat["derived.effective_lr"] = cfg.effective_lr()
-        flat["derived.patch_px"] = cfg.patch_px
-        return flat, {"config.yaml": config_to_yaml(cfg)}
-
-    return describe
+# --- MLflow ---------------------------------------------------------------------------------------------
 
 
 def parent_params(spec: SweepSpec) -> dict[str, Any]:
@@ -124,33 +117,62 @@ def init_ray(address: str | None, slots_hint: int) -> None:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise SpecError(f"--address: cannot join the Ray cluster at {address}: {err}") from None
     else:
-        # The dashboard serves the State API that Train's placement-group cleaner needs (NOTES.md).
-        ray.init(num_cpus=os.cpu_count(), resources={"trial_slot": slots_hint}, include_dashboard=True)
+        # The dashboard serves the State API that Train's placement-group cleaner needs (NOTES.md). The
+        # cleaner finds it by auto-detection, which fails when another Ray runs on this machine: pin its
+        # address in every worker's environment.
+        port = _free_port()
+        ray.init(
+            num_cpus=os.cpu_count(),
+            resources={"trial_slot": slots_hint},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_group_fits(nodes: list[dict[str, float]], workers: int, per_worker: dict[str, float]) -> bool:
+    """Whether `workers` bundles of `per_worker` can be packed onto these nodes (a bundle never spans two)."""
+    free = [dict(n) for n in nodes]
+    for _ in range(workers):
+        node = next((n for n in free if all(n.get(k, 0) >= v for k, v in per_worker.items())), None)
+        if node is None:
+            return False
+        for key, v in per_worker.items():
+            node[key] -= v
+    return True
 
 
 def concurrency(spec: SweepSpec) -> tuple[int, dict[str, float]]:
     """How many trials fit at once, and the trainable's own bundle; SpecError if a trial can never be placed."""
     import ray
 
-    need = trial_resources(spec)
     r = spec.resources
-    total = ray.cluster_resources()
+    need = trial_resources(spec)
+    per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits_a_node = any(
-        n.get("CPU", 0) >= r.cpus_per_worker and n.get("GPU", 0) >= r.gpus_per_worker for n in nodes
-    )
-    if not fits_a_node or total.get("CPU", 0) < need["CPU"] or total.get("GPU", 0) < need.get("GPU", 0):
-        have = f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
+    total = ray.cluster_resources()
+    if not worker_group_fits(nodes, r.workers_per_trial, per_worker):
         raise SpecError(
             f"resources: a trial needs {r.workers_per_trial} worker(s) x ({r.cpus_per_worker:g} CPU, "
-            f"{r.gpus_per_worker:g} GPU) and can never be placed on this cluster ({have}); "
+            f"{r.gpus_per_worker:g} GPU) and can never be placed on this cluster "
+            f"({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU over {len(nodes)} node(s)); "
             "expected fewer workers_per_trial or smaller cpus_per_worker/gpus_per_worker"
         )
     fit = int(total["CPU"] // need["CPU"])
     if need.get("GPU"):
         fit = min(fit, int(total.get("GPU", 0) // need["GPU"]))
     k = max(1, min(fit, spec.max_concurrent or fit))
-    # A trial's own actor holds a 'trial_slot' (local Ray) so it takes no CPU from its workers.
+    # A trial's own actor holds a 'trial_slot' (local Ray) so it takes no CPU from its workers; on a
+    # cluster without that resource it holds a little memory instead (a bundle must not be empty).
     bundle = {"CPU": 0, "trial_slot": 1} if total.get("trial_slot") else {"CPU": 0, "memory": 64 * 2**20}
     return k, bundle
 
@@ -209,41 +231,41 @@ def _optuna(spec: SweepSpec) -> Any:
     return OptunaSearch(sampler=samplers[s.sampler](), seed=s.seed)
 
 
-def run_with_ray(spec: SweepSpec, plan: Any, logger: Any, resume: bool, address: str | None) -> list[Any]:
+def run_with_ray(spec: SweepSpec, plan: Any, callback: Any, resume: bool, address: str | None) -> list[Any] | None:
+    """Run (or restore) the Tune experiment; the trials' outcomes, or None when it was interrupted."""
+    import signal
+
     import ray
     from ray import tune
 
     from sweeps.report import TrialOutcome, trial_status
-    from sweeps.tracking import make_tune_callback
+    from sweeps.tracking import trainer_metrics
 
     exp_dir = experiment_dir(spec)
+    epochs = plan.config({}).schedule.epochs
     init_ray(address, slots_hint=os.cpu_count() or 1)
+    # Tune saves its state on SIGINT but Ray aborts on SIGTERM: route SIGTERM (after ray.init, which
+    # installs its own handler) through the graceful path so that --resume loses nothing.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         k, bundle = concurrency(spec)
-        callbacks = [make_tune_callback(logger)]
         trainable = build_trainable(spec, plan, exp_dir, bundle)
         if resume:
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         else:
-            tuner = build_tuner(spec, trainable, exp_dir, k, plan.config({}).schedule.epochs, callbacks)
+            tuner = build_tuner(spec, trainable, exp_dir, k, epochs, [callback])
         log.info("running up to %d trial(s) at once", k)
         grid = tuner.fit()
-        epochs = plan.config({}).schedule.epochs
-        out = []
-        for res in grid:
-            metrics = trainer_metrics_of(res.metrics or {})
-            tid = (res.metrics or {}).get("trial_id") or Path(res.path).name
-            params = {k: v for k, v in (res.config or {}).items()}
-            out.append(TrialOutcome(tid, params, trial_status(metrics, res.error is not None, epochs), metrics))
-        return out
     finally:
         ray.shutdown()
-
-
-def trainer_metrics_of(result: dict[str, Any]) -> dict[str, float]:
-    from sweeps.tracking import trainer_metrics
-
-    return trainer_metrics(result)
+    if grid.num_terminated + grid.num_errors < trial_count(spec):
+        return None
+    out = []
+    for res in grid:
+        metrics = trainer_metrics(res.metrics or {})
+        tid = (res.metrics or {}).get("trial_id") or Path(res.path).name
+        out.append(TrialOutcome(tid, dict(res.config or {}), trial_status(metrics, res.error is not None, epochs), metrics))
+    return out
 
 
 def run_local(spec: SweepSpec, plan: Any, logger: Any) -> list[Any]:
@@ -316,12 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bagssl_core.data import DataError
-
     spec, base_cfg = load_spec(args.spec, args.overrides)
     check_probe_every_epoch(spec, base_cfg.eval.every, args.spec)
     if args.dry_run:
@@ -330,7 +350,14 @@ def _main(args: argparse.Namespace) -> int:
 
     from sweeps.report import write_report
     from sweeps.space import eval_variants
-    from sweeps.tracking import MlflowTracker, TrackingError, TrialLogger, check_reachable, resolve_uri
+    from sweeps.tracking import (
+        MlflowTracker,
+        MlflowTuneCallback,
+        TrackingError,
+        TrialLogger,
+        check_reachable,
+        resolve_uri,
+    )
     from sweeps.trainable import TrialPlan
 
     exp_dir = experiment_dir(spec, local=args.local)
@@ -338,19 +365,21 @@ def _main(args: argparse.Namespace) -> int:
     if local_exp and not args.local:
         exists = Path(exp_dir).exists()
         if args.resume and not exists:
-            raise SpecError(f"--resume: nothing to resume at {exp_dir}; run without --resume to start the sweep")
+            raise SpecError(f"{args.spec}: --resume: nothing to resume at {exp_dir}; run without --resume to "
+                            "start the sweep")
         if exists and not args.resume:
-            raise SpecError(f"storage_path: {exp_dir} already holds a sweep named {spec.name!r}; pass --resume to "
-                            "continue it, or change name/storage_path")
+            raise SpecError(f"{args.spec}: storage_path: {exp_dir} already holds a sweep named "
+                            f"{spec.name!r}; pass --resume to continue it, or change name/storage_path")
     uri = resolve_uri(spec.tracking.uri)
     try:
         check_reachable(uri)
     except TrackingError as err:
         raise SpecError(f"{args.spec}: {err}") from None
-    # Fail on a missing dataset here, with the core's one-line message, not inside a Ray worker.
-    try:
-        from bagssl_core.data import load_split
+    # Fail on a missing dataset here, with the core's one-line message, not inside a Ray worker. Imported
+    # only now: torch takes seconds to import, and a bad spec must fail at once.
+    from bagssl_core.data import DataError, load_split
 
+    try:
         load_split(base_cfg.data, "test", base_cfg.run.seed)
     except DataError as err:
         raise SpecError(f"{args.spec}: base.data: {err}") from None
@@ -365,12 +394,20 @@ def _main(args: argparse.Namespace) -> int:
     tracker = MlflowTracker(uri, spec.tracking.experiment, sweep_key=exp_dir)
     spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
     parent = tracker.start_parent(spec.name, parent_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume)
-    logger = TrialLogger(tracker, base_cfg.schedule.epochs, _describer(plan))
+    epochs = base_cfg.schedule.epochs
     try:
-        trials = run_local(spec, plan, logger) if args.local else run_with_ray(spec, plan, logger, args.resume, args.address)
+        if args.local:
+            trials = run_local(spec, plan, TrialLogger(tracker, epochs, plan.describe))
+        else:
+            callback = MlflowTuneCallback(uri, spec.tracking.experiment, exp_dir, parent, epochs, plan.describe)
+            trials = run_with_ray(spec, plan, callback, args.resume, args.address)
     except BaseException:
         tracker.client.set_terminated(parent, status="KILLED")
         raise
+    if trials is None:
+        tracker.client.set_terminated(parent, status="KILLED")
+        print(f"interrupted; continue with: python -m sweeps.run {args.spec} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent,
                           spec.tracking.experiment)
     tracker.finish_parent("FINISHED", report.summary, report.artifacts)

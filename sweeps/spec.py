@@ -203,10 +203,15 @@ def _spec_error_lines(err: ValidationError, source: str, lines: Mapping[tuple[st
             parts.append(str(p))
             if p in DIST_KINDS or (len(parts) == 2 and parts[0] == "space" and e["type"] != "extra_forbidden"):
                 break
+        msg = e["msg"].removeprefix("Value error, ")
+        # The space validator's message starts with the bad dotted path: point at that path's own line.
+        head, _, rest = msg.partition(": ")
+        given = e.get("input")
+        if parts == ["space"] and e["type"] == "value_error" and isinstance(given, dict) and head in given:
+            parts, msg = ["space", head], rest
         key = ".".join(parts)
         line = _line_of(lines, parts)
         where = f"{source}:{line}" if line else source
-        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
+
 from bagssl_core.config import flatten
 
 log = logging.getLogger(__name__)
@@ -89,11 +91,9 @@ class MlflowTracker:
         """Open the sweep's parent run; on resume, reopen the newest one of this sweep with its children."""
         found = self._search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep_key}'") if resume else []
         if found:
-            self.parent_id = found[0].info.run_id
-            self.client.update_run(self.parent_id, status="RUNNING")
-            for child in self._search(f"tags.`{PARENT_TAG}` = '{self.parent_id}'"):
-                self._children[child.data.tags.get(TAG_TRIAL, "")] = child.info.run_id
-            return self.parent_id
+            self.attach_parent(found[0].info.run_id)
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
         run = self.client.create_run(
             self.experiment_id, run_name=name, tags={TAG_ROLE: "sweep", TAG_SWEEP: self.sweep_key}
         )
@@ -113,6 +113,12 @@ class MlflowTracker:
         for file_name, text in artifacts.items():
             self.client.log_text(self.parent_id, text, file_name)
         self.client.set_terminated(self.parent_id, status=status)
+
+    def attach_parent(self, parent_id: str) -> None:
+        """Use an existing parent run and know its children (a restored sweep's callback)."""
+        self.parent_id = parent_id
+        for child in self._search(f"tags.`{PARENT_TAG}` = '{parent_id}'"):
+            self._children[child.data.tags.get(TAG_TRIAL, "")] = child.info.run_id
 
     # --- children -----------------------------------------------------------------------------
     def child(self, trial_id: str, name: str, params: Mapping[str, Any], artifacts: Mapping[str, str]) -> str:
@@ -241,21 +247,41 @@ class TrialLogger:
         self.statuses[trial_id] = "FAILED"
 
 
-def make_tune_callback(logger: TrialLogger) -> Any:
-    """A ray.tune.Callback that forwards trial events to `logger` (runs in the driver)."""
-    from ray import tune
+class MlflowTuneCallback(Callback):
+    """Forwards Tune's trial events to MLflow from the driver.
 
-    class _MlflowCallback(tune.Callback):
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            logger.start(trial.trial_id, str(trial), trial.config)
+    Tune pickles its callbacks into the experiment state and a restored sweep uses those copies, so this
+    holds only plain settings and builds its MLflow client in `setup`.
+    """
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            logger.result(trial.trial_id, result)
+    def __init__(self, uri: str, experiment: str, sweep_key: str, parent_id: str, epochs: int,
+                 describe: Callable[[Mapping[str, Any]], tuple[dict, dict]]):
+        self.settings = (uri, experiment, sweep_key, parent_id)
+        self.epochs = epochs
+        self.describe = describe
+        self.logger: TrialLogger | None = None
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            logger.complete(trial.trial_id)
+    def setup(self, **info: Any) -> None:
+        uri, experiment, sweep_key, parent_id = self.settings
+        tracker = MlflowTracker(uri, experiment, sweep_key)
+        tracker.attach_parent(parent_id)
+        self.logger = TrialLogger(tracker, self.epochs, self.describe)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "logger": None}
 
-    return _MlflowCallback()
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        assert self.logger is not None
+        self.logger.start(trial.trial_id, str(trial), trial.config)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        assert self.logger is not None
+        self.logger.result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        assert self.logger is not None
+        self.logger.complete(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        assert self.logger is not None
+        self.logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bagssl_core.config import EvalConfig, TrainConfig, merge_overrides
+from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten, merge_overrides
 from bagssl_core.train import RunResult, train
 from sweeps.space import objective, trial_overrides
 
@@ -33,6 +33,15 @@ class TrialPlan:
 
     def config(self, params: Mapping[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(merge_overrides(self.base, trial_overrides(params)))
+
+    def describe(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """MLflow params (the full resolved config, the sampled values, derived values) and artifacts."""
+        cfg = self.config(params)
+        flat = flatten(cfg.model_dump(mode="json"))
+        flat.update({f"trial.{k}": v for k, v in params.items()})
+        flat["derived.effective_lr"] = cfg.effective_lr()
+        flat["derived.patch_px"] = cfg.patch_px
+        return flat, {"config.yaml": config_to_yaml(cfg)}
 
     def variants(self) -> dict[str, EvalConfig]:
         return {k: EvalConfig.model_validate(v) for k, v in self.eval_variants.items()}
