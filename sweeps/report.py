@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bagssl_core.config import config_to_yaml, merge_overrides, validate_config
-from sweeps.space import objective, trial_overrides, variant_of, variant_values
+from sweeps.space import objective, scheme_of, trial_overrides, variant_of, variant_values
 from sweeps.spec import SweepSpec
 
 
@@ -50,10 +50,15 @@ def best_trial(trials: Iterable[TrialOutcome], metric: str, mode: str) -> tuple[
 
 
 def best_config_yaml(spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], metric_key: str) -> str:
-    """The best trial's full TrainConfig (with the winning evaluation variant), for `bagssl_core train --config`."""
+    """The best trial's full TrainConfig for `bagssl_core train --config`: its parameters, the winning
+    evaluation variant, and the winning scheme first in eval.aggregation."""
     overrides = trial_overrides(params)
     overrides.update(trial_overrides(variant_values(spec).get(variant_of(metric_key), {})))
     cfg = validate_config(merge_overrides(base, overrides), "best trial")
+    scheme = scheme_of(metric_key)
+    if scheme is not None:
+        schemes = [scheme, *(s for s in cfg.eval.aggregation if s != scheme)]
+        cfg = validate_config(merge_overrides(cfg.model_dump(mode="json"), {"eval.aggregation": schemes}), "best trial")
     return config_to_yaml(cfg)
 
 

@@ -88,10 +88,9 @@ def objective(metrics: Mapping[str, float], metric: str, mode: str) -> tuple[flo
     """The spec's objective from one report: the metric itself, or the best of its variants.
 
     `linear_top1/mean_emb` matches itself and `linear_top1/mean_emb:...`; a bare `linear_top1` matches every
-    scheme and variant. Returns (value, the key that gave it), or None when the report has no probe.
+    scheme and variant. Returns (value, the most specific key that gave it: one naming the scheme and the
+    variant, so the best config can carry them), or None when the report has no such metric.
     """
-    if metric in metrics:
-        return float(metrics[metric]), metric
     has_scheme = "/" in metric
     candidates = {}
     for k, v in metrics.items():
@@ -100,9 +99,15 @@ def objective(metrics: Mapping[str, float], metric: str, mode: str) -> tuple[flo
             candidates[k] = float(v)
     if not candidates:
         return None
-    pick = max if mode == "max" else min
-    key = pick(candidates, key=candidates.__getitem__)
+    sign = 1.0 if mode == "max" else -1.0
+    key = max(candidates, key=lambda k: (sign * candidates[k], k.count("/") + k.count(":")))
     return candidates[key], key
+
+
+def scheme_of(key: str) -> str | None:
+    """The aggregation scheme in a probe metric key (`knn_top1/centre:grid_stride-4` -> `centre`)."""
+    name = key.split(":", 1)[0]
+    return name.split("/", 1)[1] if "/" in name and name.startswith(("knn_", "linear_")) else None
 
 
 def variant_of(key: str) -> str:

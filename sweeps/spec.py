@@ -289,8 +289,9 @@ def validate_trial_config(base: Mapping[str, Any], overrides: Mapping[str, Any],
 
 def known_metrics(spec: SweepSpec, base_cfg: TrainConfig) -> set[str]:
     """Every metric a trial of this sweep reports (probe metrics for every scheme it will evaluate)."""
-    schemes = set(base_cfg.eval.aggregation)
-    probes = set(base_cfg.eval.probes)
+    # A swept eval axis replaces the base value in every trial (space.eval_variants), never adds to it.
+    schemes = set() if "eval.aggregation" in spec.space else set(base_cfg.eval.aggregation)
+    probes = set() if "eval.probes" in spec.space else set(base_cfg.eval.probes)
     for key, d in spec.space.items():
         if key == "eval.aggregation":
             for v in d.probe_values():

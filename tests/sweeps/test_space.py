@@ -1,0 +1,243 @@
+"""Spec -> Tune search space, and the evaluation-only axes enumerated inside each trial."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from ray import tune
+from ray.tune.search import sample
+
+from bagssl_core.config import TrainConfig
+from sweeps.run import main
+from sweeps.space import eval_variants, objective, param_space, trial_overrides, tune_domain, variant_values
+from sweeps.spec import Distribution, SweepSpec, coerce_value, load_spec, trial_count
+
+ROOT = Path(__file__).resolve().parents[2]
+# Characters MLflow accepts in a metric name.
+MLFLOW_SAFE = re.compile(r"^[A-Za-z0-9_\-. :/]+$")
+
+
+def make_spec(space: dict[str, Any], **fields: Any) -> SweepSpec:
+    return SweepSpec.model_validate({"name": "t", "metric": "knn_top1", "space": space, **fields})
+
+
+def draws(domain: Any, n: int = 400) -> np.ndarray:
+    return np.asarray(domain.sample(size=n, random_state=np.random.RandomState(0)))
+
+
+# --- Tune domains -------------------------------------------------------------------------------------
+
+
+def test_choice_domain() -> None:
+    d = tune_domain(Distribution(choice=[8, 12, 16]))
+    assert isinstance(d, sample.Categorical)
+    assert d.categories == [8, 12, 16]
+    assert set(draws(d).tolist()) == {8, 12, 16}
+
+
+def test_grid_domain() -> None:
+    assert tune_domain(Distribution(grid=[7, 14])) == tune.grid_search([7, 14])
+
+
+def test_uniform_domain() -> None:
+    d = tune_domain(Distribution(uniform=[0.5, 2.0]))
+    assert isinstance(d, sample.Float)
+    assert isinstance(d.get_sampler(), sample.Uniform)
+    assert (d.lower, d.upper) == (0.5, 2.0)
+    x = draws(d)
+    assert x.min() >= 0.5 and x.max() <= 2.0
+
+
+def test_loguniform_domain() -> None:
+    d = tune_domain(Distribution(loguniform=[5, 125]))
+    assert isinstance(d, sample.Float)
+    assert isinstance(d.get_sampler(), sample.LogUniform)
+    x = draws(d)
+    assert x.min() >= 5 and x.max() <= 125
+    # Log-uniform: half of the draws below the geometric mean 25, not the arithmetic mean 65.
+    assert 0.4 < np.mean(x < 25) < 0.6
+
+
+def test_randint_domain_upper_bound_is_exclusive() -> None:
+    d = tune_domain(Distribution(randint=[8, 11]))
+    assert isinstance(d, sample.Integer)
+    assert (d.lower, d.upper) == (8, 11)
+    assert set(draws(d).tolist()) == {8, 9, 10}
+    # Validation probes the same bounds Tune can draw.
+    assert Distribution(randint=[8, 11]).probe_values() == [8, 10]
+
+
+def test_quniform_domain() -> None:
+    d = tune_domain(Distribution(quniform=[0.25, 1.0, 0.25]))
+    assert isinstance(d, sample.Float)
+    assert isinstance(d.get_sampler(), sample.Quantized)
+    assert d.get_sampler().q == 0.25
+    x = draws(d)
+    assert set(np.round(x / 0.25, 6).tolist()) <= {1.0, 2.0, 3.0, 4.0}
+
+
+# --- which axes reach Tune ------------------------------------------------------------------------------
+
+
+def test_param_space_excludes_discrete_eval_axes() -> None:
+    spec = make_spec(
+        {
+            "patch.size": {"choice": [8, 12]},
+            "loss.inv_weight": {"loguniform": [5, 125]},
+            "eval.aggregation": {"choice": ["mean_emb", "centre"]},
+            "eval.grid_stride": {"grid": [4, 7]},
+            "eval.knn_temperature": {"uniform": [0.05, 0.1]},  # continuous: searched like any axis
+        }
+    )
+    assert set(spec.eval_axes()) == {"eval.aggregation", "eval.grid_stride"}
+    space = param_space(spec)
+    assert set(space) == {"patch.size", "loss.inv_weight", "eval.knn_temperature"}
+    assert isinstance(space["eval.knn_temperature"], sample.Float)
+
+
+def test_trial_count_multiplies_grids_by_num_samples() -> None:
+    spec = make_spec(
+        {
+            "patch.size": {"grid": [7, 14, 21]},
+            "loss.name": {"grid": ["bag_vicreg", "tcr"]},
+            "loss.inv_weight": {"uniform": [5, 50]},
+            "eval.grid_stride": {"grid": [4, 7]},  # evaluation-only: no extra trials
+        },
+        num_samples=2,
+        search={"algo": "grid"},
+    )
+    assert trial_count(spec) == 2 * 3 * 2
+    assert trial_count(make_spec({"patch.size": {"choice": [8, 12]}}, num_samples=5)) == 5
+
+
+# --- evaluation variants ------------------------------------------------------------------------------
+
+
+def test_aggregation_values_are_one_list() -> None:
+    spec = make_spec(
+        {"eval.aggregation": {"choice": [["mean_emb", "centre"], "max_emb", "mean_emb", "whole"]}}
+    )
+    variants = eval_variants(spec, TrainConfig())
+    assert list(variants) == [""]
+    assert variants[""].aggregation == ["mean_emb", "centre", "max_emb", "whole"]
+
+
+def test_other_eval_axes_form_named_variants() -> None:
+    spec = make_spec(
+        {
+            "eval.aggregation": {"choice": ["mean_emb", "centre"]},
+            "eval.grid_stride": {"grid": [4, 7]},
+            "eval.patches": {"choice": ["grid", "random"]},
+        }
+    )
+    variants = eval_variants(spec, TrainConfig())
+    assert set(variants) == {
+        "grid_stride-4:patches-grid",
+        "grid_stride-4:patches-random",
+        "grid_stride-7:patches-grid",
+        "grid_stride-7:patches-random",
+    }
+    v = variants["grid_stride-7:patches-random"]
+    assert (v.grid_stride, v.patches) == (7, "random")
+    assert all(ev.aggregation == ["mean_emb", "centre"] for ev in variants.values())
+    assert variant_values(spec)["grid_stride-4:patches-grid"] == {
+        "eval.grid_stride": 4,
+        "eval.patches": "grid",
+    }
+
+
+def test_variant_names_are_mlflow_safe_and_distinct() -> None:
+    spec = make_spec(
+        {
+            "eval.grid_size": {"choice": [0.5, 14]},
+            "eval.multiscale_sizes": {"choice": [[0.25, 0.5], [0.5, 1.0], 0.75]},
+            "eval.num_patches": {"grid": [4, 16]},
+        }
+    )
+    variants = eval_variants(spec, TrainConfig())
+    assert len(variants) == 2 * 3 * 2
+    for name in variants:
+        assert MLFLOW_SAFE.match(name), name
+        assert MLFLOW_SAFE.match(f"knn_top1/mean_emb:{name}")
+    # A scalar for a list field is a one-element list.
+    assert {tuple(ev.multiscale_sizes) for ev in variants.values()} == {(0.25, 0.5), (0.5, 1.0), (0.75,)}
+
+
+def test_no_eval_axis_gives_one_unnamed_variant() -> None:
+    base = TrainConfig.model_validate({"eval": {"aggregation": ["centre"], "grid_stride": 3}})
+    variants = eval_variants(make_spec({"patch.size": {"choice": [8, 12]}}), base)
+    assert list(variants) == [""]
+    assert variants[""] == base.eval
+
+
+def test_coerce_value_wraps_scalars_for_list_fields() -> None:
+    assert coerce_value("eval.aggregation", "centre") == ["centre"]
+    assert coerce_value("eval.aggregation", ["centre", "whole"]) == ["centre", "whole"]
+    assert coerce_value("model.projector", 512) == [512]
+    assert coerce_value("patch.size", 8) == 8
+    assert trial_overrides({"eval.probes": "knn", "loss.inv_weight": 10.0}) == {
+        "eval.probes": ["knn"],
+        "loss.inv_weight": 10.0,
+    }
+
+
+# --- the objective ---------------------------------------------------------------------------------------
+
+REPORT = {
+    "epoch": 3.0,
+    "train/loss": 1.5,
+    "knn_top1/mean_emb:grid_stride-4": 40.0,
+    "knn_top1/mean_emb:grid_stride-7": 55.0,
+    "knn_top1/centre:grid_stride-4": 90.0,
+    "knn_top5/mean_emb:grid_stride-4": 99.0,
+    "linear_top1/mean_emb:grid_stride-4": 70.0,
+}
+
+
+def test_objective_exact_metric() -> None:
+    plain = {"knn_top1/mean_emb": 50.0, "knn_top1/centre": 60.0, "epoch": 2.0}
+    assert objective(plain, "knn_top1/mean_emb", "max") == (50.0, "knn_top1/mean_emb")
+    assert objective(plain, "epoch", "max") == (2.0, "epoch")
+
+
+def test_objective_best_over_variants() -> None:
+    assert objective(REPORT, "knn_top1/mean_emb", "max") == (55.0, "knn_top1/mean_emb:grid_stride-7")
+    assert objective(REPORT, "knn_top1/mean_emb", "min") == (40.0, "knn_top1/mean_emb:grid_stride-4")
+
+
+def test_objective_bare_probe_is_best_over_schemes() -> None:
+    # knn_top5 (99) is another probe, not a scheme of knn_top1.
+    assert objective(REPORT, "knn_top1", "max") == (90.0, "knn_top1/centre:grid_stride-4")
+    assert objective(REPORT, "knn_top1", "min") == (40.0, "knn_top1/mean_emb:grid_stride-4")
+    assert objective({"knn_top1/mean_emb": 50.0, "knn_top1/centre": 60.0}, "knn_top1", "max") == (
+        60.0,
+        "knn_top1/centre",
+    )
+
+
+def test_objective_absent() -> None:
+    assert objective({"epoch": 1.0, "train/loss": 2.0}, "knn_top1", "max") is None
+    assert objective(REPORT, "linear_top1/centre", "max") is None
+    assert objective(REPORT, "knn_top1/mean", "max") is None  # a prefix of a scheme is not that scheme
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+def test_dry_run_shows_enumerated_axes_and_saving(capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "search_spaces" / "aggregation.yaml"
+    spec, _ = load_spec(path)
+    assert trial_count(spec) == 3
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "patch.size: grid [7, 14, 21] -> searched by grid" in out
+    assert "eval.aggregation: choice" in out
+    assert "eval.grid_stride: grid [4, 7] -> enumerated inside each trial (no retraining)" in out
+    assert "evaluation variants per trial: grid_stride-4, grid_stride-7" in out
+    assert "schemes probed per trial: centre, max_emb, mean_emb, mean_proj, multiscale, whole" in out
+    assert "# trials: 3 " in out
+    assert "would train 36 models instead of 3" in out

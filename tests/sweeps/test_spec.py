@@ -1,0 +1,376 @@
+"""Sweep specs: the ready ones round-trip, and every bad one exits 2 with one line naming file, line and key.
+
+Bad specs go through the real CLI (`sweeps.run.main`), mostly in-process; a representative subset runs as
+`python -m sweeps.run` subprocesses to check the exit status and that no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.run import EXIT_BAD_INPUT, main
+from sweeps.spec import SpecError, load_spec, spec_to_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
+
+# Line numbers are part of the expected messages: 1 name, 2 base, 3 data, 4 eval, 5 space, 6 patch.size,
+# 7 metric; a key appended to VALID is on line 8, an axis inserted before metric on line 7.
+VALID = """\
+name: t
+base:
+  data: {name: fashion_mnist}
+  eval: {every: 1}
+space:
+  patch.size: {choice: [8, 12]}
+metric: knn_top1/mean_emb
+"""
+
+
+def with_axis(axis: str) -> str:
+    """VALID with one more space axis (on line 7; metric moves to line 8)."""
+    return VALID.replace("metric:", f"  {axis}\nmetric:")
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def runnable(tmp_path: Path, text: str = VALID) -> str:
+    """A spec that may get past validation: storage and MLflow store inside tmp_path."""
+    return (
+        text
+        + f"storage_path: {tmp_path / 'store'}\ntracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
+    )
+
+
+def clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_stores(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The spec, not the caller's shell, must decide where MLflow and Ray are.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def assert_bad_input(rc: int, err: str, path: Path, *expected: str) -> None:
+    assert rc == EXIT_BAD_INPUT, err
+    assert "Traceback" not in err
+    assert err.startswith("error: "), err
+    assert str(path) in err, err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+
+
+# --- the ready specs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", READY_SPECS, ids=lambda p: p.name)
+def test_ready_spec_round_trips(path: Path, tmp_path: Path) -> None:
+    spec, base = load_spec(path)
+    again = write(tmp_path, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
+    spec2, base2 = load_spec(again)
+    assert spec2 == spec
+    assert base2 == base
+
+
+def test_ready_specs_cover_the_readme() -> None:
+    assert {p.stem for p in READY_SPECS} >= {"smoke", "patch_size", "aggregation", "loss_weights"}
+
+
+@pytest.mark.parametrize("path", READY_SPECS, ids=lambda p: p.name)
+def test_ready_spec_dry_run(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"# sweep {path.stem!r}" in out
+    assert "# trials:" in out
+
+
+# --- bad specs, in-process ------------------------------------------------------------------------
+
+BAD_SPECS = {
+    "bad_yaml": ("name: t\nspace: {patch.size: [1, 2\nmetric: x\n", [":3:", "not valid YAML"]),
+    "empty_file": ("", ["the file is empty"]),
+    "top_level_list": ("- name\n- space\n", ["expected a mapping", "list"]),
+    "unknown_top_key": (VALID + "bogus: 1\n", [":8: bogus: unknown key"]),
+    "unknown_nested_key": (VALID + "resources: {workerz: 2}\n", [":8: resources.workerz: unknown key"]),
+    "wrong_type": (VALID + "num_samples: abc\n", [":8: num_samples:", "integer", "'abc'"]),
+    "missing_metric": (VALID.replace("metric: knn_top1/mean_emb\n", ""), ["metric: required key is missing"]),
+    "path_not_in_config": (
+        VALID.replace("patch.size:", "patch.sise:"),
+        [":6: space.patch.sise: not a TrainConfig field"],
+    ),
+    "patch_too_big": (
+        VALID.replace("[8, 12]", "[8, 40]"),
+        [":6: space.patch.size: value 40 is rejected", "28"],
+    ),
+    "bogus_loss": (with_axis("loss.name: {choice: [bag_vicreg, bogus]}"), [":7: space.loss.name", "'bogus'"]),
+    "range_below_limit": (
+        with_axis("loss.inv_weight: {uniform: [-5, 10]}"),
+        [":7: space.loss.inv_weight", "-5"],
+    ),
+    "randint_upper_too_big": (
+        VALID.replace("{choice: [8, 12]}", "{randint: [8, 30]}"),
+        [":6: space.patch.size", "29"],
+    ),
+    "two_kinds": (
+        VALID.replace("{choice: [8, 12]}", "{choice: [8, 12], uniform: [8, 12]}"),
+        [":6: space.patch.size: expected exactly one of", "'choice', 'uniform'"],
+    ),
+    "no_kind": (
+        VALID.replace("{choice: [8, 12]}", "{}"),
+        [":6: space.patch.size: expected exactly one of", "none"],
+    ),
+    "unknown_kind": (
+        VALID.replace("{choice: [8, 12]}", "{normal: [8, 12]}"),
+        [":6: space.patch.size", "normal"],
+    ),
+    "empty_choice": (VALID.replace("[8, 12]", "[]"), [":6: space.patch.size", "non-empty"]),
+    "reversed_range": (
+        with_axis("loss.inv_weight: {uniform: [10, 5]}"),
+        [":7: space.loss.inv_weight", "low < high"],
+    ),
+    "metric_never_reported": (
+        VALID.replace("knn_top1/mean_emb", "knn_top1/whole"),
+        [":7: metric: 'knn_top1/whole' is never reported"],
+    ),
+    # A swept eval.aggregation replaces the base list in every trial: the base scheme is not probed.
+    "metric_of_replaced_scheme": (
+        VALID.replace("every: 1}", "every: 1, aggregation: [whole]}")
+        .replace("knn_top1/mean_emb", "knn_top1/whole")
+        .replace("metric:", "  eval.aggregation: {choice: [mean_emb, centre]}\nmetric:"),
+        [":8: metric: 'knn_top1/whole' is never reported"],
+    ),
+    "bad_mode": (VALID + "mode: maximize\n", [":8: mode:", "'maximize'"]),
+    "loguniform_not_positive": (
+        with_axis("loss.inv_weight: {loguniform: [0, 10]}"),
+        [":7: space.loss.inv_weight: loguniform: expected positive bounds"],
+    ),
+    "no_workers": (
+        VALID + "resources: {workers_per_trial: 0}\n",
+        [":8: resources.workers_per_trial:", "(got 0)"],
+    ),
+    "grid_with_optuna": (
+        VALID.replace("choice", "grid"),
+        [":6: space.patch.size: grid needs search.algo: grid"],
+    ),
+    "bad_base": (
+        VALID.replace("{name: fashion_mnist}", "{name: mnist}"),
+        [":2: base:", "data.name", "'mnist'"],
+    ),
+    "probe_not_every_epoch": (
+        VALID.replace("every: 1", "every: 2"),
+        ["base.eval.every", "expected base.eval.every: 1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_spec_exits_2_naming_file_line_and_key(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, expected = BAD_SPECS[case]
+    path = write(tmp_path, text)
+    rc = main([str(path), "--dry-run"])
+    captured = capsys.readouterr()
+    assert_bad_input(rc, captured.err, path, *expected)
+    assert captured.out == ""  # no plan printed
+
+
+def test_bad_spec_raises_spec_error_from_load_spec(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "resources: {workerz: 2}\n")
+    with pytest.raises(SpecError, match=r"spec\.yaml:8: resources\.workerz: unknown key"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "nope.yaml"
+    assert_bad_input(main([str(path), "--dry-run"]), capsys.readouterr().err, path, "no such file")
+
+
+def test_randint_upper_bound_is_exclusive(tmp_path: Path) -> None:
+    # randint [8, 29] draws at most 28 = the Fashion-MNIST side: valid, unlike [8, 30] above.
+    spec, _ = load_spec(write(tmp_path, VALID.replace("{choice: [8, 12]}", "{randint: [8, 29]}")))
+    assert spec.space["patch.size"].probe_values() == [8, 28]
+
+
+# --- bad state: tracking, storage, data (past validation, before Ray) ---------------------------
+
+
+def test_sqlite_directory_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = runnable(tmp_path).replace(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'no' / 'm.db'}"
+    )
+    path = write(tmp_path, text)
+    rc = main([str(path)])
+    assert_bad_input(rc, capsys.readouterr().err, path, "tracking.uri", str(tmp_path / "no"))
+    assert not (tmp_path / "store").exists()
+
+
+def test_file_store_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(
+        tmp_path,
+        runnable(tmp_path).replace(f"sqlite:///{tmp_path / 'mlflow.db'}", f"file://{tmp_path}/mlruns"),
+    )
+    assert_bad_input(main([str(path)]), capsys.readouterr().err, path, "tracking.uri", "sqlite:///")
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_resume_with_nothing_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, runnable(tmp_path))
+    rc = main([str(path), "--resume"])
+    assert_bad_input(
+        rc, capsys.readouterr().err, path, "--resume: nothing to resume", str(tmp_path / "store" / "t")
+    )
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_existing_sweep_needs_resume_and_is_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = tmp_path / "store" / "t"
+    (exp / "trial_0").mkdir(parents=True)
+    (exp / "tuner.pkl").write_bytes(b"\x80state")
+    (exp / "trial_0" / "result.json").write_text('{"epoch": 1}\n')
+    before = snapshot(tmp_path / "store")
+    path = write(tmp_path, runnable(tmp_path))
+    rc = main([str(path)])
+    assert_bad_input(
+        rc, capsys.readouterr().err, path, "storage_path:", str(exp), "already holds", "--resume"
+    )
+    assert snapshot(tmp_path / "store") == before
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# --- --set ------------------------------------------------------------------------------------------
+
+
+def test_set_overrides_are_applied(capsys: pytest.CaptureFixture[str]) -> None:
+    smoke = ROOT / "search_spaces" / "smoke.yaml"
+    sets = ["num_samples=2", "base.schedule.epochs=1", "space.patch.size={choice: [8, 12]}"]
+    spec, base = load_spec(smoke, sets)
+    assert spec.num_samples == 2
+    assert base.schedule.epochs == 1
+    assert spec.space["patch.size"].choice == [8, 12]
+    assert spec.space["loss.inv_weight"].loguniform == (10.0, 50.0)  # untouched axes stay
+    assert main([str(smoke), "--dry-run", *(a for s in sets for a in ("--set", s))]) == 0
+    out = capsys.readouterr().out
+    assert "num_samples: 2" in out
+    assert "patch.size: choice [8, 12]" in out
+    assert "# trials: 2 " in out
+    assert "1 epochs" in out
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("bogus=1", "bogus: unknown key"),
+        ("resources.workerz=2", "resources.workerz: unknown key"),
+        ("base.schedule.epochz=1", "schedule.epochz: unknown key"),
+        ("space.patch.sise={choice: [8]}", "space.patch.sise: not a TrainConfig field"),
+        ("num_samples=abc", "num_samples:"),
+        ("name.x=1", "--set name.x"),
+        ("novalue", "'novalue': expected key=value"),
+    ],
+)
+def test_bad_set_key_exits_2(
+    item: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, VALID)
+    rc = main([str(path), "--dry-run", "--set", item])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT, err
+    assert "Traceback" not in err
+    assert expected in err, err
+
+
+# --- the real command line, as a user runs it ---------------------------------------------------------
+
+
+def run_cli(
+    tmp_path: Path, *args: str, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeps.run", *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc, time.perf_counter() - start
+
+
+CLI_CASES = {
+    "bad_yaml": (BAD_SPECS["bad_yaml"][0], ["--dry-run"], [":3:", "not valid YAML"]),
+    "unknown_nested_key": (
+        VALID + "resources: {workerz: 2}\n",
+        ["--dry-run"],
+        [":8: resources.workerz: unknown key"],
+    ),
+    "patch_too_big": (BAD_SPECS["patch_too_big"][0], ["--dry-run"], [":6: space.patch.size", "40"]),
+    "metric_never_reported": (
+        BAD_SPECS["metric_never_reported"][0],
+        ["--dry-run"],
+        [":7: metric:", "knn_top1/whole"],
+    ),
+    "bad_set_key": (VALID, ["--dry-run", "--set", "resources.workerz=2"], ["resources.workerz: unknown key"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_cli_bad_spec(case: str, tmp_path: Path) -> None:
+    text, args, expected = CLI_CASES[case]
+    path = write(tmp_path, text)
+    proc, _ = run_cli(tmp_path, str(path), *args)
+    assert_bad_input(proc.returncode, proc.stderr, path, *expected)
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1  # one message
+
+
+def test_cli_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
+    text = runnable(tmp_path).replace(f"sqlite:///{tmp_path / 'mlflow.db'}", "http://127.0.0.1:9")
+    path = write(tmp_path, text)
+    proc, seconds = run_cli(tmp_path, str(path))  # not --dry-run: a dry run never touches tracking
+    assert_bad_input(proc.returncode, proc.stderr, path, "tracking.uri", "http://127.0.0.1:9")
+    assert seconds < 30
+    assert "Ray" not in proc.stderr  # refused before Ray started
+    assert not (tmp_path / "store").exists()
+
+
+def test_cli_missing_dataset(tmp_path: Path) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    text = runnable(tmp_path).replace("{name: fashion_mnist}", f"{{name: cifar10, root: {empty}}}")
+    path = write(tmp_path, text)
+    proc, _ = run_cli(tmp_path, str(path))
+    assert_bad_input(
+        proc.returncode, proc.stderr, path, "base.data", "cifar10", str(empty), "data.download=true"
+    )
+    assert "Ray" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    assert list(empty.iterdir()) == []

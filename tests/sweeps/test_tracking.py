@@ -1,0 +1,266 @@
+"""MLflow tracking against a real sqlite store: parent and child runs, statuses, per-epoch metrics, resume."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune.experiment import Trial
+
+from sweeps.tracking import (
+    PARENT_TAG,
+    TAG_TRIAL,
+    MlflowTracker,
+    MlflowTuneCallback,
+    TrackingError,
+    TrialLogger,
+    check_reachable,
+    resolve_uri,
+)
+from sweeps.trainable import TrialPlan
+
+EPOCHS = 2
+PLAN = TrialPlan(
+    base={"data": {"name": "fashion_mnist"}, "schedule": {"epochs": EPOCHS}, "eval": {"every": 1}},
+    eval_variants={"": {}},
+    metric="knn_top1/mean_emb",
+    mode="max",
+)
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # One store for the module: creating MLflow's tables costs seconds. Each test has its own experiment.
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracker(uri: str, request: pytest.FixtureRequest) -> MlflowTracker:
+    t = MlflowTracker(uri, f"exp-{request.node.name}", sweep_key=f"/sweeps/{request.node.name}")
+    t.start_parent(
+        "sweep", {"metric": PLAN.metric, "space.patch.size": {"choice": [8, 12]}}, {"spec.yaml": "name: t\n"}
+    )
+    return t
+
+
+def epoch_result(epoch: int, knn: float, **extra: float) -> dict:
+    """A Tune result as the callback sees it: trainer metrics plus Tune's own keys."""
+    return {
+        "epoch": epoch,
+        "train/loss": 10.0 - epoch,
+        "knn_top1/mean_emb": knn,
+        "training_iteration": epoch,
+        "time_total_s": 1.5 * epoch,
+        "trial_id": "ignored",
+        "done": False,
+        **extra,
+    }
+
+
+def run_of(tracker: MlflowTracker, trial_id: str) -> str:
+    """The trial's existing child run (child() never creates a second one)."""
+    assert tracker.has_child(trial_id)
+    return tracker.child(trial_id, "", {}, {})
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# --- parent and children ----------------------------------------------------------------------------
+
+
+def test_parent_and_child(tracker: MlflowTracker) -> None:
+    client = tracker.client
+    parent = client.get_run(tracker.parent_id)
+    assert parent.info.status == "RUNNING"
+    assert parent.data.params["metric"] == "knn_top1/mean_emb"
+    assert parent.data.params["space.patch.size.choice"] == "[8, 12]"  # flattened, lists as JSON
+    child_id = tracker.child(
+        "t1", "trial one", {"patch": {"size": 8}, "eval": {"aggregation": ["mean_emb"]}}, {}
+    )
+    child = client.get_run(child_id)
+    assert child.data.tags[PARENT_TAG] == tracker.parent_id
+    assert child.data.tags[TAG_TRIAL] == "t1"
+    assert child.info.run_name == "trial one"
+    # Nested params are flattened to dotted keys, the way the MLflow UI compares them.
+    assert child.data.params == {"patch.size": "8", "eval.aggregation": '["mean_emb"]'}
+
+
+def test_child_twice_is_one_run(tracker: MlflowTracker) -> None:
+    first = tracker.child("t1", "trial", {"patch.size": 8}, {"config.yaml": "patch: {size: 8}\n"})
+    again = tracker.child("t1", "trial", {"patch.size": 8}, {"config.yaml": "patch: {size: 8}\n"})
+    assert first == again
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_TRIAL}` = 't1'")
+    assert [r.info.run_id for r in runs] == [first]
+
+
+def test_plan_params_are_flat_config(tracker: MlflowTracker) -> None:
+    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    logger.start("t1", "trial", {"patch.size": 12, "loss.inv_weight": 10.0})
+    run = tracker.client.get_run(run_of(tracker, "t1"))
+    params = run.data.params
+    assert params["patch.size"] == "12"
+    assert params["loss.inv_weight"] == "10.0"
+    assert params["trial.patch.size"] == "12"  # the sampled values, apart
+    assert params["data.name"] == "fashion_mnist"
+    assert params["derived.patch_px"] == "12"
+    artifacts = {f.path for f in tracker.client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in artifacts
+
+
+# --- the trial logger: statuses and per-epoch metrics ------------------------------------------------
+
+
+def test_all_epochs_finish(tracker: MlflowTracker) -> None:
+    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    logger.start("t1", "trial", {"patch.size": 8})
+    logger.result("t1", epoch_result(1, 40.0))
+    logger.result("t1", epoch_result(2, 55.0, **{"knn_top1/mean_emb:grid_stride-4": 51.0}))
+    assert logger.complete("t1") == "FINISHED"
+    run_id = run_of(tracker, "t1")
+    client = tracker.client
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert history(client, run_id, "knn_top1/mean_emb") == [(1, 40.0), (2, 55.0)]
+    assert history(client, run_id, "train/loss") == [(1, 9.0), (2, 8.0)]
+    # A variant's metric name is accepted by MLflow as it is.
+    assert history(client, run_id, "knn_top1/mean_emb:grid_stride-4") == [(2, 51.0)]
+    # Tune's bookkeeping is not a trainer metric.
+    metrics = client.get_run(run_id).data.metrics
+    assert "training_iteration" not in metrics and "time_total_s" not in metrics
+    assert "probes.txt" in {f.path for f in client.list_artifacts(run_id)}
+
+
+def test_stopped_early_is_killed(tracker: MlflowTracker) -> None:
+    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    logger.start("t1", "trial", {"patch.size": 8})
+    logger.result("t1", epoch_result(1, 40.0))
+    assert logger.complete("t1") == "KILLED"
+    assert tracker.child_status("t1") == "KILLED"
+    assert logger.statuses == {"t1": "KILLED"}
+
+
+def test_error_is_failed(tracker: MlflowTracker) -> None:
+    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    logger.start("t1", "trial", {"patch.size": 8})
+    logger.error("t1", "RuntimeError: boom")
+    assert tracker.child_status("t1") == "FAILED"
+    run_id = run_of(tracker, "t1")
+    assert "error.txt" in {f.path for f in tracker.client.list_artifacts(run_id)}
+
+
+def test_re_reported_epoch_is_logged_once(tracker: MlflowTracker) -> None:
+    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    logger.start("t1", "trial", {"patch.size": 8})
+    logger.result("t1", epoch_result(1, 40.0))
+    logger.result("t1", epoch_result(1, 41.0))  # a retried worker group reports epoch 1 again
+    logger.result("t1", epoch_result(2, 50.0))
+    assert history(tracker.client, run_of(tracker, "t1"), "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+
+
+# --- resume -------------------------------------------------------------------------------------------
+
+
+def test_resume_reopens_parent_and_children(uri: str, tracker: MlflowTracker) -> None:
+    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    logger.start("t1", "trial", {"patch.size": 8})
+    logger.result("t1", epoch_result(1, 40.0))
+    child_id = run_of(tracker, "t1")
+    tracker.client.set_terminated(tracker.parent_id, status="KILLED")  # the interrupted sweep
+
+    again = MlflowTracker(uri, tracker.client.get_experiment(tracker.experiment_id).name, tracker.sweep_key)
+    assert again.start_parent("sweep", {}, {}, resume=True) == tracker.parent_id
+    assert again.client.get_run(tracker.parent_id).info.status == "RUNNING"
+    assert again.has_child("t1")
+    assert again.child("t1", "trial", {}, {}) == child_id
+    # The resumed trial re-reports epoch 1 (from its checkpoint), then goes on.
+    resumed = TrialLogger(again, EPOCHS, PLAN.describe)
+    resumed.start("t1", "trial", {"patch.size": 8})
+    resumed.result("t1", epoch_result(1, 99.0))
+    resumed.result("t1", epoch_result(2, 50.0))
+    assert resumed.complete("t1") == "FINISHED"
+    assert history(again.client, child_id, "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+    runs = again.client.search_runs([again.experiment_id], "")
+    assert len(runs) == 2  # one parent, one child
+
+
+def test_resume_without_parent_starts_one(uri: str) -> None:
+    t = MlflowTracker(uri, "exp-fresh-resume", sweep_key="/sweeps/never-run")
+    parent = t.start_parent("sweep", {"metric": "x"}, {}, resume=True)
+    assert t.client.get_run(parent).data.tags["bagssl.role"] == "sweep"
+    assert not t.has_child("t1")
+
+
+# --- the Tune callback -----------------------------------------------------------------------------------
+
+
+def test_callback_pickles_and_reattaches(uri: str, tracker: MlflowTracker) -> None:
+    exp_name = tracker.client.get_experiment(tracker.experiment_id).name
+    cb = MlflowTuneCallback(uri, exp_name, tracker.sweep_key, tracker.parent_id, EPOCHS, PLAN.describe)
+    cb.setup()
+    trial = Trial("trial_fn", config={"patch.size": 8}, trial_id="abc", stub=True)
+    cb.on_trial_start(0, [trial], trial)
+    cb.on_trial_result(1, [trial], trial, epoch_result(1, 40.0))
+
+    copy = pickle.loads(pickle.dumps(cb))  # what Tune stores in its experiment state
+    assert copy.logger is None
+    copy.setup()
+    assert copy.logger.tracker.parent_id == tracker.parent_id
+    assert copy.logger.tracker.has_child("abc")
+    copy.on_trial_start(2, [trial], trial)
+    copy.on_trial_result(3, [trial], trial, epoch_result(1, 41.0))
+    copy.on_trial_result(4, [trial], trial, epoch_result(2, 50.0))
+    copy.on_trial_complete(5, [trial], trial)
+
+    child_id = run_of(copy.logger.tracker, "abc")
+    client = copy.logger.tracker.client
+    assert client.get_run(child_id).info.run_name == "trial_fn_abc"
+    assert client.get_run(child_id).info.status == "FINISHED"
+    assert history(client, child_id, "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+    assert len(client.search_runs([tracker.experiment_id], f"tags.`{TAG_TRIAL}` = 'abc'")) == 1
+
+
+def test_callback_error_marks_failed(uri: str, tracker: MlflowTracker) -> None:
+    exp_name = tracker.client.get_experiment(tracker.experiment_id).name
+    cb = MlflowTuneCallback(uri, exp_name, tracker.sweep_key, tracker.parent_id, EPOCHS, PLAN.describe)
+    cb.setup()
+    trial = Trial("trial_fn", config={"patch.size": 12}, trial_id="bad", stub=True)
+    cb.on_trial_start(0, [trial], trial)
+    cb.on_trial_error(1, [trial], trial)
+    assert cb.logger.tracker.child_status("bad") == "FAILED"
+
+
+# --- the store itself ----------------------------------------------------------------------------------
+
+
+def test_unreachable_server_fails_fast() -> None:
+    start = time.perf_counter()
+    with pytest.raises(
+        TrackingError, match=r"tracking\.uri: cannot reach the MLflow server at http://127\.0\.0\.1:9"
+    ):
+        check_reachable("http://127.0.0.1:9")
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("store", ["file:///tmp/mlruns", "./mlruns"])
+def test_file_store_is_refused(store: str) -> None:
+    with pytest.raises(TrackingError, match="tracking.uri: .*sqlite:///"):
+        check_reachable(store)
+
+
+def test_sqlite_store(tmp_path: Path) -> None:
+    check_reachable(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(TrackingError, match="does not exist"):
+        check_reachable(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    assert not (tmp_path / "mlflow.db").exists()  # checking creates nothing
+
+
+def test_resolve_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_uri(None) == "sqlite:///env.db"
+    assert resolve_uri("sqlite:///spec.db") == "sqlite:///spec.db"
