@@ -15,7 +15,14 @@ import logging
 import sys
 from pathlib import Path
 
-from bagssl_core.config import ConfigError, load_config, merge_overrides, parse_overrides, validate_config
+from bagssl_core.config import (
+    PRESETS,
+    ConfigError,
+    load_config,
+    merge_overrides,
+    parse_overrides,
+    validate_config,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -25,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one run (defaults: a short Fashion-MNIST job on CPU)")
     t.add_argument("--config", help="TrainConfig YAML file; key=value arguments override it")
+    t.add_argument(
+        "--preset", choices=[*PRESETS, "none"], default=None,
+        help="settings under the config file; default 'quick' (a ~10-minute CPU job) when no --config is given",
+    )
     t.add_argument("--out", help="run directory (default: run.out_dir)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -43,7 +54,8 @@ def _train(args: argparse.Namespace) -> int:
     from bagssl_core.provenance import provenance
     from bagssl_core.train import find_checkpoint, train
 
-    cfg = load_config(args.config, args.overrides)
+    preset = args.preset or ("quick" if args.config is None else "none")
+    cfg = load_config(args.config, args.overrides, preset=None if preset == "none" else preset)
     out = Path(args.out or cfg.run.out_dir)
     resume = None
     if args.resume:
@@ -67,6 +79,9 @@ def _eval(args: argparse.Namespace) -> int:
     from bagssl_core.probes import format_probe_table
     from bagssl_core.train import evaluate, load_checkpoint, resolve_device, seed_everything
 
+    if args.random_init and args.checkpoint is not None and "=" in args.checkpoint:
+        # argparse hands the first key=value to the optional CHECKPOINT positional
+        args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None
     if args.random_init == (args.checkpoint is not None):
         raise ConfigError("eval: expected either a CHECKPOINT or --random-init (with an optional --config)")
     if args.random_init:

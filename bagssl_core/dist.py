@@ -42,6 +42,29 @@ class _GatherWithGrad(torch.autograd.Function):
         return stacked[dist.get_rank()]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients of every rank (each rank's loss uses the sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.contiguous().clone()
+        dist.all_reduce(g)
+        return g
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of `x` over ranks; identity when not distributed."""
+    if world_size() == 1:
+        return x
+    return _AllReduceSum.apply(x)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0, differentiably; identity when not distributed."""
     if world_size() == 1:

@@ -9,11 +9,9 @@ gradient averaging a step on W ranks equals the step of one process on the whole
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
-from bagssl_core.dist import is_distributed
+from bagssl_core.dist import all_reduce_sum_with_grad, is_distributed
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -30,7 +28,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         xf = x.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = dist_fn.all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats = all_reduce_sum_with_grad(stats)
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n

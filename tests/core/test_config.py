@@ -1,0 +1,257 @@
+"""TrainConfig: YAML files and dotted overrides, the errors that name the key (and file and line), the
+cross-field checks, the YAML round trip and the derived values."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from bagssl_core.config import (
+    ConfigError,
+    TrainConfig,
+    config_paths,
+    config_to_yaml,
+    load_config,
+    parse_overrides,
+    parse_value,
+    set_dotted,
+)
+
+
+def config_error(overrides: list[str], path: Path | None = None) -> str:
+    """The message of the ConfigError that loading `path` with `overrides` must raise."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --- loading and overriding --------------------------------------------------------------------------
+
+
+def test_yaml_file_sets_fields_and_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data:\n  name: cifar10\n  batch_size: 64\n"
+        "patch:\n  size: 8\n  num: 4\n  aug:\n    flip_p: 0.0\n"
+        "eval:\n  aggregation: [mean_emb, centre]\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.data.name, cfg.data.batch_size, cfg.patch.size, cfg.patch.num) == ("cifar10", 64, 8, 4)
+    assert cfg.patch.aug.flip_p == 0.0
+    assert cfg.eval.aggregation == ["mean_emb", "centre"]
+    assert cfg.loss.inv_weight == 25.0  # untouched fields keep their defaults
+
+    cfg = load_config(path, ["patch.size=12", "loss.inv_weight=10"])
+    assert cfg.patch.size == 12 and cfg.patch.num == 4 and cfg.loss.inv_weight == 10.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8", 8),
+        ("0.5", 0.5),
+        ("true", True),
+        ("[mean_emb, centre]", ["mean_emb", "centre"]),
+        ("[64,32]", [64, 32]),
+        ("null", None),
+        ("cifar10", "cifar10"),
+        ("", ""),
+    ],
+)
+def test_parse_value_gives_natural_types(text: str, expected: object) -> None:
+    value = parse_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_dotted_overrides_get_natural_types() -> None:
+    cfg = load_config(
+        None,
+        [
+            "patch.size=8",
+            "loss.var_weight=0.5",
+            "data.download=true",
+            "model.projector=[64, 32]",
+            "eval.aggregation=[mean_emb,max_emb]",
+            "patch.aug.blur_sigma=[0.5, 1.5]",
+            "data.image_size=null",
+        ],
+    )
+    assert cfg.patch.size == 8 and type(cfg.patch.size) is int  # pixels, not a fraction
+    assert cfg.loss.var_weight == 0.5
+    assert cfg.data.download is True
+    assert cfg.model.projector == [64, 32]
+    assert cfg.eval.aggregation == ["mean_emb", "max_emb"]
+    assert cfg.patch.aug.blur_sigma == (0.5, 1.5)
+    assert cfg.data.image_size is None
+
+    frac = load_config(None, ["patch.size=0.5"])
+    assert frac.patch.size == 0.5 and type(frac.patch.size) is float  # a fraction of the side
+    # A mapping of overrides carries its values as they are.
+    assert load_config(None, {"patch.size": 8, "eval.aggregation": ["centre"]}).eval.aggregation == ["centre"]
+
+
+def test_override_syntax_errors() -> None:
+    assert parse_overrides(["a.b=1", " c = x "]) == {"a.b": 1, "c": "x"}
+    for bad in ["patchsize", "=8"]:
+        with pytest.raises(ConfigError, match="expected key=value"):
+            parse_overrides([bad])
+    tree = {"patch": {"size": 8}}
+    with pytest.raises(ConfigError, match=r"patch\.size: is a value, not a section"):
+        set_dotted(tree, "patch.size.px", 1)
+
+
+# --- errors that name the key ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("patch.sise=8", r"^overrides: patch\.sise: unknown key$"),
+        ("pach.size=8", r"^overrides: pach: unknown key$"),
+        ("patch.aug.flip=0.1", r"patch\.aug\.flip: unknown key"),
+        ("patch.num=abc", r"patch\.num: expected a valid integer.*\(got 'abc'\)"),
+        ("data.batch_size=1.5", r"data\.batch_size: expected a valid integer.*\(got 1\.5\)"),
+        ("optim.name=adam", r"optim\.name: expected 'lars', 'sgd' or 'adamw' \(got 'adam'\)"),
+        ("eval.aggregation=[mean_emb,foo]", r"eval\.aggregation: expected 'mean_emb'.*\(got 'foo'\)"),
+        ("eval.aggregation=[centre,centre]", r"eval\.aggregation: expected each name once"),
+        ("patch.size=0.0", r"patch\.size: expected pixels \(an int >= 1\) or a fraction"),
+        ("patch.size=-3", r"patch\.size: expected pixels"),
+        ("model.projector=[8,0]", r"model\.projector: expected positive widths"),
+        ("loss.inv_weight=-1", r"loss\.inv_weight: expected greater than or equal to 0"),
+    ],
+)
+def test_bad_override_names_the_key(override: str, expected: str) -> None:
+    assert re.search(expected, config_error([override]))
+
+
+def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("patch:\n  sise: 8\n")
+    assert config_error([], path) == f"{path}: patch.sise: unknown key"
+
+
+# --- cross-field checks ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["patch.size=40"], r"patch\.size: a 40-px patch does not fit a 28-px image \(fashion_mnist\)"),
+        (["data.name=cifar10", "patch.size=40"], r"patch\.size: a 40-px patch does not fit a 32-px image"),
+        (["data.image_size=12"], r"patch\.size: a 16-px patch does not fit a 12-px image"),
+        (["patch.num=1"], r"patch\.num: loss 'bag_vicreg' .*expected >= 2 patches"),
+        (["loss.name=tcr", "patch.num=1"], r"patch\.num: loss 'tcr' .*expected >= 2 patches"),
+        (["loss.name=vicreg"], r"patch\.num: two-view vicreg uses exactly 2 views"),
+        (["loss.name=vicreg", "patch.num=3"], r"patch\.num: two-view vicreg uses exactly 2 views"),
+        (["eval.grid_size=40"], r"eval\.grid_size: a 40-px grid patch does not fit a 28-px image"),
+        (["eval.grid_size=0.0"], r"eval\.grid_size: expected pixels"),
+        (["eval.multiscale_sizes=[0.5,40]"], r"eval\.multiscale_sizes: 40 does not fit a 28-px image"),
+        (["eval.multiscale_sizes=[1.5]"], r"eval\.multiscale_sizes: 1\.5 does not fit"),
+        (["eval.multiscale_sizes=[0]"], r"eval\.multiscale_sizes: 0 does not fit"),
+    ],
+)
+def test_cross_field_checks(overrides: list[str], expected: str) -> None:
+    assert re.search(expected, config_error(overrides))
+
+
+def test_cross_field_checks_accept_the_edges() -> None:
+    load_config(None, ["patch.size=28"])  # a patch as large as the image
+    load_config(None, ["patch.size=1.0"])  # the whole side as a fraction
+    load_config(None, ["loss.name=vicreg", "patch.num=2"])
+    load_config(None, ["loss.name=tcr", "patch.num=2"])
+    load_config(None, ["eval.multiscale_sizes=[1, 28, 0.1]"])
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  name: synthetic\n  root: : x\n")
+    msg = config_error([], path)
+    assert msg.startswith(f"{path}: line 3: not valid YAML")
+
+
+def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert config_error([], empty) == f"{empty}: the file is empty; expected a mapping of config sections"
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- patch\n- size\n")
+    assert config_error([], listing).startswith(f"{listing}: expected a mapping of config sections")
+    missing = tmp_path / "missing.yaml"
+    assert config_error([], missing) == f"{missing}: no such file"
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.name=cifar10",
+            "patch.size=0.25",
+            "patch.input_size=16",
+            "patch.aug.blur_sigma=[0.2, 1.0]",
+            "model.projector=[64, 32]",
+            "loss.name=tcr",
+            "optim.grad_clip=1.5",
+            "eval.aggregation=[mean_emb,whole,multiscale]",
+            "eval.multiscale_sizes=[8, 0.5]",
+            "run.seed=3",
+        ],
+    )
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config_to_yaml(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert type(again.patch.size) is float and type(again.eval.multiscale_sizes[0]) is int
+    path.write_text(config_to_yaml(TrainConfig()))
+    assert load_config(path) == TrainConfig()
+
+
+# --- derived values ----------------------------------------------------------------------------------
+
+
+def test_image_size_follows_the_dataset_unless_resized() -> None:
+    assert TrainConfig().image_size == 28  # fashion_mnist
+    assert load_config(None, ["data.name=cifar10"]).image_size == 32
+    assert load_config(None, ["data.name=stl10"]).image_size == 96
+    assert load_config(None, ["data.name=stl10", "data.image_size=64"]).image_size == 64
+
+
+def test_patch_px_for_pixels_and_fractions() -> None:
+    assert load_config(None, ["patch.size=8"]).patch_px == 8
+    assert load_config(None, ["patch.size=0.25"]).patch_px == 7  # 0.25 * 28
+    assert load_config(None, ["patch.size=0.3"]).patch_px == 8  # round(8.4)
+    assert load_config(None, ["data.name=cifar10", "patch.size=0.5"]).patch_px == 16
+    assert load_config(None, ["patch.size=0.01"]).patch_px == 1  # never 0 pixels
+
+
+def test_input_size_eval_patches_and_stride() -> None:
+    cfg = load_config(None, ["patch.size=12"])
+    assert cfg.input_size == 28  # None = the image size
+    assert (cfg.eval_patch_px, cfg.eval_stride, cfg.eval_num_patches) == (12, 6, 16)
+    cfg = load_config(
+        None, ["patch.input_size=32", "eval.grid_size=0.5", "eval.grid_stride=5", "eval.num_patches=4"]
+    )
+    assert (cfg.input_size, cfg.eval_patch_px, cfg.eval_stride, cfg.eval_num_patches) == (32, 14, 5, 4)
+    assert load_config(None, ["patch.size=1"]).eval_stride == 1  # half of 1 px rounds up to a 1-px step
+
+
+def test_effective_lr_scales_with_the_global_batch() -> None:
+    cfg = load_config(None, ["optim.base_lr=0.3", "data.batch_size=512"])
+    assert cfg.effective_lr() == pytest.approx(0.6)
+    assert load_config(None, ["optim.base_lr=0.2", "data.batch_size=64"]).effective_lr() == pytest.approx(
+        0.05
+    )
+    assert cfg.optim.base_lr == 0.3  # the swept value is never overwritten
+
+
+def test_config_paths_are_the_dotted_leaves() -> None:
+    paths = config_paths()
+    assert {"patch.size", "loss.inv_weight", "eval.aggregation", "patch.aug.flip_p", "run.seed"} <= paths
+    assert "patch" not in paths and "patch.aug" not in paths  # sections are not leaves
+    for path in paths:  # every leaf is a key a YAML file or an override may set
+        section, *rest = path.split(".")
+        assert section in TrainConfig.model_fields and rest

@@ -1,0 +1,356 @@
+"""The training loop on tiny synthetic runs: exact resume, checkpoints handed to the reporter, divergence,
+the lr schedule, LARS against its formula, evaluation variants, and 2 gloo processes against one process
+on the whole batch."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bagssl_core.config import EvalConfig, LossConfig, TrainConfig, load_config
+from bagssl_core.data import load_split
+from bagssl_core.losses import build_loss
+from bagssl_core.models import build_model, prepare_for_device
+from bagssl_core.optim import LARS, build_optimizer, lr_schedule, set_lr
+from bagssl_core.syncbn import GlobalBatchNorm
+from bagssl_core.train import RunResult, evaluate, load_checkpoint, train, train_step
+
+# A few seconds per epoch on one CPU thread: 4 steps of 16 images x 2 patches of 16 px.
+TINY = [
+    "data.name=synthetic",
+    "data.synthetic_train=64",
+    "data.synthetic_test=32",
+    "data.batch_size=16",
+    "patch.num=2",
+    "patch.size=16",
+    "patch.input_size=16",
+    "model.projector=[32, 32]",
+    "eval.probes=[knn]",
+    "eval.linear_epochs=1",
+    "run.threads=1",
+]
+# Wall-clock measurements: the only metrics two runs of the same config may disagree on.
+TIMING_KEYS = {"patches_per_s", "epoch_seconds"}
+
+
+def tiny(*overrides: str) -> TrainConfig:
+    return load_config(None, [*TINY, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    # run.threads sets torch's process-wide thread count: give the next test the count it had.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- a 2-epoch run, shared by the resume and reporter tests ---------------------------------------------
+
+
+class Interrupted(Exception):
+    """Raised by a reporter to stop a run after an epoch, as a crash would."""
+
+
+RESUME_CFG = [*TINY, "schedule.epochs=2", "run.keep_checkpoints=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunResult, list[dict[str, Any]]]:
+    """Run A: 2 epochs straight through, with a reporter that records what it sees when it is called."""
+    out = tmp_path_factory.mktemp("run_a")
+    calls: list[dict[str, Any]] = []
+
+    def record(metrics: dict[str, float], ckpt: Path | None) -> None:
+        calls.append(
+            {
+                "metrics": dict(metrics),
+                "ckpt": ckpt,
+                "files": sorted(p.name for p in ckpt.iterdir()) if ckpt else [],
+                "kept": sorted(p.name for p in (out / "checkpoints").iterdir()),
+            }
+        )
+
+    threads = torch.get_num_threads()  # restored by hand: module fixtures run outside _restore_threads
+    result = train(load_config(None, RESUME_CFG), out, reporter=record)
+    torch.set_num_threads(threads)
+    return out, result, calls
+
+
+def test_resume_after_a_crash_is_exact(
+    uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    out_a, result_a, _ = uninterrupted
+    cfg = load_config(None, RESUME_CFG)
+    out_b = tmp_path / "run_b"
+
+    def crash_after_first_epoch(metrics: dict[str, float], ckpt: Path | None) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(cfg, out_b, reporter=crash_after_first_epoch)
+    # train() writes the epoch's checkpoint and metrics line before it calls the reporter.
+    assert (out_b / "checkpoints" / "epoch_0001" / "state.pt").is_file()
+    assert len(read_jsonl(out_b / "metrics.jsonl")) == 1
+    assert not (out_b / "summary.json").exists()
+
+    result_b = train(cfg, out_b, resume_from=out_b)
+    assert (result_b.status, result_b.epochs) == ("finished", 2) == (result_a.status, result_a.epochs)
+
+    state_a, state_b = load_checkpoint(out_a), load_checkpoint(out_b)
+    assert (state_a["epoch"], state_a["step"]) == (state_b["epoch"], state_b["step"]) == (2, 8)
+    model_a, model_b = state_a["model"], state_b["model"]
+    assert model_a.keys() == model_b.keys()
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+    moments_a, moments_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+    assert moments_a.keys() == moments_b.keys()
+    for i in moments_a:
+        assert torch.equal(moments_a[i]["mu"], moments_b[i]["mu"]), i
+
+    lines_a, lines_b = read_jsonl(out_a / "metrics.jsonl"), read_jsonl(out_b / "metrics.jsonl")
+    assert [without_timing(m) for m in lines_a] == [without_timing(m) for m in lines_b]
+    assert "knn_top1/mean_emb" in lines_b[1]
+    summary_a = json.loads((out_a / "summary.json").read_text())
+    summary_b = json.loads((out_b / "summary.json").read_text())
+    assert without_timing(summary_a) == without_timing(summary_b)
+    assert summary_b["status"] == "finished"
+
+
+def test_reporter_gets_each_epochs_checkpoint_and_old_ones_are_pruned(
+    uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]],
+) -> None:
+    out, result, calls = uninterrupted
+    cfg = load_config(None, RESUME_CFG)
+    assert [c["metrics"]["epoch"] for c in calls] == [1, 2]
+    for epoch, call in enumerate(calls, start=1):
+        assert call["ckpt"] == out / "checkpoints" / f"epoch_{epoch:04d}"
+        assert call["files"] == ["config.yaml", "state.pt"]
+        # keep_checkpoints=1: by the time the reporter runs, the previous checkpoint is gone
+        assert call["kept"] == [f"epoch_{epoch:04d}"]
+        assert {"train/loss", "train/invariance", "train/variance", "train/covariance", "lr"} <= set(
+            call["metrics"]
+        )
+    # Probes run after the last epoch only (eval.every=0), and the reporter sees them there.
+    assert "knn_top1/mean_emb" not in calls[0]["metrics"]
+    assert calls[1]["metrics"]["knn_top1/mean_emb"] == result.metrics["knn_top1/mean_emb"]
+    assert load_config(calls[1]["ckpt"] / "config.yaml") == cfg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0002"]
+    lrs = lr_schedule(cfg, steps_per_epoch=4)
+    assert [c["metrics"]["lr"] for c in calls] == [float(lrs[3]), float(lrs[7])]
+
+
+# --- divergence ----------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_the_run_as_diverged(tmp_path: Path) -> None:
+    # SGD at an absurd rate blows the projector weights up after the first step: the next loss is NaN.
+    result = train(tiny("optim.name=sgd", "optim.base_lr=1e20", "schedule.epochs=2"), tmp_path)
+    assert result.status == "diverged"
+    assert result.epochs == 0 and result.metrics["diverged_at_step"] >= 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["epochs"] == 0
+    assert not (tmp_path / "checkpoints").exists()  # no checkpoint of a broken model
+
+
+# --- learning-rate schedule ----------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine() -> None:
+    cfg = tiny(
+        "optim.base_lr=0.4", "schedule.epochs=3", "schedule.warmup_epochs=1", "schedule.final_lr_ratio=0.01"
+    )
+    peak = 0.4 * 16 / 256
+    assert cfg.effective_lr() == pytest.approx(peak)
+    lrs = lr_schedule(cfg, steps_per_epoch=10)
+    assert lrs.shape == (30,) and lrs.dtype == torch.float64
+    warm, decay = lrs[:10], lrs[10:]
+    torch.testing.assert_close(warm, peak * torch.arange(1, 11, dtype=torch.float64) / 10)
+    assert warm[0] == pytest.approx(peak / 10)  # starts near 0, not at 0 (a zero step would be wasted)
+    assert warm[-1] == pytest.approx(peak)  # the peak is reached at the end of warm-up
+    assert decay[0] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(0.01 * peak)  # the last step is at final_lr_ratio * peak
+    assert torch.all(decay[1:] < decay[:-1])
+    t = torch.arange(20, dtype=torch.float64) / 19
+    torch.testing.assert_close(decay, 0.01 * peak + 0.5 * (peak - 0.01 * peak) * (1 + torch.cos(math.pi * t)))
+
+
+def test_lr_schedule_with_fractional_and_no_warm_up() -> None:
+    half = lr_schedule(tiny("schedule.epochs=2", "schedule.warmup_epochs=0.5"), steps_per_epoch=10)
+    peak = tiny().effective_lr()
+    assert half.shape == (20,) and half[4] == pytest.approx(peak) and half[3] < peak
+    none = lr_schedule(tiny("schedule.epochs=2", "schedule.warmup_epochs=0"), steps_per_epoch=10)
+    assert none[0] == pytest.approx(peak) and none[-1] == pytest.approx(peak * 1e-3)
+
+
+# --- LARS ------------------------------------------------------------------------------------------------
+
+
+def test_biases_and_norm_parameters_are_excluded_from_decay_and_lars() -> None:
+    cfg = tiny("optim.weight_decay=0.05")
+    model = build_model(cfg.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for p in m.parameters()
+    }
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, LARS)
+    adapted, excluded = opt.param_groups
+    assert (adapted["lars_exclude"], adapted["weight_decay"]) == (False, 0.05)
+    assert (excluded["lars_exclude"], excluded["weight_decay"]) == (True, 0.0)
+    excluded_ids = {id(p) for p in excluded["params"]}
+    assert norm_params <= excluded_ids
+    assert all(names[i].endswith(".bias") or i in norm_params for i in excluded_ids)
+    assert all(p.ndim > 1 and id(p) not in norm_params for p in adapted["params"])
+    assert len(adapted["params"]) + len(excluded["params"]) == len(names)
+    for name in ("sgd", "adamw"):  # the other optimizers exclude the same parameters from decay
+        groups = build_optimizer(model, tiny("optim.weight_decay=0.05", f"optim.name={name}")).param_groups
+        assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+        assert {id(p) for p in groups[1]["params"]} == excluded_ids
+
+
+def test_lars_steps_follow_the_docstring_formula() -> None:
+    wd, momentum, eta, lr = 0.1, 0.9, 0.02, 0.5
+    cfg = tiny(
+        "optim.name=lars", f"optim.weight_decay={wd}", f"optim.momentum={momentum}", f"optim.lars_eta={eta}"
+    )
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False)).double()
+    with torch.no_grad():
+        module[2].weight.zero_()  # ||p|| = 0: the trust ratio falls back to 1
+    opt = build_optimizer(module, cfg)
+    params = list(module.parameters())
+    excluded = {id(p) for p in opt.param_groups[1]["params"]}
+    expected = [p.detach().clone() for p in params]
+    velocity = [torch.zeros_like(p) for p in params]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the second step exercises the momentum buffer
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            p.grad = g.clone()
+            if id(p) not in excluded:
+                g = g + wd * expected[i]
+                p_norm, g_norm = expected[i].norm(), g.norm()
+                trust = eta * p_norm / g_norm if p_norm > 0 and g_norm > 0 else 1.0
+                g = trust * g
+            velocity[i] = momentum * velocity[i] + g
+            expected[i] = expected[i] - lr * velocity[i]
+        set_lr(opt, lr)
+        opt.step()
+        for p, e in zip(params, expected, strict=True):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+
+
+# --- evaluation variants ----------------------------------------------------------------------------------
+
+
+def test_evaluate_names_metrics_by_scheme_and_variant() -> None:
+    cfg = tiny("data.synthetic_train=32", "data.synthetic_test=16", "eval.grid_stride=16")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    train_data, test_data = (load_split(cfg.data, s, cfg.run.seed) for s in ("train", "test"))
+    named = EvalConfig(aggregation=["centre", "mean_emb"], probes=["knn"], knn_k=5)
+    metrics = evaluate(model, cfg, train_data, test_data, torch.device("cpu"), {"": cfg.eval, "small": named})
+    assert set(metrics) == {
+        "knn_top1/mean_emb",
+        "knn_top5/mean_emb",
+        "knn_top1/centre:small",
+        "knn_top5/centre:small",
+        "knn_top1/mean_emb:small",
+        "knn_top5/mean_emb:small",
+    }
+    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    assert model.training  # evaluate leaves the model in the mode it found it
+    default = evaluate(model, cfg, train_data, test_data, torch.device("cpu"))
+    assert default == {k: v for k, v in metrics.items() if ":" not in k}
+
+
+# --- 2 gloo processes vs 1 process on the whole batch -----------------------------------------------------
+
+WORLD = 2
+BATCH, NUM, SIDE = 8, 2, 16
+OPTIMIZERS = ("lars", "sgd")
+
+
+def _views() -> torch.Tensor:
+    """A fixed step's normalised patches, (B, N, C, S, S)."""
+    return torch.randn(BATCH, NUM, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
+
+
+def _step_parts(optim: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, float]:
+    """Model (seeded, through prepare_for_device), loss and optimizer of one step; the same on every rank."""
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"batch_size": BATCH},
+            "model": {"projector": [32, 32], "sync_bn": True},
+            "optim": {"name": optim, "base_lr": 4.0, "weight_decay": 1e-3},
+        }
+    )
+    torch.manual_seed(0)
+    model = prepare_for_device(build_model(cfg.model), "cpu", cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    return model, build_loss(LossConfig(gather_distributed=True)), optimizer, cfg.effective_lr()
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        local = _views()[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]
+        results = {}
+        for optim in OPTIMIZERS:
+            model, loss_fn, optimizer, lr = _step_parts(optim)
+            global_bn = sum(isinstance(m, GlobalBatchNorm) for m in model.modules())
+            loss, _ = train_step(DistributedDataParallel(model), local, loss_fn, optimizer, lr)
+            results[optim] = {"state": model.state_dict(), "loss": loss, "global_bn": global_bn}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_step_like_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    torch.set_num_threads(1)
+    for optim in OPTIMIZERS:
+        model, loss_fn, optimizer, lr = _step_parts(optim)  # no process group: plain BatchNorm
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loss, _ = train_step(model, _views(), loss_fn, optimizer, lr)
+        single = model.state_dict()
+        assert not any(isinstance(m, GlobalBatchNorm) for m in model.modules())
+        torch.testing.assert_close(sum(r[optim]["loss"] for r in ranks) / WORLD, loss, rtol=1e-5, atol=1e-6)
+        for r in ranks:
+            assert r[optim]["global_bn"] > 0  # the distributed model really synchronised its BatchNorm
+            max_diff, max_update = 0.0, 0.0
+            for name, value in single.items():
+                got = r[optim]["state"][name]
+                if value.is_floating_point():
+                    max_diff = max(max_diff, (got - value).abs().max().item())
+                    max_update = max(max_update, (value - before[name]).abs().max().item())
+                    torch.testing.assert_close(got, value, rtol=0, atol=5e-6, msg=f"{optim}: {name}")
+                else:
+                    assert torch.equal(got, value), name
+            # The step moved the weights by far more than the ranks' disagreement with one process.
+            assert max_update > 1000 * max(max_diff, 1e-9), (optim, max_update, max_diff)
