@@ -58,16 +58,16 @@ class DataConfig(_Part):
 class AugConfig(_Part):
     """Per-patch augmentation, applied independently to every patch (EMP-SSL / BagSSL defaults)."""
 
-    flip_p: float = Field(0.5, ge=0, le=1)
-    jitter_p: float = Field(0.8, ge=0, le=1)
-    brightness: float = Field(0.4, ge=0)
-    contrast: float = Field(0.4, ge=0)
-    saturation: float = Field(0.4, ge=0)
-    hue: float = Field(0.2, ge=0, le=0.5)
-    grayscale_p: float = Field(0.2, ge=0, le=1)
-    blur_p: float = Field(0.1, ge=0, le=1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = Field(0.1, ge=0, le=1)
+    flip_p: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
+    jitter_p: float = Field(0.8, ge=0, le=1, description="Probability of colour jitter.")
+    brightness: float = Field(0.4, ge=0, description="Jitter: brightness factor drawn from [1-b, 1+b].")
+    contrast: float = Field(0.4, ge=0, description="Jitter: contrast factor drawn from [1-c, 1+c].")
+    saturation: float = Field(0.4, ge=0, description="Jitter: saturation factor drawn from [1-s, 1+s].")
+    hue: float = Field(0.2, ge=0, le=0.5, description="Jitter: hue shift drawn from [-h, h].")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="Probability of converting to grayscale.")
+    blur_p: float = Field(0.1, ge=0, le=1, description="Probability of a Gaussian blur.")
+    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Blur sigma drawn uniformly from [low, high].")
+    solarize_p: float = Field(0.1, ge=0, le=1, description="Probability of solarizing (threshold 0.5).")
     normalize: bool = Field(True, description="Normalise with the dataset's channel mean/std.")
 
     @field_validator("blur_sigma")
@@ -109,7 +109,7 @@ class PatchConfig(_Part):
 
 
 class ModelConfig(_Part):
-    backbone: BackboneName = "resnet18_cifar"
+    backbone: BackboneName = Field("resnet18_cifar", description="resnet18_cifar (3x3 stride-1 stem, no max-pool), resnet18, resnet50.")
     projector: list[int] = Field(
         default_factory=lambda: [1024, 1024],
         min_length=1,
@@ -127,7 +127,7 @@ class ModelConfig(_Part):
 
 
 class LossConfig(_Part):
-    name: LossName = "bag_vicreg"
+    name: LossName = Field("bag_vicreg", description="bag_vicreg (patches to their bag mean), tcr (EMP-SSL), vicreg (two views).")
     inv_weight: float = Field(25.0, ge=0, description="lambda: invariance weight.")
     var_weight: float = Field(25.0, ge=0, description="mu: variance-hinge weight.")
     cov_weight: float = Field(1.0, ge=0, description="nu: covariance weight.")
@@ -140,19 +140,19 @@ class LossConfig(_Part):
 
 
 class OptimConfig(_Part):
-    name: Literal["lars", "sgd", "adamw"] = "lars"
+    name: Literal["lars", "sgd", "adamw"] = Field("lars", description="LARS excludes biases and norm parameters.")
     base_lr: float = Field(
         0.3, gt=0, description="Learning rate per 256 images: effective lr = base_lr * data.batch_size / 256."
     )
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (not on biases and norm parameters).")
     momentum: float = Field(0.9, ge=0, lt=1, description="lars/sgd momentum.")
     lars_eta: float = Field(0.02, gt=0, description="LARS trust coefficient.")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw betas.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
 
 
 class ScheduleConfig(_Part):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="Training epochs.")
     warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up from 0, in epochs (fractions allowed).")
     final_lr_ratio: float = Field(1e-3, ge=0, le=1, description="Cosine decays to effective lr * this ratio.")
 
@@ -168,12 +168,14 @@ class EvalConfig(_Part):
     multiscale_sizes: list[int | float] = Field(
         default_factory=lambda: [0.25, 0.5, 0.75], min_length=1, description="multiscale: patch sides of the bag."
     )
-    probes: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn", "linear"], min_length=1)
-    knn_k: int = Field(20, ge=1)
-    knn_temperature: float = Field(0.07, gt=0)
-    linear_epochs: int = Field(20, ge=1)
+    probes: list[Literal["knn", "linear"]] = Field(
+        default_factory=lambda: ["knn", "linear"], min_length=1, description="Probes run for every scheme."
+    )
+    knn_k: int = Field(20, ge=1, description="kNN: neighbours (cosine similarity, weighted vote).")
+    knn_temperature: float = Field(0.07, gt=0, description="kNN: vote weight exp(similarity / T).")
+    linear_epochs: int = Field(20, ge=1, description="Linear probe: epochs over the precomputed features.")
     linear_lr: float = Field(0.1, gt=0, description="Linear probe lr (SGD, cosine, on standardised features).")
-    linear_batch_size: int = Field(256, ge=1)
+    linear_batch_size: int = Field(256, ge=1, description="Linear probe: batch size.")
     every: int = Field(0, ge=0, description="Probe every k epochs; 0 = only after the last epoch.")
     batch_size: int = Field(256, ge=1, description="Images per feature-extraction batch.")
 
@@ -186,8 +188,8 @@ class EvalConfig(_Part):
 
 
 class RunConfig(_Part):
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="Seeds data order, patches, augmentation, init and probes.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
     out_dir: str = Field("runs/bagssl", description="Run directory: config, checkpoints, metrics, summary.")
     checkpoint_every: int = Field(1, ge=0, description="Write a checkpoint every k epochs (0 = never).")
@@ -445,3 +447,21 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_paths() -> set[str]:
     """Every dotted leaf path of TrainConfig (e.g. `patch.size`), for validating sweep spaces."""
     return set(flatten(TrainConfig().model_dump(mode="json")))
+
+
+def config_reference() -> str:
+    """A Markdown table of every TrainConfig key with its default and description (the README's reference)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
+
+    walk(TrainConfig, "")
+    return "\n".join(rows)

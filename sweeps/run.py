@@ -8,12 +8,14 @@ Joins the cluster at --address / RAY_ADDRESS, else starts a local Ray. Exit 0: a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,6 @@ def parent_params(spec: SweepSpec) -> dict[str, Any]:
 
 def init_ray(address: str | None, slots_hint: int) -> None:
     """Join `address` (or RAY_ADDRESS); else start a local Ray sized to this machine's cores."""
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")  # read at ray.init
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
@@ -129,6 +130,22 @@ def init_ray(address: str | None, slots_hint: int) -> None:
             dashboard_port=port,
             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         )
+
+
+def prepare_ray_environment(address: str | None) -> None:
+    """Environment Ray reads when it is imported or started; call before anything imports ray."""
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and _has_auth_token():
+        # Ray 2.60 turns token auth on for address="auto" when a token exists, but not for an explicit
+        # address (and reads the mode at import): the cluster would reject us with InvalidAuthToken.
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _has_auth_token() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or (
+        Path.home() / ".ray" / "auth_token"
+    ).is_file()
 
 
 def _free_port() -> int:
@@ -231,11 +248,28 @@ def _optuna(spec: SweepSpec) -> Any:
     return OptunaSearch(sampler=samplers[s.sampler](), seed=s.seed)
 
 
-def run_with_ray(spec: SweepSpec, plan: Any, callback: Any, resume: bool, address: str | None) -> list[Any] | None:
-    """Run (or restore) the Tune experiment; the trials' outcomes, or None when it was interrupted."""
+@contextlib.contextmanager
+def ray_cluster(spec: SweepSpec, address: str | None) -> Iterator[tuple[int, dict[str, float]]]:
+    """Ray joined or started for this sweep; yields (trials at once, the trainable's bundle), after checking
+    that a trial can be placed at all. Shut down (or disconnected) on exit."""
     import signal
 
     import ray
+
+    init_ray(address, slots_hint=os.cpu_count() or 1)
+    # Tune saves its state on SIGINT but Ray aborts on SIGTERM: route SIGTERM (after ray.init, which
+    # installs its own handler) through the graceful path so that --resume loses nothing.
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield concurrency(spec)
+    finally:
+        ray.shutdown()
+
+
+def run_with_ray(
+    spec: SweepSpec, plan: Any, callback: Any, resume: bool, placement: tuple[int, dict[str, float]]
+) -> list[Any] | None:
+    """Run (or restore) the Tune experiment; the trials' outcomes, or None when it was interrupted."""
     from ray import tune
 
     from sweeps.report import TrialOutcome, trial_status
@@ -243,21 +277,14 @@ def run_with_ray(spec: SweepSpec, plan: Any, callback: Any, resume: bool, addres
 
     exp_dir = experiment_dir(spec)
     epochs = plan.config({}).schedule.epochs
-    init_ray(address, slots_hint=os.cpu_count() or 1)
-    # Tune saves its state on SIGINT but Ray aborts on SIGTERM: route SIGTERM (after ray.init, which
-    # installs its own handler) through the graceful path so that --resume loses nothing.
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
-    try:
-        k, bundle = concurrency(spec)
-        trainable = build_trainable(spec, plan, exp_dir, bundle)
-        if resume:
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-        else:
-            tuner = build_tuner(spec, trainable, exp_dir, k, epochs, [callback])
-        log.info("running up to %d trial(s) at once", k)
-        grid = tuner.fit()
-    finally:
-        ray.shutdown()
+    k, bundle = placement
+    trainable = build_trainable(spec, plan, exp_dir, bundle)
+    if resume:
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+    else:
+        tuner = build_tuner(spec, trainable, exp_dir, k, epochs, [callback])
+    log.info("running up to %d trial(s) at once", k)
+    grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < trial_count(spec):
         return None
     out = []
@@ -330,6 +357,8 @@ def local_trials(spec: SweepSpec, rng: random.Random) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.local and not args.dry_run:
+        prepare_ray_environment(args.address)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _main(args)
@@ -391,19 +420,22 @@ def _main(args: argparse.Namespace) -> int:
         metric=spec.metric,
         mode=spec.mode,
     )
-    tracker = MlflowTracker(uri, spec.tracking.experiment, sweep_key=exp_dir)
-    spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
-    parent = tracker.start_parent(spec.name, parent_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume)
-    epochs = base_cfg.schedule.epochs
-    try:
-        if args.local:
-            trials = run_local(spec, plan, TrialLogger(tracker, epochs, plan.describe))
-        else:
-            callback = MlflowTuneCallback(uri, spec.tracking.experiment, exp_dir, parent, epochs, plan.describe)
-            trials = run_with_ray(spec, plan, callback, args.resume, args.address)
-    except BaseException:
-        tracker.client.set_terminated(parent, status="KILLED")
-        raise
+    with contextlib.ExitStack() as stack:
+        # Ray first: a trial that can never be placed is an error before anything is written to MLflow.
+        placement = None if args.local else stack.enter_context(ray_cluster(spec, args.address))
+        tracker = MlflowTracker(uri, spec.tracking.experiment, sweep_key=exp_dir)
+        spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+        parent = tracker.start_parent(spec.name, parent_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume)
+        epochs = base_cfg.schedule.epochs
+        try:
+            if placement is None:
+                trials = run_local(spec, plan, TrialLogger(tracker, epochs, plan.describe))
+            else:
+                callback = MlflowTuneCallback(uri, spec.tracking.experiment, exp_dir, parent, epochs, plan.describe)
+                trials = run_with_ray(spec, plan, callback, args.resume, placement)
+        except BaseException:
+            tracker.client.set_terminated(parent, status="KILLED")
+            raise
     if trials is None:
         tracker.client.set_terminated(parent, status="KILLED")
         print(f"interrupted; continue with: python -m sweeps.run {args.spec} --resume", file=sys.stderr)

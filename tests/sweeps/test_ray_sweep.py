@@ -1,0 +1,138 @@
+"""End-to-end sweeps on a real local Ray cluster, real Fashion-MNIST images and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.sweeps.conftest import sweep_cmd, tiny_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _runs(tmp_path: Path, experiment: str) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("bagssl.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("bagssl.role") == "trial"]
+    return parents, children
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(tmp_path: Path, ray_address: str) -> None:
+    spec = tiny_spec(tmp_path, "e2e")
+    proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best trial" in proc.stdout and "best_config.yaml" in proc.stdout
+
+    parents, children = _runs(tmp_path, "e2e")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert len({c.data.tags["bagssl.trial_id"] for c in children}) == 4
+    statuses = [c.info.status for c in children]
+    # ASHA stopped at least one trial and the sweep still ran every trial: its workers were freed.
+    assert "KILLED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for c in children:
+        m = c.data.metrics
+        for key in ("knn_top1/mean_emb", "knn_top1/centre", "linear_top1/mean_emb", "train/loss", "lr", "patches_per_s"):
+            assert key in m, key
+        epochs = [int(p.step) for p in client.get_metric_history(c.info.run_id, "knn_top1/mean_emb")]
+        assert epochs == ([1, 2] if c.info.status == "FINISHED" else [1])
+        assert c.data.params["patch.size"] in {"10", "14"}
+        artifacts = {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert "config.yaml" in artifacts
+    best = tmp_path / "storage" / "e2e" / "best_config.yaml"
+    from bagssl_core.config import load_config
+
+    assert load_config(best).patch.size in (10, 14)
+
+
+def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:
+    spec = tiny_spec(tmp_path, "resume", num_samples=3, scheduler={"name": "none"})
+    proc = subprocess.Popen(sweep_cmd(spec, "--address", ray_address), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 600
+    statuses: list[str] = []
+    try:
+        while time.time() < deadline:
+            time.sleep(2)
+            statuses = _trial_statuses(db)
+            if "FINISHED" in statuses and len(statuses) >= 2:
+                break
+        assert "FINISHED" in statuses, "no trial finished in time"
+        proc.send_signal(signal.SIGTERM)  # the sweep routes SIGTERM to Tune's graceful stop
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    _, children = _runs(tmp_path, "resume")
+    finished_ids = {c.data.tags["bagssl.trial_id"] for c in children if c.info.status == "FINISHED"}
+    assert finished_ids
+
+    resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for tid in finished_ids:  # a finished trial is never started again
+        assert f"trial_fn_{tid} started" not in resumed.stdout + resumed.stderr
+    parents, children = _runs(tmp_path, "resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["bagssl.trial_id"] for c in children]
+    assert len(ids) == len(set(ids)) == 3  # one child per trial, no duplicate from the restore
+    assert all(c.info.status == "FINISHED" for c in children)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for c in children:
+        steps = [int(p.step) for p in client.get_metric_history(c.info.run_id, "epoch")]
+        assert steps == [1, 2], (c.data.tags["bagssl.trial_id"], steps)
+
+
+def _trial_statuses(db: Path) -> list[str]:
+    """Trial statuses read straight from the store, read-only: opening it with MLflow while the sweep
+    creates its tables would race with that creation."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute(
+                "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+                "WHERE t.key = 'bagssl.role' AND t.value = 'trial'"
+            ).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return []
+    return [r[0] for r in rows]
+
+
+def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path, "local", num_samples=1)
+    proc = _run(sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trial local_00000:" in proc.stdout
+    assert "Started a local Ray instance" not in proc.stderr and "Connecting to existing Ray" not in proc.stderr
+    parents, children = _runs(tmp_path, "local")
+    assert len(parents) == 1 and len(children) == 1
+    assert children[0].info.status == "FINISHED"
+    assert "knn_top1/mean_emb" in children[0].data.metrics
+    assert (tmp_path / "storage" / "local_local" / "best_config.yaml").is_file()
+
+
+def test_a_trial_that_can_never_be_placed_is_an_error_at_start(tmp_path: Path, ray_address: str) -> None:
+    spec = tiny_spec(tmp_path, "infeasible")
+    t0 = time.time()
+    proc = _run(sweep_cmd(spec, "--address", ray_address, "--set", "resources.workers_per_trial=3"), timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "resources" in proc.stderr and "can never be placed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - t0 < 120
