@@ -6,6 +6,7 @@ module knowing them. Runs alone or under a torch.distributed process group the c
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -43,6 +44,8 @@ CHECKPOINT_FILE = "state.pt"
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf: the run stops with status "diverged"."""
+
+    step: int | None = None  # the global step (1-based) whose loss was not finite
 
 
 @dataclass
@@ -281,21 +284,24 @@ def _as_tuple(x: Any) -> Any:
 class Progress:
     """A one-line progress bar on stderr (loss, patches/s, ETA); a plain line per update when not a tty."""
 
-    def __init__(self, total_steps: int, enabled: bool):
-        self.total, self.enabled = total_steps, enabled
+    def __init__(self, epochs: int, steps_per_epoch: int, start_epoch: int, enabled: bool):
+        self.epochs, self.steps_per_epoch, self.start_epoch = epochs, steps_per_epoch, start_epoch
+        self.total = epochs * steps_per_epoch
+        self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
-    def update(self, step: int, epoch: int, epochs: int, loss: float, patches_per_s: float, done_here: int) -> None:
+    def update(self, epoch: int, steps_in_epoch: int, loss: float, patches_per_s: float) -> None:
+        """`epoch` is 0-based; `steps_in_epoch` the steps done in it."""
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(1, done_here) * (self.total - step)
-        frac = step / self.total
-        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        step = epoch * self.steps_per_epoch + steps_in_epoch
+        done_here = step - self.start_epoch * self.steps_per_epoch
+        eta = (time.perf_counter() - self.t0) / max(1, done_here) * (self.total - step)
+        filled = int(24 * step / self.total)
         line = (
-            f"epoch {epoch}/{epochs} [{bar}] {step}/{self.total} loss {loss:.4f} "
-            f"{patches_per_s:,.0f} patches/s ETA {_hms(eta)}"
+            f"epoch {epoch + 1}/{self.epochs} [{'#' * filled}{'-' * (24 - filled)}] {step}/{self.total} "
+            f"loss {loss:.4f} {patches_per_s:,.0f} patches/s ETA {_hms(eta)}"
         )
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
@@ -365,37 +371,17 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
     epochs = cfg.schedule.epochs
-    bar = Progress(epochs * steps_per_epoch, enabled=progress and main)
-    patches_per_step = cfg.data.batch_size * cfg.patch.num
+    bar = Progress(epochs, steps_per_epoch, start_epoch, enabled=progress and main)
     result = RunResult(status="finished", epochs=start_epoch, out_dir=out)
     probe: dict[str, float] = {}
     model.train()
     try:
         for epoch in range(start_epoch, epochs):
-            gen = step_generator(cfg, epoch, device)
-            sums: dict[str, float] = {}
-            t0 = time.perf_counter()
-            n_steps = 0
-            for images, _ in train_loader(train_data, cfg, epoch):
-                views = train_batch(images.to(device, non_blocking=True), cfg, gen)
-                loss, parts = train_step(model, views, loss_fn, optimizer, float(lrs[step]), cfg.optim.grad_clip, autocast)
-                step += 1
-                n_steps += 1
-                for k, v in {"loss": float(loss), **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if step % cfg.run.log_every == 0 or n_steps == steps_per_epoch:
-                    rate = n_steps * patches_per_step / (time.perf_counter() - t0)
-                    bar.update(step, epoch + 1, epochs, float(loss), rate, step - start_epoch * steps_per_epoch)
-            seconds = time.perf_counter() - t0
-            metrics: dict[str, float] = _global_means(sums, n_steps, device)
-            metrics.update(
-                {
-                    "epoch": epoch + 1,
-                    "lr": float(lrs[step - 1]),
-                    "patches_per_s": n_steps * patches_per_step / seconds,
-                    "epoch_seconds": seconds,
-                }
+            metrics, step = train_one_epoch(
+                model, train_loader(train_data, cfg, epoch), cfg, loss_fn, optimizer, lrs, step,
+                step_generator(cfg, epoch, device), device, autocast, functools.partial(bar.update, epoch),
             )
+            metrics["epoch"] = epoch + 1
             if _probe_due(cfg, epoch + 1):
                 probe = _evaluate_on_main(model, cfg, train_data, test_data, device, eval_variants)
                 metrics.update(probe)
@@ -412,13 +398,58 @@ def train(
     except NonFiniteLoss as err:
         log.error("stopping: %s", err)
         result.status = "diverged"
-        result.metrics["diverged_at_step"] = step
+        result.metrics["diverged_at_step"] = err.step if err.step is not None else step
     finally:
         bar.close()
     if main:
         summary = {"status": result.status, "epochs": result.epochs, **result.metrics}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: TrainConfig,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lrs: torch.Tensor,
+    step: int,
+    generator: torch.Generator,
+    device: torch.device,
+    autocast: bool,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over `loader`, each step at lr `lrs[step]`.
+
+    Returns:
+        The epoch's metrics (`train/<part>` means over every step of every rank, the last lr, global
+        patches/s, seconds) and the global step after the epoch. `progress(steps done, loss, patches/s)`
+        is called every `run.log_every` steps and at the end.
+    """
+    patches_per_step = cfg.data.batch_size * cfg.patch.num
+    sums: dict[str, float] = {}
+    n_steps = 0
+    t0 = time.perf_counter()
+    for images, _ in loader:
+        views = train_batch(images.to(device, non_blocking=True), cfg, generator)
+        try:
+            loss, parts = train_step(model, views, loss_fn, optimizer, float(lrs[step]), cfg.optim.grad_clip, autocast)
+        except NonFiniteLoss as err:
+            err.step = step + 1
+            raise
+        step += 1
+        n_steps += 1
+        for k, v in {"loss": float(loss), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if progress is not None and (n_steps % cfg.run.log_every == 0 or n_steps == len(loader)):
+            progress(n_steps, float(loss), n_steps * patches_per_step / (time.perf_counter() - t0))
+    seconds = time.perf_counter() - t0
+    metrics = _global_means(sums, n_steps, device)
+    metrics.update(
+        {"lr": float(lrs[step - 1]), "patches_per_s": n_steps * patches_per_step / seconds, "epoch_seconds": seconds}
+    )
+    return metrics, step
 
 
 def _global_means(sums: Mapping[str, float], n_steps: int, device: torch.device) -> dict[str, float]:

@@ -48,7 +48,7 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "eval_missing_checkpoint": (["eval", "no_such_run"], r"^error: no_such_run: no checkpoint here"),
     "eval_nothing_to_probe": (["eval"], r"^error: eval: expected either a CHECKPOINT or --random-init"),
     "run_dir_taken": (
-        ["train", "--out", "run", "--quiet", *TINY],
+        ["train", "--out", "run", "--quiet", "--preset", "none", *TINY],
         r"^error: run: already holds a run; pass --resume to continue it, or another --out$",
     ),
 }
@@ -79,7 +79,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(work: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, bytes]]:
     """The real tiny training run in `work/run`, and the bytes of every file it left there."""
-    proc = cli(["train", "--out", "run", "--quiet", *TINY], work)
+    proc = cli(["train", "--out", "run", "--quiet", "--preset", "none", *TINY], work)
     return proc, files_of(work / "run")
 
 
