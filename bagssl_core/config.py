@@ -363,23 +363,33 @@ def validate_config(tree: Mapping[str, Any], source: str | None = None) -> Train
         raise ConfigError(describe_validation_error(err, source)) from None
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; ConfigError (naming the file and line) otherwise."""
+def read_yaml_file(path: str | Path, what: str = "a mapping of config sections") -> tuple[dict[str, Any], str]:
+    """A YAML file that must hold a mapping, and its text; ConfigError (naming the file and line) otherwise.
+
+    Args:
+        what: what the top level should be, for the messages (e.g. "a mapping of config sections").
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
+    text = p.read_text()
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
+        line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{p}:{line}: not valid YAML: {problem}") from None
+        raise ConfigError(f"{p}{line}: not valid YAML: {problem}") from None
     if data is None:
-        raise ConfigError(f"{p}: the file is empty; expected a mapping of config sections")
+        raise ConfigError(f"{p}: the file is empty; expected {what}")
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config sections at the top level, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"{p}: expected {what} at the top level, got {type(data).__name__}")
+    return data, text
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A TrainConfig YAML file as a plain mapping (see `read_yaml_file`)."""
+    return read_yaml_file(path)[0]
 
 
 # `python -m bagssl_core train` without --config: a short but real job (Fashion-MNIST subsets, small

@@ -314,12 +314,8 @@ def tcr_loss(
 # --- modules -----------------------------------------------------------------------------------------
 
 
-class BagVICRegLoss(nn.Module):
-    """Bag VICReg (see `bag_vicreg_loss` for the formula): z (B, N, D) -> LossOutput.
-
-    total = λ·mean (z − z̄)² + μ·mean_i mean_d relu(1 − std_b) + ν·mean_i sum_{j≠k} C_i[j,k]² / D,
-    statistics over the batch for each patch index i.
-    """
+class _VICRegWeights(nn.Module):
+    """The weights λ (invariance), μ (variance), ν (covariance) shared by both VICReg losses."""
 
     def __init__(
         self,
@@ -333,10 +329,6 @@ class BagVICRegLoss(nn.Module):
         self.var_weight = var_weight
         self.cov_weight = cov_weight
         self.gather_distributed = gather_distributed
-
-    def forward(self, z: torch.Tensor) -> LossOutput:
-        """z: (B, N, D) patch projections."""
-        return bag_vicreg_loss(z, self.inv_weight, self.var_weight, self.cov_weight, self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (
@@ -345,25 +337,24 @@ class BagVICRegLoss(nn.Module):
         )
 
 
-class VICRegLoss(nn.Module):
+class BagVICRegLoss(_VICRegWeights):
+    """Bag VICReg (see `bag_vicreg_loss` for the formula): z (B, N, D) -> LossOutput.
+
+    total = λ·mean (z − z̄)² + μ·mean_i mean_d relu(1 − std_b) + ν·mean_i sum_{j≠k} C_i[j,k]² / D,
+    statistics over the batch for each patch index i.
+    """
+
+    def forward(self, z: torch.Tensor) -> LossOutput:
+        """z: (B, N, D) patch projections."""
+        return bag_vicreg_loss(z, self.inv_weight, self.var_weight, self.cov_weight, self.gather_distributed)
+
+
+class VICRegLoss(_VICRegWeights):
     """Two-view VICReg (see `vicreg_loss`), official convention: z (B, 2, D) -> LossOutput.
 
     total = λ·MSE(z_a, z_b) + μ·(hinge(z_a) + hinge(z_b))/2 + ν·(cov(z_a) + cov(z_b)):
     variance averaged over the two views, covariance summed. z[:, 0] and z[:, 1] are the two views.
     """
-
-    def __init__(
-        self,
-        inv_weight: float = 25.0,
-        var_weight: float = 25.0,
-        cov_weight: float = 1.0,
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__()
-        self.inv_weight = inv_weight
-        self.var_weight = var_weight
-        self.cov_weight = cov_weight
-        self.gather_distributed = gather_distributed
 
     def forward(self, z: torch.Tensor) -> LossOutput:
         """z: (B, 2, D) projections of the two views of each image."""
@@ -371,12 +362,6 @@ class VICRegLoss(nn.Module):
             raise ValueError(f"vicreg: expected z of shape (B, 2, D) (two views), got shape {tuple(z.shape)}")
         return vicreg_loss(
             z[:, 0], z[:, 1], self.inv_weight, self.var_weight, self.cov_weight, self.gather_distributed
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"inv_weight={self.inv_weight}, var_weight={self.var_weight}, cov_weight={self.cov_weight}, "
-            f"gather_distributed={self.gather_distributed}"
         )
 
 

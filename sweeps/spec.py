@@ -22,6 +22,7 @@ from bagssl_core.config import (
     describe_validation_error,
     merge_overrides,
     parse_overrides,
+    read_yaml_file,
     read_yaml_mapping,
     set_dotted,
 )
@@ -319,20 +320,10 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     """
     p = Path(path)
     source = str(p)
-    if not p.is_file():
-        raise SpecError(f"{source}: no such file")
-    text = p.read_text()
     try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{source}{line}: not valid YAML: {problem}") from None
-    if tree is None:
-        raise SpecError(f"{source}: the file is empty; expected a sweep spec with name, space and metric")
-    if not isinstance(tree, dict):
-        raise SpecError(f"{source}: expected a mapping (name, base, space, metric, ...), got {type(tree).__name__}")
+        tree, text = read_yaml_file(p, "a mapping (name, base, space, metric, ...)")
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
     tree = apply_spec_overrides(tree, overrides)
     lines = _key_lines(text)
     try:

@@ -39,7 +39,7 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "unknown_key": (["train", "patch.sise=8"], r"^error: overrides: patch\.sise: unknown key$"),
     "wrong_type": (["train", "patch.num=abc"], r"^error: overrides: patch\.num: expected a valid integer"),
     "patch_too_large": (["train", "patch.size=40"], r"patch\.size: a 40-px patch does not fit a 28-px image"),
-    "malformed_yaml": (["train", "--config", "bad.yaml"], r"^error: bad\.yaml: line 3: not valid YAML"),
+    "malformed_yaml": (["train", "--config", "bad.yaml"], r"^error: bad\.yaml:3: not valid YAML"),
     "missing_config": (["train", "--config", "missing.yaml"], r"^error: missing\.yaml: no such file$"),
     "missing_dataset": (
         ["train", "--out", "cifar_run", "data.name=cifar10", "data.root=empty_root"],

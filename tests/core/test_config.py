@@ -171,7 +171,7 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  name: synthetic\n  root: : x\n")
     msg = config_error([], path)
-    assert msg.startswith(f"{path}: line 3: not valid YAML")
+    assert msg.startswith(f"{path}:3: not valid YAML")
 
 
 def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
     assert config_error([], empty) == f"{empty}: the file is empty; expected a mapping of config sections"
     listing = tmp_path / "list.yaml"
     listing.write_text("- patch\n- size\n")
-    assert config_error([], listing).startswith(f"{listing}: expected a mapping of config sections")
+    assert config_error([], listing).startswith(f"{listing}: expected a mapping of config sections at the top level")
     missing = tmp_path / "missing.yaml"
     assert config_error([], missing) == f"{missing}: no such file"
 
