@@ -7,6 +7,7 @@ Every part forbids unknown keys, so a misspelled key is an error that names it.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -327,12 +328,13 @@ def _field_path(loc: tuple[Any, ...], keep_all: bool) -> str:
     return ".".join(parts)
 
 
-def _path_prefixes() -> set[str]:
+@functools.cache
+def _path_prefixes() -> frozenset[str]:
     out: set[str] = set()
     for path in config_paths():
         bits = path.split(".")
         out.update(".".join(bits[: i + 1]) for i in range(len(bits)))
-    return out
+    return frozenset(out)
 
 
 def describe_validation_error(err: ValidationError, source: str | None = None) -> str:
@@ -454,9 +456,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_paths() -> set[str]:
+@functools.cache
+def config_paths() -> frozenset[str]:
     """Every dotted leaf path of TrainConfig (e.g. `patch.size`), for validating sweep spaces."""
-    return set(flatten(TrainConfig().model_dump(mode="json")))
+    return frozenset(flatten(TrainConfig().model_dump(mode="json")))
 
 
 def config_reference() -> str:

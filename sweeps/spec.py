@@ -6,6 +6,7 @@ module does not import Ray, torch or MLflow, so a bad spec fails in well under a
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ from bagssl_core.config import (
     TrainConfig,
     config_paths,
     describe_validation_error,
+    flatten,
     merge_overrides,
     parse_overrides,
     read_yaml_file,
@@ -272,9 +274,8 @@ def coerce_value(path: str, value: Any) -> Any:
     return value
 
 
+@functools.cache
 def _defaults() -> dict[str, Any]:
-    from bagssl_core.config import flatten
-
     return flatten(TrainConfig().model_dump(mode="json"))
 
 
