@@ -135,6 +135,8 @@ def init_ray(address: str | None, slots_hint: int) -> None:
 def prepare_ray_environment(address: str | None) -> None:
     """Environment Ray reads when it is imported or started; call before anything imports ray."""
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # Tune's newer console output ignores a ProgressReporter; the classic one shows our columns.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and _has_auth_token():
         # Ray 2.60 turns token auth on for address="auto" when a token exists, but not for an explicit
@@ -229,7 +231,13 @@ def build_tuner(spec: SweepSpec, trainable: Any, exp_dir: str, k: int, epochs: i
         metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
         num_samples=spec.num_samples, max_concurrent_trials=k,
     )
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+    # The live table: the objective and the searched parameters of every trial, best first.
+    reporter = tune.CLIReporter(
+        metric_columns={"epoch": "epoch", spec.metric: spec.metric, "train/loss": "loss", "patches_per_s": "patches/s"},
+        parameter_columns=list(spec.train_axes()),
+        sort_by_metric=True, max_report_frequency=30,
+    )
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, progress_reporter=reporter,
                                 failure_config=tune.FailureConfig(max_failures=0))
     return tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
 

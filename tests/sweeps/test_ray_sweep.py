@@ -83,11 +83,14 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_ad
     _, children = _runs(tmp_path, "resume")
     finished_ids = {c.data.tags["bagssl.trial_id"] for c in children if c.info.status == "FINISHED"}
     assert finished_ids
+    train_runs = tmp_path / "storage" / "resume" / "train_runs"
+    before = {tid: _checkpoints(train_runs / f"train_{tid}") for tid in finished_ids}
+    assert all(before.values())
 
     resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for tid in finished_ids:  # a finished trial is never started again
-        assert f"trial_fn_{tid} started" not in resumed.stdout + resumed.stderr
+    for tid in finished_ids:  # a finished trial is never trained again: its checkpoints stay as they were
+        assert _checkpoints(train_runs / f"train_{tid}") == before[tid]
     parents, children = _runs(tmp_path, "resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [c.data.tags["bagssl.trial_id"] for c in children]
@@ -97,6 +100,11 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_ad
     for c in children:
         steps = [int(p.step) for p in client.get_metric_history(c.info.run_id, "epoch")]
         assert steps == [1, 2], (c.data.tags["bagssl.trial_id"], steps)
+
+
+def _checkpoints(run_dir: Path) -> dict[str, int]:
+    """A Train run's checkpoint directories and their modification times (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
 
 
 def _trial_statuses(db: Path) -> list[str]:
