@@ -61,8 +61,9 @@ def check_probe_every_epoch(spec: SweepSpec, epochs_every: int, source: str) -> 
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What all workers of one trial hold together."""
     r = spec.resources
-    out = {"workers": r.workers_per_trial, "CPU": r.workers_per_trial * r.cpus_per_worker}
+    out = {"CPU": r.workers_per_trial * r.cpus_per_worker}
     if r.gpus_per_worker:
         out["GPU"] = r.workers_per_trial * r.gpus_per_worker
     return out
@@ -80,7 +81,7 @@ def print_plan(spec: SweepSpec, base_cfg: Any, source: str) -> None:
     gpu = f", {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
     print(
         f"# each trial: {r.workers_per_trial} Ray Train worker(s) x ({r.cpus_per_worker:g} CPU{gpu}) = "
-        f"{', '.join(f'{v:g} {k}' for k, v in trial_resources(spec).items() if k != 'workers')}"
+        f"{', '.join(f'{v:g} {k}' for k, v in trial_resources(spec).items())}"
         f"; {base_cfg.schedule.epochs} epochs; max concurrent: {spec.max_concurrent or 'from the cluster'}"
     )
     evals = math.prod(len(d.args) for d in spec.eval_axes().values())
@@ -107,7 +108,7 @@ def parent_params(spec: SweepSpec) -> dict[str, Any]:
 # --- Ray ---------------------------------------------------------------------------------------------
 
 
-def init_ray(address: str | None, slots_hint: int) -> None:
+def init_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS); else start a local Ray sized to this machine's cores."""
     import ray
 
@@ -124,7 +125,7 @@ def init_ray(address: str | None, slots_hint: int) -> None:
         port = _free_port()
         ray.init(
             num_cpus=os.cpu_count(),
-            resources={"trial_slot": slots_hint},
+            resources={"trial_slot": os.cpu_count() or 1},
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             dashboard_port=port,
@@ -264,7 +265,7 @@ def ray_cluster(spec: SweepSpec, address: str | None) -> Iterator[tuple[int, dic
 
     import ray
 
-    init_ray(address, slots_hint=os.cpu_count() or 1)
+    init_ray(address)
     # Tune saves its state on SIGINT but Ray aborts on SIGTERM: route SIGTERM (after ray.init, which
     # installs its own handler) through the graceful path so that --resume loses nothing.
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
@@ -325,7 +326,7 @@ def run_local(spec: SweepSpec, plan: Any, logger: Any) -> list[Any]:
         try:
             with tempfile.TemporaryDirectory(prefix="bagssl_local_") as d:
                 result = run_trial(plan, params, Path(d), report)
-        except (ConfigError, KeyboardInterrupt):
+        except ConfigError:
             raise
         except Exception as err:  # a trial's failure is recorded; the sweep goes on
             log.exception("trial %s failed", trial_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ class TrialPlan:
     eval_variants: dict[str, dict[str, Any]]
     metric: str
     mode: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def config(self, params: Mapping[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(merge_overrides(self.base, trial_overrides(params)))
