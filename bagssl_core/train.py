@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,17 +40,16 @@ Reporter = Callable[[dict[str, float], "Path | None"], None]
 CHECKPOINT_FILE = "state.pt"
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the run stops with status "diverged"."""
-
-    step: int | None = None  # the global step (1-based) whose loss was not finite
+# The metric naming the global step (1-based) whose loss was not finite, in a diverged run's result.
+DIVERGED_AT_STEP = "diverged_at_step"
 
 
 @dataclass
 class RunResult:
     status: str  # "finished" | "diverged"
     epochs: int  # epochs completed
-    metrics: dict[str, float] = field(default_factory=dict)  # the last probe results and final epoch metrics
+    # the last probe results and final epoch metrics (+ DIVERGED_AT_STEP)
+    metrics: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
 
 
@@ -156,6 +155,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --- one step ------------------------------------------------------------------------------------
 
 
+class StepResult(NamedTuple):
+    """What one training step returns.
+
+    Attributes:
+        loss: the detached total loss, a scalar tensor.
+        parts: its unweighted terms as floats.
+    """
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+
+    @property
+    def finite(self) -> bool:
+        """False when the loss was NaN or inf: the step then left the weights and optimizer untouched."""
+        return bool(torch.isfinite(self.loss))
+
+
 def train_step(
     model: nn.Module,
     views: torch.Tensor,
@@ -164,13 +180,16 @@ def train_step(
     lr: float,
     grad_clip: float | None = None,
     autocast: bool = False,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> StepResult:
     """Forward all B*N patches in one batch, the bag loss, backward, optimizer step.
+
+    A loss that is not finite skips backward and the optimizer step. Under DDP with loss.gather_distributed
+    (the default) every rank agrees on that: the batch terms are computed on the projections gathered from
+    all ranks, so a non-finite projection on any rank makes every rank's total non-finite, and no rank is
+    left waiting in the gradient all-reduce.
 
     Args:
         views: (B, N, C, S, S) normalised patches of B images.
-    Returns:
-        The (detached) total loss and its parts as floats. Raises NonFiniteLoss before stepping.
     """
     b, n = views.shape[:2]
     set_lr(optimizer, lr)
@@ -178,13 +197,14 @@ def train_step(
     with torch.autocast(device_type=views.device.type, dtype=torch.bfloat16, enabled=autocast):
         _, z = model(views.flatten(0, 1))
     out = loss_fn(z.float().view(b, n, -1))
-    if not torch.isfinite(out.total):
-        raise NonFiniteLoss(f"loss is {out.total.item()} (parts: {_floats(out.parts)})")
+    result = StepResult(out.total.detach(), _floats(out.parts))
+    if not result.finite:
+        return result
     out.total.backward()
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return out.total.detach(), _floats(out.parts)
+    return result
 
 
 def _floats(parts: Mapping[str, Any]) -> dict[str, float]:
@@ -372,6 +392,10 @@ def train(
     try:
         for epoch in range(run.start_epoch, epochs):
             metrics = train_one_epoch(run, epoch, bar)
+            if DIVERGED_AT_STEP in metrics:
+                result.status = "diverged"
+                result.metrics.update(metrics)
+                break
             metrics["epoch"] = epoch + 1
             if _probe_due(cfg, epoch + 1):
                 probe = _evaluate_on_main(run)
@@ -380,10 +404,6 @@ def train(
             result.epochs, result.metrics = epoch + 1, {**probe, **metrics}
             if reporter is not None:
                 reporter(metrics, ckpt)
-    except NonFiniteLoss as err:
-        log.error("stopping: %s", err)
-        result.status = "diverged"
-        result.metrics["diverged_at_step"] = err.step if err.step is not None else run.step
     finally:
         bar.close()
     if dist.is_main():
@@ -441,8 +461,9 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
 
     Returns:
         The epoch's metrics: `train/<part>` means over every step of every rank (`train/loss` the total),
-        the last lr, global patches/s and seconds. `progress` is updated every `run.log_every` steps and at
-        the end.
+        the last lr, global patches/s and seconds. If a loss is not finite the epoch stops before that
+        step and returns only `{DIVERGED_AT_STEP: its global step}`, on every rank (see `train_step`).
+        `progress` is updated every `run.log_every` steps and at the end.
     """
     cfg = run.cfg
     loader = train_loader(run.train_data, cfg, epoch)
@@ -454,20 +475,18 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
     for images, _ in loader:
         views = train_batch(images.to(run.device, non_blocking=True), cfg, generator)
         lr = float(run.lrs[run.step])
-        try:
-            loss, parts = train_step(
-                run.model, views, run.loss_fn, run.optimizer, lr, cfg.optim.grad_clip, run.autocast
-            )
-        except NonFiniteLoss as err:
-            err.step = run.step + 1
-            raise
+        out = train_step(run.model, views, run.loss_fn, run.optimizer, lr, cfg.optim.grad_clip, run.autocast)
+        if not out.finite:
+            log.error("stopping: loss is %s (parts: %s)", out.loss.item(), out.parts)
+            return {DIVERGED_AT_STEP: run.step + 1}
         run.step += 1
         n_steps += 1
-        for k, v in {"loss": float(loss), **parts}.items():
+        loss = float(out.loss)
+        for k, v in {"loss": loss, **out.parts}.items():
             sums[k] = sums.get(k, 0.0) + v
         if progress is not None and (n_steps % cfg.run.log_every == 0 or n_steps == len(loader)):
             speed = n_steps * patches_per_step / (time.perf_counter() - t0)
-            progress.update(epoch, n_steps, float(loss), speed)
+            progress.update(epoch, n_steps, loss, speed)
     seconds = time.perf_counter() - t0
     metrics = _global_means(sums, n_steps, run.device)
     metrics.update(
