@@ -6,7 +6,6 @@ module knowing them. Runs alone or under a torch.distributed process group the c
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random
@@ -16,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,23 +36,41 @@ log = logging.getLogger(__name__)
 
 # metrics (flat name -> float) and, on rank 0 when one was written, the checkpoint directory
 Reporter = Callable[[dict[str, float], "Path | None"], None]
-ModelWrapper = Callable[[nn.Module], nn.Module]
 
 CHECKPOINT_FILE = "state.pt"
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf: the run stops with status "diverged"."""
-
-    step: int | None = None  # the global step (1-based) whose loss was not finite
+# The metric naming the global step (1-based) whose loss was not finite, in a diverged run's result.
+DIVERGED_AT_STEP = "diverged_at_step"
 
 
 @dataclass
 class RunResult:
     status: str  # "finished" | "diverged"
     epochs: int  # epochs completed
-    metrics: dict[str, float] = field(default_factory=dict)  # the last probe results and final epoch metrics
+    # the last probe results and final epoch metrics (+ DIVERGED_AT_STEP)
+    metrics: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
+
+
+@dataclass
+class Run:
+    """The objects of one training run, built by `start_run`; `step` advances as the run trains."""
+
+    cfg: TrainConfig
+    out: Path  # the run directory (rank 0 writes there)
+    device: torch.device
+    autocast: bool  # bf16 autocast for the forward pass
+    model: nn.Module  # wrapped in DistributedDataParallel under a process group
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    lrs: torch.Tensor  # (epochs * steps_per_epoch,) float64: the lr of every global step
+    steps_per_epoch: int
+    train_data: ImageData
+    test_data: ImageData
+    eval_variants: Mapping[str, EvalConfig] | None  # see `evaluate`
+    start_epoch: int = 0  # epochs done before this process started (resume)
+    step: int = 0  # global steps done
 
 
 # --- set-up --------------------------------------------------------------------------------------
@@ -62,7 +79,9 @@ class RunResult:
 def resolve_device(cfg: TrainConfig) -> torch.device:
     want = cfg.run.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: cuda was asked for but no CUDA device is available; expected auto or cpu")
+        raise ConfigError(
+            "run.device: cuda was asked for but no CUDA device is available; expected auto or cpu"
+        )
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and dist.is_distributed():
@@ -106,7 +125,8 @@ def train_loader(data: ImageData, cfg: TrainConfig, epoch: int) -> DataLoader:
             "expected a smaller batch or a larger data.train_subset"
         )
     sampler = DistributedSampler(
-        data, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=cfg.run.seed, drop_last=True
+        data, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=cfg.run.seed,
+        drop_last=True,
     )
     sampler.set_epoch(epoch)
     return DataLoader(
@@ -116,7 +136,9 @@ def train_loader(data: ImageData, cfg: TrainConfig, epoch: int) -> DataLoader:
 
 
 def eval_loader(data: ImageData, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_images, num_workers=num_workers)
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=False, collate_fn=collate_images, num_workers=num_workers
+    )
 
 
 def default_wrapper(model: nn.Module, device: torch.device) -> nn.Module:
@@ -133,6 +155,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 # --- one step ------------------------------------------------------------------------------------
 
 
+class StepResult(NamedTuple):
+    """What one training step returns.
+
+    Attributes:
+        loss: the detached total loss, a scalar tensor.
+        parts: its unweighted terms as floats.
+    """
+
+    loss: torch.Tensor
+    parts: dict[str, float]
+
+    @property
+    def finite(self) -> bool:
+        """False when the loss was NaN or inf: the step then left the weights and optimizer untouched."""
+        return bool(torch.isfinite(self.loss))
+
+
 def train_step(
     model: nn.Module,
     views: torch.Tensor,
@@ -141,13 +180,16 @@ def train_step(
     lr: float,
     grad_clip: float | None = None,
     autocast: bool = False,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> StepResult:
     """Forward all B*N patches in one batch, the bag loss, backward, optimizer step.
+
+    A loss that is not finite skips backward and the optimizer step. Under DDP with loss.gather_distributed
+    (the default) every rank agrees on that: the batch terms are computed on the projections gathered from
+    all ranks, so a non-finite projection on any rank makes every rank's total non-finite, and no rank is
+    left waiting in the gradient all-reduce.
 
     Args:
         views: (B, N, C, S, S) normalised patches of B images.
-    Returns:
-        The (detached) total loss and its parts as floats. Raises NonFiniteLoss before stepping.
     """
     b, n = views.shape[:2]
     set_lr(optimizer, lr)
@@ -155,13 +197,14 @@ def train_step(
     with torch.autocast(device_type=views.device.type, dtype=torch.bfloat16, enabled=autocast):
         _, z = model(views.flatten(0, 1))
     out = loss_fn(z.float().view(b, n, -1))
-    if not torch.isfinite(out.total):
-        raise NonFiniteLoss(f"loss is {out.total.item()} (parts: {_floats(out.parts)})")
+    result = StepResult(out.total.detach(), _floats(out.parts))
+    if not result.finite:
+        return result
     out.total.backward()
     if grad_clip is not None:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return out.total.detach(), _floats(out.parts)
+    return result
 
 
 def _floats(parts: Mapping[str, Any]) -> dict[str, float]:
@@ -214,20 +257,20 @@ def evaluate(
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int, step: int
-) -> Path:
-    """Write `epoch_XXXX/state.pt` (+ config.yaml) atomically: a crash mid-write never leaves a torn checkpoint."""
+def save_checkpoint(run: Run, epoch: int) -> Path:
+    """Write `checkpoints/epoch_XXXX/state.pt` (+ config.yaml) in the run directory atomically: a crash
+    mid-write never leaves a torn checkpoint."""
+    ckpt_dir = run.out / "checkpoints"
     final = ckpt_dir / f"epoch_{epoch:04d}"
     tmp = ckpt_dir / f".tmp_epoch_{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": unwrap(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "epoch": epoch,
-        "step": step,
-        "config": cfg.model_dump(mode="json"),
+        "step": run.step,
+        "config": run.cfg.model_dump(mode="json"),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -235,7 +278,7 @@ def save_checkpoint(
         },
     }
     torch.save(state, tmp / CHECKPOINT_FILE)
-    (tmp / "config.yaml").write_text(config_to_yaml(cfg))
+    (tmp / "config.yaml").write_text(config_to_yaml(run.cfg))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -255,7 +298,9 @@ def find_checkpoint(path: str | Path) -> Path:
         return p
     found = sorted((p / "checkpoints").glob("epoch_*/" + CHECKPOINT_FILE))
     if not found:
-        raise FileNotFoundError(f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or checkpoints/epoch_*/)")
+        raise FileNotFoundError(
+            f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or checkpoints/epoch_*/)"
+        )
     return found[-1].parent
 
 
@@ -325,131 +370,133 @@ def train(
     reporter: Reporter | None = None,
     resume_from: str | Path | None = None,
     eval_variants: Mapping[str, EvalConfig] | None = None,
-    wrap_model: ModelWrapper | None = None,
     progress: bool = False,
 ) -> RunResult:
     """Train BagSSL as configured; returns the status and the final metrics.
 
     Args:
-        out_dir: run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json); default cfg.run.out_dir.
-            Only rank 0 writes there.
+        out_dir: run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json); default
+            cfg.run.out_dir. Only rank 0 writes there.
         reporter: called on every rank after each epoch with that epoch's metrics, and on rank 0 with the
             checkpoint directory written for it (None otherwise).
         resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly.
         eval_variants: extra evaluation settings probed on the same model (see `evaluate`).
-        wrap_model: wraps the model for distributed training; default DistributedDataParallel when a
-            process group is initialised.
+        progress: show a progress bar on rank 0.
     """
     out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
-    main = dist.is_main()
+    run = start_run(cfg, out, resume_from, eval_variants)
+    epochs = cfg.schedule.epochs
+    bar = Progress(epochs, run.steps_per_epoch, run.start_epoch, enabled=progress and dist.is_main())
+    result = RunResult(status="finished", epochs=run.start_epoch, out_dir=run.out)
+    probe: dict[str, float] = {}  # the latest probe results, part of every later epoch's result
+    try:
+        for epoch in range(run.start_epoch, epochs):
+            metrics = train_one_epoch(run, epoch, bar)
+            if DIVERGED_AT_STEP in metrics:
+                result.status = "diverged"
+                result.metrics.update(metrics)
+                break
+            metrics["epoch"] = epoch + 1
+            if _probe_due(cfg, epoch + 1):
+                probe = _evaluate_on_main(run)
+                metrics.update(probe)
+            ckpt = _write_epoch(run, epoch + 1, metrics)
+            result.epochs, result.metrics = epoch + 1, {**probe, **metrics}
+            if reporter is not None:
+                reporter(metrics, ckpt)
+    finally:
+        bar.close()
+    if dist.is_main():
+        summary = {"status": result.status, "epochs": result.epochs, **result.metrics}
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def start_run(
+    cfg: TrainConfig,
+    out: Path,
+    resume_from: str | Path | None = None,
+    eval_variants: Mapping[str, EvalConfig] | None = None,
+) -> Run:
+    """Seed, load the data, build the model, optimizer, lr schedule and loss, restore `resume_from` (weights,
+    optimizer, step and random state) and, on rank 0, write `out/config.yaml`."""
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed + dist.rank())
     device = resolve_device(cfg)
-    autocast = use_bf16(cfg, device)
-
     train_data = load_split(cfg.data, "train", cfg.run.seed)
     test_data = load_split(cfg.data, "test", cfg.run.seed)
-
     model = prepare_for_device(build_model(cfg.model), device, cfg.model)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
-    lrs = lr_schedule(cfg, steps_per_epoch)
-    start_epoch, step = 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        _restore_rng(state["rng"])
-        log.info("resumed from %s at epoch %d (step %d)", find_checkpoint(resume_from), start_epoch, step)
-    model = (wrap_model or (lambda m: default_wrapper(m, device)))(model)
-    loss_fn = build_loss(cfg.loss)
-
-    ckpt_dir = out / "checkpoints"
-    if main:
+    start_epoch, step = _resume(resume_from, model, optimizer) if resume_from is not None else (0, 0)
+    model = default_wrapper(model, device)
+    model.train()
+    if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
-    epochs = cfg.schedule.epochs
-    bar = Progress(epochs, steps_per_epoch, start_epoch, enabled=progress and main)
-    result = RunResult(status="finished", epochs=start_epoch, out_dir=out)
-    probe: dict[str, float] = {}
-    model.train()
-    try:
-        for epoch in range(start_epoch, epochs):
-            metrics, step = train_one_epoch(
-                model, train_loader(train_data, cfg, epoch), cfg, loss_fn, optimizer, lrs, step,
-                step_generator(cfg, epoch, device), device, autocast, functools.partial(bar.update, epoch),
-            )
-            metrics["epoch"] = epoch + 1
-            if _probe_due(cfg, epoch + 1):
-                probe = _evaluate_on_main(model, cfg, train_data, test_data, device, eval_variants)
-                metrics.update(probe)
-            ckpt = None
-            if main and cfg.run.checkpoint_every and ((epoch + 1) % cfg.run.checkpoint_every == 0 or epoch + 1 == epochs):
-                ckpt = save_checkpoint(ckpt_dir, model, optimizer, cfg, epoch + 1, step)
-                prune_checkpoints(ckpt_dir, cfg.run.keep_checkpoints)
-            if main:
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            result.epochs, result.metrics = epoch + 1, {**probe, **metrics}
-            if reporter is not None:
-                reporter(metrics, ckpt)
-    except NonFiniteLoss as err:
-        log.error("stopping: %s", err)
-        result.status = "diverged"
-        result.metrics["diverged_at_step"] = err.step if err.step is not None else step
-    finally:
-        bar.close()
-    if main:
-        summary = {"status": result.status, "epochs": result.epochs, **result.metrics}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
+    return Run(
+        cfg=cfg, out=out, device=device, autocast=use_bf16(cfg, device), model=model, optimizer=optimizer,
+        loss_fn=build_loss(cfg.loss), lrs=lr_schedule(cfg, steps_per_epoch), steps_per_epoch=steps_per_epoch,
+        train_data=train_data, test_data=test_data, eval_variants=eval_variants, start_epoch=start_epoch,
+        step=step,
+    )
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    cfg: TrainConfig,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lrs: torch.Tensor,
-    step: int,
-    generator: torch.Generator,
-    device: torch.device,
-    autocast: bool,
-    progress: Callable[[int, float, float], None] | None = None,
-) -> tuple[dict[str, float], int]:
-    """One pass over `loader`, each step at lr `lrs[step]`.
+def _resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """Load a checkpoint into the (unwrapped) model and the optimizer and restore the random state;
+    returns the epochs and steps it had done."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _restore_rng(state["rng"])
+    epoch, step = int(state["epoch"]), int(state["step"])
+    log.info("resumed from %s at epoch %d (step %d)", find_checkpoint(path), epoch, step)
+    return epoch, step
+
+
+def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> dict[str, float]:
+    """One pass over the epoch's shuffled training set (`epoch` 0-based); advances `run.step`, each step at
+    lr `run.lrs[run.step]`.
 
     Returns:
-        The epoch's metrics (`train/<part>` means over every step of every rank, the last lr, global
-        patches/s, seconds) and the global step after the epoch. `progress(steps done, loss, patches/s)`
-        is called every `run.log_every` steps and at the end.
+        The epoch's metrics: `train/<part>` means over every step of every rank (`train/loss` the total),
+        the last lr, global patches/s and seconds. If a loss is not finite the epoch stops before that
+        step and returns only `{DIVERGED_AT_STEP: its global step}`, on every rank (see `train_step`).
+        `progress` is updated every `run.log_every` steps and at the end.
     """
+    cfg = run.cfg
+    loader = train_loader(run.train_data, cfg, epoch)
+    generator = step_generator(cfg, epoch, run.device)
     patches_per_step = cfg.data.batch_size * cfg.patch.num
     sums: dict[str, float] = {}
     n_steps = 0
     t0 = time.perf_counter()
     for images, _ in loader:
-        views = train_batch(images.to(device, non_blocking=True), cfg, generator)
-        try:
-            loss, parts = train_step(model, views, loss_fn, optimizer, float(lrs[step]), cfg.optim.grad_clip, autocast)
-        except NonFiniteLoss as err:
-            err.step = step + 1
-            raise
-        step += 1
+        views = train_batch(images.to(run.device, non_blocking=True), cfg, generator)
+        lr = float(run.lrs[run.step])
+        out = train_step(run.model, views, run.loss_fn, run.optimizer, lr, cfg.optim.grad_clip, run.autocast)
+        if not out.finite:
+            log.error("stopping: loss is %s (parts: %s)", out.loss.item(), out.parts)
+            return {DIVERGED_AT_STEP: run.step + 1}
+        run.step += 1
         n_steps += 1
-        for k, v in {"loss": float(loss), **parts}.items():
+        loss = float(out.loss)
+        for k, v in {"loss": loss, **out.parts}.items():
             sums[k] = sums.get(k, 0.0) + v
         if progress is not None and (n_steps % cfg.run.log_every == 0 or n_steps == len(loader)):
-            progress(n_steps, float(loss), n_steps * patches_per_step / (time.perf_counter() - t0))
+            speed = n_steps * patches_per_step / (time.perf_counter() - t0)
+            progress.update(epoch, n_steps, loss, speed)
     seconds = time.perf_counter() - t0
-    metrics = _global_means(sums, n_steps, device)
+    metrics = _global_means(sums, n_steps, run.device)
     metrics.update(
-        {"lr": float(lrs[step - 1]), "patches_per_s": n_steps * patches_per_step / seconds, "epoch_seconds": seconds}
+        {
+            "lr": float(run.lrs[run.step - 1]),
+            "patches_per_s": n_steps * patches_per_step / seconds,
+            "epoch_seconds": seconds,
+        }
     )
-    return metrics, step
+    return metrics
 
 
 def _global_means(sums: Mapping[str, float], n_steps: int, device: torch.device) -> dict[str, float]:
@@ -466,21 +513,38 @@ def _probe_due(cfg: TrainConfig, epoch: int) -> bool:
     return epoch == cfg.schedule.epochs or (every > 0 and epoch % every == 0)
 
 
-def _evaluate_on_main(
-    model: nn.Module,
-    cfg: TrainConfig,
-    train_data: ImageData,
-    test_data: ImageData,
-    device: torch.device,
-    variants: Mapping[str, EvalConfig] | None,
-) -> dict[str, float]:
+def _checkpoint_due(cfg: TrainConfig, epoch: int) -> bool:
+    every = cfg.run.checkpoint_every
+    return every > 0 and (epoch % every == 0 or epoch == cfg.schedule.epochs)
+
+
+def _evaluate_on_main(run: Run) -> dict[str, float]:
     """Rank 0 probes the unwrapped model (no collectives in eval mode) while the others wait; every rank
     then gets the same metrics so that all of them report the same values."""
     metrics: dict[str, float] = {}
     if dist.is_main():
-        metrics = evaluate(unwrap(model), cfg, train_data, test_data, device, variants)
+        metrics = evaluate(
+            unwrap(run.model), run.cfg, run.train_data, run.test_data, run.device, run.eval_variants
+        )
     if dist.is_distributed():
         box = [metrics]
         torch.distributed.broadcast_object_list(box, src=0)
         metrics = box[0]
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _write_epoch(run: Run, epoch: int, metrics: Mapping[str, float]) -> Path | None:
+    """On rank 0: the epoch's checkpoint when one is due (pruning old ones), then its metrics line.
+
+    Returns:
+        The checkpoint directory written, or None (none due, or not rank 0).
+    """
+    if not dist.is_main():
+        return None
+    ckpt = None
+    if _checkpoint_due(run.cfg, epoch):
+        ckpt = save_checkpoint(run, epoch)
+        prune_checkpoints(ckpt.parent, run.cfg.run.keep_checkpoints)
+    with (run.out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return ckpt
