@@ -1,0 +1,178 @@
+"""Metric names as typed keys: the one place a metric name is built or read.
+
+The trainer and the probes make `ProbeKey`s; MLflow and Tune see their string form (`str(key)`);
+a sweep's objective is a `ProbeQuery` that matches keys. Nobody else splits a metric name.
+
+Probe metric names:
+
+    {split}/{probe}_{stat}[_{bound}]/{scheme}[:{variant}]
+    val/knn_top1/mean_emb            kNN top-1 accuracy (percent) on the validation split, mean_emb scheme
+    val/knn_top1_lo/mean_emb         lower end of its 95% Wilson interval
+    test/linear_top5/centre:grid_stride-4   a named evaluation variant (see sweeps.space)
+
+`:` separates the variant because MLflow metric names allow only letters, digits and `_ - . space : /`.
+Epoch metrics (`train/loss`, `train/<loss part>`, `lr`, `patches_per_s`, `epoch_seconds`, `epoch`) are
+plain constants below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal, cast, get_args
+
+Split = Literal["val", "test"]
+Probe = Literal["knn", "linear"]
+Stat = Literal["top1", "top5"]
+Bound = Literal["", "lo", "hi"]
+
+SPLITS: tuple[Split, ...] = get_args(Split)
+PROBES: tuple[Probe, ...] = get_args(Probe)
+STATS: tuple[Stat, ...] = get_args(Stat)
+
+# Reported after every epoch by the trainer (besides `train/<part>` for each part of the loss).
+EPOCH = "epoch"
+EPOCHS_PLANNED = "epochs_planned"  # the run's schedule.epochs, so a reader can tell a stopped run
+TRAIN_LOSS = "train/loss"
+LR = "lr"
+PATCHES_PER_S = "patches_per_s"
+EPOCH_SECONDS = "epoch_seconds"
+EPOCH_METRICS = (EPOCH, EPOCHS_PLANNED, TRAIN_LOSS, LR, PATCHES_PER_S, EPOCH_SECONDS)
+DIVERGED_AT_STEP = "diverged_at_step"  # the 1-based global step whose loss was not finite
+
+WILSON_Z = 1.959963984540054  # two-sided 95%
+
+_NAME = re.compile(
+    r"^(?P<split>[a-z]+)/(?P<probe>[a-z]+)_(?P<stat>top\d+)(?:_(?P<bound>lo|hi))?"
+    r"(?:/(?P<scheme>[a-z_]+))?(?::(?P<variant>.+))?$"
+)
+
+
+def train_part(part: str) -> str:
+    """The epoch metric of one loss term, e.g. `train/invariance`."""
+    return f"train/{part}"
+
+
+def n_images(split: Split) -> str:
+    """How many images a split's probes scored (the n of every interval on that split)."""
+    return f"{split}/n_images"
+
+
+@dataclass(frozen=True)
+class ProbeKey:
+    """One probe result: `split`, `probe`, `stat` of `scheme` under evaluation `variant` ("" = base)."""
+
+    split: Split
+    probe: Probe
+    stat: Stat
+    scheme: str
+    variant: str = ""
+    bound: Bound = ""
+
+    def __str__(self) -> str:
+        stat = f"{self.stat}_{self.bound}" if self.bound else self.stat
+        suffix = f":{self.variant}" if self.variant else ""
+        return f"{self.split}/{self.probe}_{stat}/{self.scheme}{suffix}"
+
+    @classmethod
+    def parse(cls, name: str) -> ProbeKey | None:
+        """The key a probe metric name stands for; None for any other name (epoch metrics...)."""
+        m = _NAME.match(name)
+        if m is None or m["scheme"] is None or not _known(m):
+            return None
+        return cls(
+            cast(Split, m["split"]),
+            cast(Probe, m["probe"]),
+            cast(Stat, m["stat"]),
+            m["scheme"],
+            m["variant"] or "",
+            cast(Bound, m["bound"] or ""),
+        )
+
+    def with_bound(self, bound: Bound) -> ProbeKey:
+        return replace(self, bound=bound)
+
+    def in_split(self, split: Split) -> ProbeKey:
+        return replace(self, split=split)
+
+
+@dataclass(frozen=True)
+class ProbeQuery:
+    """A sweep objective: a probe statistic on one split, for one scheme or the best over all of them.
+
+    `val/knn_top1/mean_emb` matches that key under every evaluation variant; `val/knn_top1` matches every
+    scheme and variant. Interval bounds never match.
+    """
+
+    split: Split
+    probe: Probe
+    stat: Stat
+    scheme: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.split}/{self.probe}_{self.stat}" + (f"/{self.scheme}" if self.scheme else "")
+
+    @classmethod
+    def parse(cls, name: str) -> ProbeQuery | None:
+        """The query a metric name stands for; None when it names no probe statistic or has a variant."""
+        m = _NAME.match(name)
+        if m is None or m["bound"] or m["variant"] or not _known(m):
+            return None
+        return cls(cast(Split, m["split"]), cast(Probe, m["probe"]), cast(Stat, m["stat"]), m["scheme"])
+
+    def matches(self, key: ProbeKey) -> bool:
+        return (
+            not key.bound
+            and (key.split, key.probe, key.stat) == (self.split, self.probe, self.stat)
+            and (self.scheme is None or key.scheme == self.scheme)
+        )
+
+    def best(self, metrics: Mapping[str, float], mode: Literal["max", "min"] = "max") -> tuple[ProbeKey, float] | None:
+        """The best matching value in one report, and its key; ties go to the key that sorts first."""
+        found = [(k, float(v)) for k, v in ((ProbeKey.parse(n), v) for n, v in metrics.items()) if k and self.matches(k)]
+        if not found:
+            return None
+        sign = 1.0 if mode == "max" else -1.0
+        return max(sorted(found, key=lambda kv: str(kv[0])), key=lambda kv: sign * kv[1])
+
+
+def _known(m: re.Match[str]) -> bool:
+    return m["split"] in SPLITS and m["probe"] in PROBES and m["stat"] in STATS
+
+
+def probe_keys(
+    split: Split, probes: Iterable[Probe], schemes: Iterable[str], variant: str = "", bounds: bool = True
+) -> list[ProbeKey]:
+    """Every key one evaluation reports: each probe x statistic x scheme, with its interval bounds."""
+    out = []
+    for scheme in schemes:
+        for probe in probes:
+            for stat in STATS:
+                key = ProbeKey(split, probe, stat, scheme, variant)
+                out.append(key)
+                if bounds:
+                    out += [key.with_bound("lo"), key.with_bound("hi")]
+    return out
+
+
+def wilson_interval(accuracy_pct: float, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on n images, in percent.
+
+    For p = correct / n: centre (p + z²/2n) / (1 + z²/n), half-width z / (1 + z²/n) · sqrt(p(1-p)/n + z²/4n²).
+    Unlike the normal approximation it stays inside [0, 100] and is sensible at p = 0 or 1 and small n.
+    """
+    if n <= 0:
+        raise ValueError(f"n: expected a positive number of images, got {n}")
+    p = min(1.0, max(0.0, accuracy_pct / 100.0))
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
+def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two (low, high) intervals share a point: the two accuracies are within noise."""
+    return a[0] <= b[1] and b[0] <= a[1]

@@ -1,0 +1,102 @@
+"""The metric-name contract: keys round-trip, queries match what they should, intervals are Wilson's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bagssl_core.metrics import (
+    ProbeKey,
+    ProbeQuery,
+    intervals_overlap,
+    probe_keys,
+    wilson_interval,
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["val/knn_top1/mean_emb", "test/linear_top5/centre:grid_stride-4", "val/knn_top1_lo/max_emb", "val/knn_top1_hi/whole:patches-random:grid_stride-2"],
+)
+def test_probe_key_round_trips(name: str) -> None:
+    key = ProbeKey.parse(name)
+    assert key is not None
+    assert str(key) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["train/loss", "epoch", "knn_top1/mean_emb", "val/knn_top1", "train/knn_top1/mean_emb", "val/svm_top1/mean_emb", "val/knn_top3/mean_emb"]
+)
+def test_other_names_are_not_probe_keys(name: str) -> None:
+    assert ProbeKey.parse(name) is None
+
+
+def test_query_matches_schemes_and_variants_but_not_bounds_or_other_splits() -> None:
+    q = ProbeQuery.parse("val/knn_top1")
+    assert q is not None and q.scheme is None
+    hits = [
+        "val/knn_top1/mean_emb",
+        "val/knn_top1/centre:grid_stride-4",
+    ]
+    misses = ["val/knn_top1_lo/mean_emb", "test/knn_top1/mean_emb", "val/knn_top5/mean_emb", "val/linear_top1/mean_emb"]
+    for name in hits:
+        key = ProbeKey.parse(name)
+        assert key is not None and q.matches(key), name
+    for name in misses:
+        key = ProbeKey.parse(name)
+        assert key is not None and not q.matches(key), name
+    scheme_q = ProbeQuery.parse("val/knn_top1/centre")
+    assert scheme_q is not None and str(scheme_q) == "val/knn_top1/centre"
+    assert not scheme_q.matches(ProbeKey("val", "knn", "top1", "mean_emb"))
+    assert ProbeQuery.parse("val/knn_top1/centre:grid_stride-4") is None
+    assert ProbeQuery.parse("val/knn_top1_lo") is None
+
+
+def test_best_picks_the_extreme_value_with_its_key() -> None:
+    metrics = {
+        "val/knn_top1/mean_emb": 60.0,
+        "val/knn_top1/centre:grid_stride-4": 62.5,
+        "val/knn_top1_hi/mean_emb": 99.0,
+        "test/knn_top1/mean_emb": 90.0,
+        "train/loss": 1000.0,
+    }
+    q = ProbeQuery("val", "knn", "top1")
+    best = q.best(metrics)
+    assert best is not None
+    key, value = best
+    assert (str(key), value) == ("val/knn_top1/centre:grid_stride-4", 62.5)
+    worst = q.best(metrics, mode="min")
+    assert worst is not None and worst[1] == 60.0
+    assert ProbeQuery("val", "linear", "top1").best(metrics) is None
+
+
+def test_probe_keys_cover_every_probe_stat_scheme_and_bound() -> None:
+    keys = probe_keys("val", ["knn", "linear"], ["mean_emb", "centre"], variant="v-1")
+    assert len(keys) == 2 * 2 * 2 * 3
+    assert len(set(keys)) == len(keys)
+    assert all(k.variant == "v-1" and k.split == "val" for k in keys)
+
+
+def test_wilson_interval_matches_the_formula_and_known_values() -> None:
+    # Wilson 95% for 58% of 256 images, computed by hand from the closed form.
+    lo, hi = wilson_interval(58.0, 256)
+    z = 1.959963984540054
+    p, n = 0.58, 256
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert lo == pytest.approx(100 * (centre - half))
+    assert hi == pytest.approx(100 * (centre + half))
+    assert hi - lo == pytest.approx(12.0, abs=0.3)  # about ±6 points: a 1.6-point gap is noise
+    # Edges stay inside [0, 100] and are not degenerate.
+    lo0, hi0 = wilson_interval(0.0, 10)
+    assert lo0 == 0.0 and 0 < hi0 < 35
+    lo1, hi1 = wilson_interval(100.0, 10)
+    assert hi1 == pytest.approx(100.0) and 65 < lo1 < 100
+    with pytest.raises(ValueError, match="n: expected a positive"):
+        wilson_interval(50.0, 0)
+
+
+def test_intervals_overlap() -> None:
+    assert intervals_overlap((50, 60), (59, 70))
+    assert not intervals_overlap((50, 60), (61, 70))
