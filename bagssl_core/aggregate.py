@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bagssl_core import patches as P
 from bagssl_core.config import TrainConfig, patch_pixels
+from bagssl_core.crops import centre_patch, grid_patches, sample_patches, whole_image
+from bagssl_core.patches import normalize
 
 # (h, z) of shape (B, P, D_h), (B, P, D_z) -> (B, D)
 Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,19 +51,19 @@ def view_patches(images: torch.Tensor, view: str, cfg: TrainConfig, generator: t
     img, size = cfg.image_size, cfg.input_size
     if view == "bag":
         if cfg.eval.patches == "grid":
-            return P.grid_patches(images, cfg.eval_patch_px, cfg.eval_stride, size)
+            return grid_patches(images, cfg.eval_patch_px, cfg.eval_stride, size)
         if generator is None:
             raise ValueError("random evaluation patches need a generator")
-        return P.random_patches_eval(images, cfg.eval_num_patches, cfg.eval_patch_px, size, generator)
+        return sample_patches(images, cfg.eval_num_patches, cfg.eval_patch_px, size, generator)
     if view == "centre":
-        return P.centre_patch(images, cfg.eval_patch_px, size)
+        return centre_patch(images, cfg.eval_patch_px, size)
     if view == "whole":
-        return P.whole_image(images, size)
+        return whole_image(images, size)
     if view == "multiscale":
         bags = []
         for s in cfg.eval.multiscale_sizes:
             px = patch_pixels(s, img)
-            bags.append(P.grid_patches(images, px, max(1, px // 2), size))
+            bags.append(grid_patches(images, px, max(1, px // 2), size))
         return torch.cat(bags, dim=1)
     raise ValueError(f"unknown view {view!r}")
 
@@ -85,7 +86,7 @@ def embed_views(
         b, p = x.shape[:2]
         x = x.flatten(0, 1)
         if cfg.patch.aug.normalize:
-            x = P.normalize(x, mean, std)
+            x = normalize(x, mean, std)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
             h, z = model(x)
         out[view] = (h.float().view(b, p, -1), z.float().view(b, p, -1))
