@@ -23,27 +23,27 @@ Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Scheme:
+    """An aggregation scheme: the patches it reads, and how it reduces their (h, z) to one row per image."""
+
     view: str  # which patches the scheme reads: "bag", "centre", "whole" or "multiscale"
     reduce: Reducer
-    doc: str
 
 
 SCHEMES: dict[str, Scheme] = {
-    "mean_emb": Scheme("bag", lambda h, z: h.mean(1), "mean of the evaluation patches' embeddings h"),
-    "mean_proj": Scheme("bag", lambda h, z: z.mean(1), "mean of the evaluation patches' projections z"),
-    "max_emb": Scheme("bag", lambda h, z: h.amax(1), "element-wise max of the patch embeddings"),
-    "centre": Scheme("centre", lambda h, z: h[:, 0], "embedding of the single central patch"),
-    "whole": Scheme("whole", lambda h, z: h[:, 0], "embedding of the whole image resized to the input size"),
-    "multiscale": Scheme("multiscale", lambda h, z: h.mean(1), "mean embedding over grids of several patch sizes"),
+    "mean_emb": Scheme("bag", lambda h, z: h.mean(1)),
+    "mean_proj": Scheme("bag", lambda h, z: z.mean(1)),
+    "max_emb": Scheme("bag", lambda h, z: h.amax(1)),
+    "centre": Scheme("centre", lambda h, z: h[:, 0]),
+    "whole": Scheme("whole", lambda h, z: h[:, 0]),
+    "multiscale": Scheme("multiscale", lambda h, z: h.mean(1)),
 }
 
 
-def check_schemes(names: Iterable[str]) -> list[str]:
-    names = list(names)
+def check_schemes(names: Iterable[str]) -> None:
+    """Raise unless every name is a scheme of `SCHEMES`."""
     unknown = [n for n in names if n not in SCHEMES]
     if unknown:
         raise ValueError(f"eval.aggregation: unknown scheme(s) {unknown}; expected any of {sorted(SCHEMES)}")
-    return names
 
 
 def view_patches(images: torch.Tensor, view: str, cfg: TrainConfig, generator: torch.Generator | None) -> torch.Tensor:
