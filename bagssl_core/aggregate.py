@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bagssl_core import patches as P
 from bagssl_core.config import TrainConfig, patch_pixels
+from bagssl_core.crops import centre_patch, grid_patches, sample_patches, whole_image
+from bagssl_core.patches import normalize
 
 # (h, z) of shape (B, P, D_h), (B, P, D_z) -> (B, D)
 Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,27 +23,27 @@ Reducer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Scheme:
+    """An aggregation scheme: the patches it reads, and how it reduces their (h, z) to one row per image."""
+
     view: str  # which patches the scheme reads: "bag", "centre", "whole" or "multiscale"
     reduce: Reducer
-    doc: str
 
 
 SCHEMES: dict[str, Scheme] = {
-    "mean_emb": Scheme("bag", lambda h, z: h.mean(1), "mean of the evaluation patches' embeddings h"),
-    "mean_proj": Scheme("bag", lambda h, z: z.mean(1), "mean of the evaluation patches' projections z"),
-    "max_emb": Scheme("bag", lambda h, z: h.amax(1), "element-wise max of the patch embeddings"),
-    "centre": Scheme("centre", lambda h, z: h[:, 0], "embedding of the single central patch"),
-    "whole": Scheme("whole", lambda h, z: h[:, 0], "embedding of the whole image resized to the input size"),
-    "multiscale": Scheme("multiscale", lambda h, z: h.mean(1), "mean embedding over grids of several patch sizes"),
+    "mean_emb": Scheme("bag", lambda h, z: h.mean(1)),
+    "mean_proj": Scheme("bag", lambda h, z: z.mean(1)),
+    "max_emb": Scheme("bag", lambda h, z: h.amax(1)),
+    "centre": Scheme("centre", lambda h, z: h[:, 0]),
+    "whole": Scheme("whole", lambda h, z: h[:, 0]),
+    "multiscale": Scheme("multiscale", lambda h, z: h.mean(1)),
 }
 
 
-def check_schemes(names: Iterable[str]) -> list[str]:
-    names = list(names)
+def check_schemes(names: Iterable[str]) -> None:
+    """Raise unless every name is a scheme of `SCHEMES`."""
     unknown = [n for n in names if n not in SCHEMES]
     if unknown:
         raise ValueError(f"eval.aggregation: unknown scheme(s) {unknown}; expected any of {sorted(SCHEMES)}")
-    return names
 
 
 def view_patches(images: torch.Tensor, view: str, cfg: TrainConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -50,19 +51,19 @@ def view_patches(images: torch.Tensor, view: str, cfg: TrainConfig, generator: t
     img, size = cfg.image_size, cfg.input_size
     if view == "bag":
         if cfg.eval.patches == "grid":
-            return P.grid_patches(images, cfg.eval_patch_px, cfg.eval_stride, size)
+            return grid_patches(images, cfg.eval_patch_px, cfg.eval_stride, size)
         if generator is None:
             raise ValueError("random evaluation patches need a generator")
-        return P.random_patches_eval(images, cfg.eval_num_patches, cfg.eval_patch_px, size, generator)
+        return sample_patches(images, cfg.eval_num_patches, cfg.eval_patch_px, size, generator)
     if view == "centre":
-        return P.centre_patch(images, cfg.eval_patch_px, size)
+        return centre_patch(images, cfg.eval_patch_px, size)
     if view == "whole":
-        return P.whole_image(images, size)
+        return whole_image(images, size)
     if view == "multiscale":
         bags = []
         for s in cfg.eval.multiscale_sizes:
             px = patch_pixels(s, img)
-            bags.append(P.grid_patches(images, px, max(1, px // 2), size))
+            bags.append(grid_patches(images, px, max(1, px // 2), size))
         return torch.cat(bags, dim=1)
     raise ValueError(f"unknown view {view!r}")
 
@@ -85,7 +86,7 @@ def embed_views(
         b, p = x.shape[:2]
         x = x.flatten(0, 1)
         if cfg.patch.aug.normalize:
-            x = P.normalize(x, mean, std)
+            x = normalize(x, mean, std)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
             h, z = model(x)
         out[view] = (h.float().view(b, p, -1), z.float().view(b, p, -1))

@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from bagssl_core.augment import blur_kernel_size
 from bagssl_core.config import TrainConfig
-from bagssl_core.patches import blur_kernel_size, channel_stats, train_batch
+from bagssl_core.patches import channel_stats, train_batch
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

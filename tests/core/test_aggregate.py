@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from bagssl_core import crops as C
 from bagssl_core import patches as P
 from bagssl_core.aggregate import SCHEMES, extract_features
 from bagssl_core.config import NATIVE_IMAGE_SIZE, TrainConfig, load_config
@@ -109,7 +110,7 @@ def test_bag_schemes_reduce_the_grid_patch_embeddings(
     model: BagSSLModel, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig
 ) -> None:
     feats, _ = features(model, batches, cfg, BAG_SCHEMES)
-    grid = P.grid_patches(images_of(batches), cfg.eval_patch_px, cfg.eval_stride, cfg.input_size)
+    grid = C.grid_patches(images_of(batches), cfg.eval_patch_px, cfg.eval_stride, cfg.input_size)
     side = NATIVE_IMAGE_SIZE[cfg.data.name]
     # starts 0, 6, 12, ... plus one flush with the border: 4 per side on 28 px, 5 on 32 px
     assert grid.shape == (8, {28: 16, 32: 25}[side], 3, 16, 16)
@@ -124,13 +125,13 @@ def test_single_patch_and_multiscale_schemes(
 ) -> None:
     feats, _ = features(model, batches, cfg, ["centre", "whole", "multiscale"])
     images = images_of(batches)
-    centre = P.centre_patch(images, cfg.eval_patch_px, cfg.input_size)
+    centre = C.centre_patch(images, cfg.eval_patch_px, cfg.input_size)
     torch.testing.assert_close(feats["centre"], embed_one_by_one(model, centre, cfg)[0][:, 0], **TOL)
-    whole = P.whole_image(images, cfg.input_size)
+    whole = C.whole_image(images, cfg.input_size)
     torch.testing.assert_close(feats["whole"], embed_one_by_one(model, whole, cfg)[0][:, 0], **TOL)
     half = cfg.image_size // 2
     bag = torch.cat(
-        [P.grid_patches(images, half, half // 2, cfg.input_size), whole], dim=1
+        [C.grid_patches(images, half, half // 2, cfg.input_size), whole], dim=1
     )  # sizes 0.5 (a 3x3 grid) and 1.0 (the whole image)
     assert bag.shape[1] == 10
     torch.testing.assert_close(feats["multiscale"], embed_one_by_one(model, bag, cfg)[0].mean(1), **TOL)
@@ -143,7 +144,7 @@ def test_schemes_sharing_a_view_share_one_forward_pass(
     hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
     try:
         features(model, batches, cfg, BAG_SCHEMES)
-        grid = len(P.grid_boxes(cfg.image_size, cfg.eval_patch_px, cfg.eval_stride))
+        grid = len(C.grid_boxes(cfg.image_size, cfg.eval_patch_px, cfg.eval_stride))
         assert sizes == [4 * grid, 4 * grid]  # one pass per batch for mean_emb, mean_proj and max_emb
         sizes.clear()
         features(model, batches, cfg, ALL)
