@@ -449,8 +449,7 @@ def _main(args: argparse.Namespace) -> int:
         tracker.client.set_terminated(parent, status="KILLED")
         print(f"interrupted; continue with: python -m sweeps.run {args.spec} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent,
-                          spec.tracking.experiment)
+    report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent)
     tracker.finish_parent("FINISHED", report.summary, report.artifacts)
     print(report.text)
     failed = [t for t in trials if t.status == "FAILED"]

@@ -76,7 +76,6 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str, sweep_key: str):
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
@@ -151,10 +150,6 @@ class MlflowTracker:
         for file_name, text in artifacts.items():
             self.client.log_text(run_id, text, file_name)
         self.client.set_terminated(run_id, status=status)
-
-    def child_status(self, trial_id: str) -> str | None:
-        run_id = self._children.get(trial_id)
-        return self.client.get_run(run_id).info.status if run_id else None
 
     # --- helpers --------------------------------------------------------------------------------
     def _search(self, filter_string: str) -> list[Any]:
@@ -232,7 +227,7 @@ class TrialLogger:
         self.last_epoch[trial_id] = epoch
         self.tracker.log_epoch(trial_id, metrics, epoch)
 
-    def complete(self, trial_id: str) -> str:
+    def complete(self, trial_id: str) -> None:
         """FINISHED when the trial ran every epoch, KILLED when the scheduler stopped it early."""
         from bagssl_core.probes import format_probe_table
 
@@ -240,7 +235,6 @@ class TrialLogger:
         table = format_probe_table(self.last_result.get(trial_id, {}))
         self.tracker.finish_child(trial_id, status, {"probes.txt": table} if table else {})
         self.statuses[trial_id] = status
-        return status
 
     def error(self, trial_id: str, message: str) -> None:
         self.tracker.finish_child(trial_id, "FAILED", {"error.txt": message})
