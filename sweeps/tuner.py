@@ -63,7 +63,7 @@ def build_tuner(
     storage, name = exp_dir.rsplit("/", 1)
     tune_config = tune.TuneConfig(
         metric=spec.metric, mode=spec.mode, search_alg=_search_algorithm(spec, trials_at_once),
-        scheduler=_scheduler(spec, epochs), num_samples=spec.num_samples, max_concurrent_trials=trials_at_once,
+        scheduler=_scheduler(spec, epochs), num_samples=spec.num_samples,
     )
     # The live table: the objective and the searched parameters of every trial, best first.
     reporter = tune.CLIReporter(
@@ -77,7 +77,13 @@ def build_tuner(
 
 
 def _search_algorithm(spec: SweepSpec, trials_at_once: int) -> SearchAlgorithm | Searcher:
-    """The spec's searcher, limited to `trials_at_once` live trials."""
+    """The spec's searcher, limited to `trials_at_once` live trials.
+
+    The limit lives here and not in `TuneConfig.max_concurrent_trials`: Tune applies that one by wrapping a
+    `Searcher` (Optuna) in a `ConcurrencyLimiter`, but ignores it, with a warning, for a `SearchAlgorithm`
+    such as the `BasicVariantGenerator` we build ourselves to seed it (ray/tune/tune.py, `run`). Limiting
+    both searchers here is the one way that covers both.
+    """
     if spec.search.algo == "optuna":
         return ConcurrencyLimiter(_optuna(spec), max_concurrent=trials_at_once)
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=trials_at_once)
