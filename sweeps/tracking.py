@@ -1,8 +1,9 @@
 """MLflow: one parent run per sweep, one child run per trial, written from the driver only.
 
 Runs opened inside Ray workers stay RUNNING when Tune kills a trial, so workers never talk to MLflow:
-`MlflowTracker` is fed by a Tune callback in the driver (docs/operations.md, "MLflow from the driver"). Each child run carries the trial id as a
-tag and is looked up before it is created, so a resumed sweep or a retried trial never duplicates one.
+`MlflowTracker` is fed by a Tune callback in the driver (docs/operations.md, "MLflow from the driver").
+Each child run carries the trial id as a tag and is looked up before it is created, so a resumed sweep
+or a retried trial never duplicates one.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         parent = db.parent if str(db.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise TrackingError(f"tracking.uri: {uri}: directory {parent} does not exist or is not writable")
-    elif uri.startswith("file:") or "://" not in uri:
+    elif uri.startswith("file:") or "://" not in uri:  # docs/operations.md, "The store"
         raise TrackingError(
             f"tracking.uri: {uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"
         )

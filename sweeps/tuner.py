@@ -34,8 +34,8 @@ def run_with_ray(
     trial_fn = make_trial_fn(plan, exp_dir + "/train_runs", spec.resources, spec.failure.max_retries)
     trainable = tune.with_resources(trial_fn, placement.trial_bundle)
     if resume:
-        # The restored experiment keeps the callbacks it pickled, `callback` included (docs/operations.md,
-        # "The MLflow callback").
+        # A restored experiment runs the callbacks it pickled when it started; `callback` serves a fresh
+        # one only (docs/operations.md, "The MLflow callback").
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
         tuner = build_tuner(spec, trainable, exp_dir, placement.trials_at_once, epochs, callback)
@@ -90,6 +90,8 @@ def _search_algorithm(spec: SweepSpec, trials_at_once: int) -> SearchAlgorithm |
 
 
 def _optuna(spec: SweepSpec) -> OptunaSearch:
+    # Known limitation: a trial the scheduler stopped reaches Optuna as COMPLETE with its last value
+    # (docs/operations.md, "Optuna and stopped trials").
     s = spec.search
     samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),
@@ -101,8 +103,8 @@ def _optuna(spec: SweepSpec) -> OptunaSearch:
 
 
 def _scheduler(spec: SweepSpec, epochs: int) -> TrialScheduler:
-    # "epoch", not Tune's training_iteration: that one counts from 1 again after a resume (docs/operations.md,
-    # "ASHA").
+    # "epoch", not Tune's training_iteration: that one counts from 1 again after a resume
+    # (docs/operations.md, "ASHA").
     if spec.scheduler.name == "asha":
         # max_t above the epoch count: trials that run all epochs end by themselves.
         return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=spec.scheduler.grace_period,
