@@ -22,10 +22,17 @@ class TrialOutcome:
 
 @dataclass
 class Report:
+    """What a finished sweep tells the user and its MLflow parent run.
+
+    Attributes:
+        text: the console report.
+        summary: trial counts and the best trial (its numbers become metrics of the parent run, the rest tags).
+        artifacts: file name -> text, logged on the parent run.
+    """
+
     text: str
     summary: dict[str, Any]
     artifacts: dict[str, str]
-    best_config_path: Path | None
 
 
 def trial_status(metrics: Mapping[str, float], failed: bool, epochs: int) -> str:
@@ -95,16 +102,23 @@ def write_report(
     out_dir: Path | None,
     tracking_uri: str,
     parent_run_id: str,
-    experiment: str,
 ) -> Report:
-    """Print-ready text, MLflow summary/artifacts, and best_config.yaml + trials.txt under out_dir."""
+    """Print-ready text, MLflow summary/artifacts, and best_config.yaml + trials.txt under out_dir.
+
+    Args:
+        spec: the sweep.
+        base: the spec's resolved base config tree, which every trial's parameters override.
+        trials: every trial's outcome.
+        out_dir: where best_config.yaml and trials.txt go; None (remote storage) prints the config instead.
+        tracking_uri: the MLflow store the sweep wrote to.
+        parent_run_id: the sweep's parent run.
+    """
     table = format_table(trials, spec.metric, spec.mode)
     counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED", "FAILED")}
     lines = [f"sweep {spec.name}: {len(trials)} trial(s): "
              + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n), table]
     summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
     artifacts = {"trials.txt": table + "\n"}
-    best_path = None
     best = best_trial(trials, spec.metric, spec.mode)
     if best is None:
         lines.append("no trial reported the objective; no best config")
@@ -123,5 +137,5 @@ def write_report(
         else:
             lines.append("best config:\n" + text)
     ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
-    lines.append(f"MLflow: experiment {experiment!r}, parent run {parent_run_id} at {tracking_uri}; open with: {ui}")
-    return Report("\n".join(lines), summary, artifacts, best_path)
+    lines.append(f"MLflow: experiment {spec.tracking.experiment!r}, parent run {parent_run_id} at {tracking_uri}; open with: {ui}")
+    return Report("\n".join(lines), summary, artifacts)

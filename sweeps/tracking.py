@@ -1,8 +1,9 @@
 """MLflow: one parent run per sweep, one child run per trial, written from the driver only.
 
-Runs opened inside Ray workers stay RUNNING when Tune kills a trial (NOTES.md), so workers never talk to
-MLflow: `MlflowTracker` is fed by a Tune callback in the driver. Each child run carries the trial id as a
-tag and is looked up before it is created, so a resumed sweep or a retried trial never duplicates one.
+Runs opened inside Ray workers stay RUNNING when Tune kills a trial, so workers never talk to MLflow:
+`MlflowTracker` is fed by a Tune callback in the driver (docs/operations.md, "MLflow from the driver").
+Each child run carries the trial id as a tag and is looked up before it is created, so a resumed sweep
+or a retried trial never duplicates one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from bagssl_core.config import flatten
+from bagssl_core.probes import format_probe_table
+from bagssl_core.provenance import provenance
+from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         parent = db.parent if str(db.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise TrackingError(f"tracking.uri: {uri}: directory {parent} does not exist or is not writable")
-    elif uri.startswith("file:") or "://" not in uri:
+    elif uri.startswith("file:") or "://" not in uri:  # docs/operations.md, "The store"
         raise TrackingError(
             f"tracking.uri: {uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"
         )
@@ -70,13 +76,20 @@ def _param_value(v: Any) -> str:
     return s[:MAX_PARAM_LEN]
 
 
+def sweep_params(spec: SweepSpec) -> dict[str, Any]:
+    """The parent run's params: the space, objective, search, and the code and package versions."""
+    info = provenance(extra_packages=("ray", "optuna", "mlflow"))
+    params: dict[str, Any] = {f"space.{k}": {d.kind: list(d.args)} for k, d in spec.space.items()}
+    params.update({"metric": spec.metric, "mode": spec.mode, "num_samples": spec.num_samples, "search": spec.search.algo,
+                   "scheduler": spec.scheduler.name, "workers_per_trial": spec.resources.workers_per_trial})
+    params.update({k: v for k, v in info.items() if v is not None})
+    return params
+
+
 class MlflowTracker:
     """Parent run of a sweep and a child per trial, in one experiment."""
 
     def __init__(self, uri: str, experiment: str, sweep_key: str):
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
@@ -152,10 +165,6 @@ class MlflowTracker:
             self.client.log_text(run_id, text, file_name)
         self.client.set_terminated(run_id, status=status)
 
-    def child_status(self, trial_id: str) -> str | None:
-        run_id = self._children.get(trial_id)
-        return self.client.get_run(run_id).info.status if run_id else None
-
     # --- helpers --------------------------------------------------------------------------------
     def _search(self, filter_string: str) -> list[Any]:
         return list(
@@ -165,16 +174,12 @@ class MlflowTracker:
         )
 
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
         items = [Param(k, _param_value(v)) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
         for i in range(0, len(items), 1000):
@@ -232,15 +237,12 @@ class TrialLogger:
         self.last_epoch[trial_id] = epoch
         self.tracker.log_epoch(trial_id, metrics, epoch)
 
-    def complete(self, trial_id: str) -> str:
+    def complete(self, trial_id: str) -> None:
         """FINISHED when the trial ran every epoch, KILLED when the scheduler stopped it early."""
-        from bagssl_core.probes import format_probe_table
-
         status = "FINISHED" if self.last_epoch.get(trial_id, 0) >= self.epochs else "KILLED"
         table = format_probe_table(self.last_result.get(trial_id, {}))
         self.tracker.finish_child(trial_id, status, {"probes.txt": table} if table else {})
         self.statuses[trial_id] = status
-        return status
 
     def error(self, trial_id: str, message: str) -> None:
         self.tracker.finish_child(trial_id, "FAILED", {"error.txt": message})
@@ -251,7 +253,8 @@ class MlflowTuneCallback(Callback):
     """Forwards Tune's trial events to MLflow from the driver.
 
     Tune pickles its callbacks into the experiment state and a restored sweep uses those copies, so this
-    holds only plain settings and builds its MLflow client in `setup`.
+    holds only plain settings and builds its MLflow client in `setup` (docs/operations.md, "The MLflow
+    callback").
     """
 
     def __init__(self, uri: str, experiment: str, sweep_key: str, parent_id: str, epochs: int,

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.train
+from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten, merge_overrides
 from bagssl_core.train import RunResult, train
+from sweeps.resources import worker_resources
 from sweeps.space import objective, trial_overrides
+from sweeps.spec import ResourcesSpec
 
 # metrics, checkpoint directory (rank 0, when one was written this epoch)
 TrialReporter = Callable[[dict[str, float], "Path | None"], None]
@@ -75,8 +82,6 @@ def run_trial(
 
 def worker_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: the process group is already initialised by TorchTrainer."""
-    import ray.train
-
     plan: TrialPlan = config["plan"]
     params: dict[str, Any] = config["params"]
 
@@ -92,7 +97,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _restored_checkpoint(checkpoint: Any) -> Iterator[Path | None]:
+def _restored_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path | None]:
     if checkpoint is None:
         yield None
         return
@@ -101,28 +106,34 @@ def _restored_checkpoint(checkpoint: Any) -> Iterator[Path | None]:
 
 
 def make_trial_fn(
-    plan: TrialPlan, storage_path: str, workers: int, cpus: float, gpus: float, max_failures: int
+    plan: TrialPlan, storage_path: str, resources: ResourcesSpec, max_failures: int
 ) -> Callable[[dict[str, Any]], None]:
-    """The Tune trainable: builds and fits a TorchTrainer named after the trial (restore finds it by name)."""
+    """The Tune trainable: builds and fits a TorchTrainer of `resources.workers_per_trial` workers.
+
+    Args:
+        plan: what every trial of the sweep shares.
+        storage_path: where the trials' Train runs live.
+        resources: each trial's workers and what each one holds.
+        max_failures: times a failed Train run restarts from its last checkpoint.
+    """
 
     def trial_fn(params: dict[str, Any]) -> None:
-        import ray.train
-        from ray import tune
-        from ray.train.torch import TorchTrainer
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        trial_id = tune.get_context().get_trial_id()
-        per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"plan": plan, "params": params},
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker
+                num_workers=resources.workers_per_trial,
+                use_gpu=resources.gpus_per_worker > 0,
+                resources_per_worker=worker_resources(resources),
             ),
             run_config=ray.train.RunConfig(
-                name=f"train_{trial_id}",
+                # The trial id and no timestamp: a restored trial finds its Train run, and its
+                # checkpoints, by this name (docs/operations.md, "Resuming").
+                name=f"train_{tune.get_context().get_trial_id()}",
                 storage_path=storage_path,
                 callbacks=[TuneReportCallback()],
+                # A finite controller_failure_limit: Ray's default retries a worker group that never
+                # starts forever (docs/operations.md, "Resources").
                 failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),

@@ -1,7 +1,7 @@
 """One real local Ray cluster for the whole session: sweeps under test join it with --address.
 
 Starting Ray costs 5-14 s here and a second Ray on the machine confuses Train's placement-group
-cleaner (NOTES.md), so every Ray test shares this one.
+cleaner (docs/operations.md, "The dashboard"), so every Ray test shares this one.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,17 +17,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sweeps.ray_env import free_port
 
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
+    # As a sweep's own local Ray: the dashboard pinned for Train's placement-group cleaner, and a
+    # 'trial_slot' per core for the trials' own actors (docs/operations.md, "The dashboard", "Resources").
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
     cmd = [
         ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",

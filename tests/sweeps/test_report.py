@@ -114,8 +114,8 @@ def test_format_table_sorts_best_first() -> None:
 def test_write_report_writes_best_config_and_table(aggregation, tmp_path: Path) -> None:
     spec, base = aggregation
     out = tmp_path / "sweep"
-    report = write_report(spec, base, TRIALS, out, "sqlite:///mlflow.db", "parent123", "bagssl-aggregation")
-    assert report.best_config_path == out / "best_config.yaml"
+    report = write_report(spec, base, TRIALS, out, "sqlite:///mlflow.db", "parent123")
+    assert (out / "best_config.yaml").read_text() == report.artifacts["best_config.yaml"]
     cfg = load_config(out / "best_config.yaml")
     assert (cfg.patch.size, cfg.eval.grid_stride) == (14, 7)
     assert (out / "trials.txt").read_text() == format_table(TRIALS, "linear_top1", "max") + "\n"
@@ -128,20 +128,23 @@ def test_write_report_writes_best_config_and_table(aggregation, tmp_path: Path) 
     ) == (2, 2, 1)
     assert set(report.artifacts) == {"trials.txt", "best_config.yaml"}
     assert "best trial c" in report.text
-    assert "parent123" in report.text
+    assert "parent123" in report.text and "'bagssl-aggregation'" in report.text
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in report.text
 
 
-def test_write_report_without_out_dir_prints_config(aggregation) -> None:
+def test_write_report_without_out_dir_prints_config(
+    aggregation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spec, base = aggregation
-    report = write_report(spec, base, TRIALS, None, "http://mlflow:5000", "p", "e")
-    assert report.best_config_path is None
+    monkeypatch.chdir(tmp_path)
+    report = write_report(spec, base, TRIALS, None, "http://mlflow:5000", "p")
+    assert list(tmp_path.iterdir()) == []  # nothing written
     assert report.artifacts["best_config.yaml"] in report.text
 
 
 def test_write_report_no_best(aggregation, tmp_path: Path) -> None:
     spec, base = aggregation
-    report = write_report(spec, base, TRIALS[1:2], tmp_path / "sweep", "sqlite:///m.db", "p", "e")
+    report = write_report(spec, base, TRIALS[1:2], tmp_path / "sweep", "sqlite:///m.db", "p")
     assert "no best config" in report.text
     assert not (tmp_path / "sweep" / "best_config.yaml").exists()
     assert report.summary == {"trials_finished": 0, "trials_killed": 0, "trials_failed": 1}

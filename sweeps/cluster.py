@@ -1,0 +1,93 @@
+"""Ray for a sweep: join a cluster or start a local one, and work out how many trials it holds at once.
+
+Call `sweeps.ray_env.prepare_ray_environment` before importing this module: Ray reads part of its
+settings at import. docs/operations.md explains each workaround here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+
+from sweeps.ray_env import free_port
+from sweeps.resources import trial_resources, worker_group_fits, worker_resources
+from sweeps.spec import SpecError, SweepSpec
+
+# The trainable's own actor on a cluster without a 'trial_slot' resource: a bundle must not be empty
+# (docs/operations.md, "Resources").
+_TRIAL_ACTOR_MEMORY = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a sweep's trials sit on the cluster.
+
+    Attributes:
+        trials_at_once: trials that run concurrently (the cluster's capacity, capped by max_concurrent).
+        trial_bundle: the resources of each trial's own Tune actor, which only drives its TorchTrainer.
+    """
+
+    trials_at_once: int
+    trial_bundle: dict[str, float]
+
+
+def init_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS); else start a local Ray sized to this machine's cores."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise SpecError(f"--address: cannot join the Ray cluster at {address}: {err}") from None
+        return
+    # The dashboard serves the State API that Train's placement-group cleaner needs; the cleaner finds it by
+    # auto-detection, which fails while another Ray runs on this machine, so its address is pinned in
+    # every worker's environment (docs/operations.md, "The dashboard").
+    port = free_port()
+    ray.init(
+        num_cpus=os.cpu_count(),
+        resources={"trial_slot": os.cpu_count() or 1},
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
+
+
+def placement(spec: SweepSpec) -> Placement:
+    """How many trials fit at once on the connected cluster; SpecError if a trial can never be placed."""
+    r = spec.resources
+    need = trial_resources(r)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    if not worker_group_fits(nodes, r.workers_per_trial, worker_resources(r)):
+        raise SpecError(
+            f"resources: a trial needs {r.workers_per_trial} worker(s) x ({r.cpus_per_worker:g} CPU, "
+            f"{r.gpus_per_worker:g} GPU) and can never be placed on this cluster "
+            f"({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU over {len(nodes)} node(s)); "
+            "expected fewer workers_per_trial or smaller cpus_per_worker/gpus_per_worker"
+        )
+    fit = int(total["CPU"] // need["CPU"])
+    if need.get("GPU"):
+        fit = min(fit, int(total.get("GPU", 0) // need["GPU"]))
+    # A trial's own actor holds a 'trial_slot' (local Ray) so that it takes no CPU from its workers.
+    bundle = {"CPU": 0, "trial_slot": 1} if total.get("trial_slot") else {"CPU": 0, "memory": _TRIAL_ACTOR_MEMORY}
+    return Placement(trials_at_once=max(1, min(fit, spec.max_concurrent or fit)), trial_bundle=bundle)
+
+
+@contextlib.contextmanager
+def ray_cluster(spec: SweepSpec, address: str | None) -> Iterator[Placement]:
+    """Ray joined or started for this sweep, once a trial is known to fit; shut down (or left) on exit."""
+    init_ray(address)
+    # Tune saves its state on SIGINT but Ray's own SIGTERM handler (installed by ray.init) exits at once:
+    # route SIGTERM through the graceful path so that --resume loses nothing (docs/operations.md, "Stopping").
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield placement(spec)
+    finally:
+        ray.shutdown()

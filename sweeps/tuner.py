@@ -1,0 +1,114 @@
+"""The Tune experiment of a sweep: its trainable, searcher, scheduler and live table; run or restored.
+
+Needs Ray started (`sweeps.cluster.ray_cluster`). docs/operations.md explains the choices here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from sweeps.cluster import Placement
+from sweeps.report import TrialOutcome, trial_status
+from sweeps.space import param_space
+from sweeps.spec import SweepSpec, trial_count
+from sweeps.tracking import MlflowTuneCallback, trainer_metrics
+from sweeps.trainable import TrialPlan, make_trial_fn
+
+log = logging.getLogger(__name__)
+
+
+def run_with_ray(
+    spec: SweepSpec, plan: TrialPlan, exp_dir: str, placement: Placement, callback: MlflowTuneCallback, resume: bool
+) -> list[TrialOutcome] | None:
+    """Run (or restore) the Tune experiment at exp_dir; the trials' outcomes, or None when it was interrupted."""
+    epochs = plan.config({}).schedule.epochs
+    trial_fn = make_trial_fn(plan, exp_dir + "/train_runs", spec.resources, spec.failure.max_retries)
+    trainable = tune.with_resources(trial_fn, placement.trial_bundle)
+    if resume:
+        # A restored experiment runs the callbacks it pickled when it started; `callback` serves a fresh
+        # one only (docs/operations.md, "The MLflow callback").
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+    else:
+        tuner = build_tuner(spec, trainable, exp_dir, placement.trials_at_once, epochs, callback)
+    log.info("running up to %d trial(s) at once", placement.trials_at_once)
+    grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < trial_count(spec):
+        return None
+    out = []
+    for res in grid:
+        metrics = trainer_metrics(res.metrics or {})
+        tid = (res.metrics or {}).get("trial_id") or Path(res.path).name
+        out.append(TrialOutcome(tid, dict(res.config or {}), trial_status(metrics, res.error is not None, epochs), metrics))
+    return out
+
+
+def build_tuner(
+    spec: SweepSpec,
+    trainable: Callable[[dict[str, Any]], None],
+    exp_dir: str,
+    trials_at_once: int,
+    epochs: int,
+    callback: MlflowTuneCallback,
+) -> tune.Tuner:
+    """A fresh Tune experiment at exp_dir (its storage path / its name)."""
+    storage, name = exp_dir.rsplit("/", 1)
+    tune_config = tune.TuneConfig(
+        metric=spec.metric, mode=spec.mode, search_alg=_search_algorithm(spec, trials_at_once),
+        scheduler=_scheduler(spec, epochs), num_samples=spec.num_samples,
+    )
+    # The live table: the objective and the searched parameters of every trial, best first.
+    reporter = tune.CLIReporter(
+        metric_columns={"epoch": "epoch", spec.metric: spec.metric, "train/loss": "loss", "patches_per_s": "patches/s"},
+        parameter_columns=list(spec.train_axes()),
+        sort_by_metric=True, max_report_frequency=30,
+    )
+    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], progress_reporter=reporter,
+                                failure_config=tune.FailureConfig(max_failures=0))
+    return tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
+
+
+def _search_algorithm(spec: SweepSpec, trials_at_once: int) -> SearchAlgorithm | Searcher:
+    """The spec's searcher, limited to `trials_at_once` live trials.
+
+    The limit lives here and not in `TuneConfig.max_concurrent_trials`: Tune applies that one by wrapping a
+    `Searcher` (Optuna) in a `ConcurrencyLimiter`, but ignores it, with a warning, for a `SearchAlgorithm`
+    such as the `BasicVariantGenerator` we build ourselves to seed it (ray/tune/tune.py, `run`). Limiting
+    both searchers here is the one way that covers both.
+    """
+    if spec.search.algo == "optuna":
+        return ConcurrencyLimiter(_optuna(spec), max_concurrent=trials_at_once)
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=trials_at_once)
+
+
+def _optuna(spec: SweepSpec) -> OptunaSearch:
+    # Known limitation: a trial the scheduler stopped reaches Optuna as COMPLETE with its last value
+    # (docs/operations.md, "Optuna and stopped trials").
+    s = spec.search
+    samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),
+        "random": lambda: optuna.samplers.RandomSampler(seed=s.seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=s.seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
+    }
+    return OptunaSearch(sampler=samplers[s.sampler](), seed=s.seed)
+
+
+def _scheduler(spec: SweepSpec, epochs: int) -> TrialScheduler:
+    # "epoch", not Tune's training_iteration: that one counts from 1 again after a resume
+    # (docs/operations.md, "ASHA").
+    if spec.scheduler.name == "asha":
+        # max_t above the epoch count: trials that run all epochs end by themselves.
+        return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=spec.scheduler.grace_period,
+                             reduction_factor=spec.scheduler.reduction_factor)
+    if spec.scheduler.name == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=spec.scheduler.grace_period)
+    return FIFOScheduler()
