@@ -31,6 +31,12 @@ NATIVE_IMAGE_SIZE: dict[str, int] = {
 }
 # Losses that pull every patch of an image toward the bag mean: they need at least two patches.
 BAG_LOSSES = frozenset({"bag_vicreg", "tcr"})
+_SIZE_EXPECTED = "expected pixels (an int >= 1) or a fraction of the side in (0, 1]"
+
+
+def _is_size(v: int | float) -> bool:
+    """Whether `v` is a patch side: pixels (an int >= 1) or a fraction of the image side in (0, 1]."""
+    return 0 < v <= 1 if isinstance(v, float) else v >= 1
 
 
 class ConfigError(ValueError):
@@ -94,11 +100,9 @@ class PatchConfig(_Part):
 
     @field_validator("size")
     @classmethod
-    def _positive(cls, v: int | float) -> int | float:
-        if isinstance(v, float) and not 0 < v <= 1:
-            raise ValueError("expected pixels (an int >= 1) or a fraction of the side in (0, 1]")
-        if isinstance(v, int) and v < 1:
-            raise ValueError("expected pixels (an int >= 1) or a fraction of the side in (0, 1]")
+    def _size(cls, v: int | float) -> int | float:
+        if not _is_size(v):
+            raise ValueError(_SIZE_EXPECTED)
         return v
 
     @field_validator("view_scale")
@@ -187,6 +191,13 @@ class EvalConfig(_Part):
             raise ValueError("expected each name once")
         return v
 
+    @field_validator("grid_size")
+    @classmethod
+    def _grid_size(cls, v: int | float | None) -> int | float | None:
+        if v is not None and not _is_size(v):
+            raise ValueError(_SIZE_EXPECTED)
+        return v
+
 
 class RunConfig(_Part):
     seed: int = Field(0, description="Seeds data order, patches, augmentation, init and probes.")
@@ -260,16 +271,9 @@ class TrainConfig(_Part):
         if self.eval_patch_px > img:
             raise ValueError(f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image")
         for s in self.eval.multiscale_sizes:
-            if isinstance(s, float) and not 0 < s <= 1 or isinstance(s, int) and not 1 <= s <= img:
+            if not _is_size(s) or patch_pixels(s, img) > img:
                 raise ValueError(f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]")
-        if self.eval.grid_size is not None:
-            self._check_size("eval.grid_size", self.eval.grid_size)
         return self
-
-    @staticmethod
-    def _check_size(key: str, v: int | float) -> None:
-        if isinstance(v, float) and not 0 < v <= 1 or isinstance(v, int) and v < 1:
-            raise ValueError(f"{key}: expected pixels (an int >= 1) or a fraction of the side in (0, 1]")
 
 
 # --- loading, overriding, dumping ------------------------------------------------------------------
