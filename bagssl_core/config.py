@@ -311,10 +311,26 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of `base` with each dotted override applied."""
+    """A deep copy of `base` with `overrides` merged in key by key, at every depth; later keys win.
+
+    Keys may be dotted at any level (`patch.aug.flip_p: 0` and `patch: {aug.flip_p: 0}` are the same), and
+    a section in `overrides` changes only the keys it names: the other keys of that section in `base` stay.
+    """
     tree = copy.deepcopy(dict(base))
-    for key, value in overrides.items():
+    for key, value in flatten(overrides).items():
         set_dotted(tree, key, value)
     return tree
 
@@ -430,34 +446,19 @@ def load_config(
         raise ConfigError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     tree = merge_overrides({}, PRESETS[preset]) if preset is not None else {}
     if path is not None:
-        tree = _deep_merge(tree, read_yaml_mapping(path))
+        from_file = read_yaml_mapping(path)
+        try:
+            tree = merge_overrides(tree, from_file)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
     return validate_config(merge_overrides(tree, over), source)
 
 
-def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(dict(base))
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
 def config_to_yaml(cfg: TrainConfig) -> str:
     """The fully resolved config as YAML, loadable by `load_config`."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 @functools.cache

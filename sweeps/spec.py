@@ -245,25 +245,20 @@ def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str
 
 
 def resolve_base(spec: SweepSpec, spec_dir: Path, source: str) -> dict[str, Any]:
-    """The base TrainConfig as a plain dict: `base.config` file (relative to the spec), then the other keys."""
+    """The base TrainConfig as a plain dict: the `base.config` file (relative to the spec), with the spec's
+    other base keys merged over it key by key (see `merge_overrides`)."""
     base = dict(spec.base)
-    tree: dict[str, Any] = {}
     cfg_path = base.pop("config", None)
+    tree: dict[str, Any] = {}
     if cfg_path is not None:
-        p = Path(cfg_path)
-        p = p if p.is_absolute() else spec_dir / p
         try:
-            tree = read_yaml_mapping(p)
+            tree = read_yaml_mapping(spec_dir / str(cfg_path))
         except ConfigError as err:
             raise SpecError(f"{source}: base.config: {err}") from None
-    nested = {k: v for k, v in base.items() if "." not in k}
-    dotted = {k: v for k, v in base.items() if "." in k}
-    for section, value in nested.items():
-        if isinstance(value, dict) and isinstance(tree.get(section), dict):
-            tree[section] = merge_overrides(tree[section], value)
-        else:
-            tree[section] = value
-    return merge_overrides(tree, dotted)
+    try:
+        return merge_overrides(tree, base)
+    except ConfigError as err:
+        raise SpecError(f"{source}: base: {err}") from None
 
 
 def coerce_value(path: str, value: Any) -> Any:

@@ -132,6 +132,14 @@ def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path: Path) -> None:
     assert config_error([], path) == f"{path}: patch.sise: unknown key"
 
 
+def test_a_file_section_over_a_preset_keeps_the_presets_other_keys(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("patch:\n  num: 4\n  aug: {flip_p: 0.0}\nschedule.epochs: 2\n")
+    cfg = load_config(path, preset="quick")
+    assert (cfg.patch.num, cfg.patch.aug.flip_p, cfg.schedule.epochs) == (4, 0.0, 2)
+    assert (cfg.patch.size, cfg.patch.input_size, cfg.schedule.warmup_epochs) == (14, 14, 0.5)  # the preset's
+
+
 # --- cross-field checks ----------------------------------------------------------------------------
 
 
