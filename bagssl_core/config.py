@@ -10,6 +10,7 @@ import copy
 import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
@@ -351,7 +352,7 @@ def _field_path(loc: tuple[Any, ...], keep_all: bool) -> str:
 @functools.cache
 def _path_prefixes() -> frozenset[str]:
     out: set[str] = set()
-    for path in config_paths():
+    for path in config_defaults():
         bits = path.split(".")
         out.update(".".join(bits[: i + 1]) for i in range(len(bits)))
     return frozenset(out)
@@ -462,9 +463,9 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 
 @functools.cache
-def config_paths() -> frozenset[str]:
-    """Every dotted leaf path of TrainConfig (e.g. `patch.size`), for validating sweep spaces."""
-    return frozenset(flatten(TrainConfig().model_dump(mode="json")))
+def config_defaults() -> Mapping[str, Any]:
+    """Every dotted leaf path of TrainConfig (e.g. `patch.size`) and its default, as YAML would give it."""
+    return MappingProxyType(flatten(TrainConfig().model_dump(mode="json")))
 
 
 def config_reference() -> str:

@@ -6,7 +6,6 @@ module does not import Ray, torch or MLflow, so a bad spec fails in well under a
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -19,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bagssl_core.config import (
     ConfigError,
     TrainConfig,
-    config_paths,
+    config_defaults,
     describe_validation_error,
-    flatten,
     merge_overrides,
     parse_overrides,
     read_yaml_file,
@@ -144,7 +142,7 @@ class SweepSpec(_Strict):
     @field_validator("space")
     @classmethod
     def _paths(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
-        known = config_paths()
+        known = config_defaults()
         for key in space:
             if key not in known:
                 close = sorted(p for p in known if p.split(".")[-1] == key.split(".")[-1])
@@ -263,15 +261,9 @@ def resolve_base(spec: SweepSpec, spec_dir: Path, source: str) -> dict[str, Any]
 
 def coerce_value(path: str, value: Any) -> Any:
     """A scalar given for a list-typed field (e.g. `eval.aggregation: centre`) means a one-element list."""
-    default = _defaults().get(path)
-    if isinstance(default, list) and not isinstance(value, list):
+    if isinstance(config_defaults().get(path), list) and not isinstance(value, list):
         return [value]
     return value
-
-
-@functools.cache
-def _defaults() -> dict[str, Any]:
-    return flatten(TrainConfig().model_dump(mode="json"))
 
 
 def validate_trial_config(base: Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> TrainConfig:

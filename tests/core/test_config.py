@@ -11,7 +11,7 @@ import pytest
 from bagssl_core.config import (
     ConfigError,
     TrainConfig,
-    config_paths,
+    config_defaults,
     config_to_yaml,
     load_config,
     parse_overrides,
@@ -256,9 +256,10 @@ def test_effective_lr_scales_with_the_global_batch() -> None:
     assert cfg.optim.base_lr == 0.3  # the swept value is never overwritten
 
 
-def test_config_paths_are_the_dotted_leaves() -> None:
-    paths = config_paths()
-    assert {"patch.size", "loss.inv_weight", "eval.aggregation", "patch.aug.flip_p", "run.seed"} <= paths
+def test_config_defaults_are_the_dotted_leaves() -> None:
+    paths = config_defaults()
+    assert {"patch.size", "loss.inv_weight", "eval.aggregation", "patch.aug.flip_p", "run.seed"} <= paths.keys()
+    assert (paths["patch.size"], paths["eval.aggregation"], paths["patch.aug.blur_sigma"]) == (16, ["mean_emb"], [0.1, 2.0])
     assert "patch" not in paths and "patch.aug" not in paths  # sections are not leaves
     for path in paths:  # every leaf is a key a YAML file or an override may set
         section, *rest = path.split(".")
