@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
 BackboneName = Literal["resnet18_cifar", "resnet18", "resnet50"]
@@ -336,61 +337,17 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return tree
 
 
-def _field_path(loc: tuple[Any, ...], keep_all: bool) -> str:
-    """The dotted config key of an error location, without pydantic's union/type and index suffixes."""
-    if keep_all:
-        return ".".join(str(p) for p in loc)
-    prefixes = _path_prefixes()
-    parts: list[str] = []
-    for p in loc:
-        if ".".join([*parts, str(p)]) not in prefixes:
-            break
-        parts.append(str(p))
-    return ".".join(parts)
-
-
-@functools.cache
-def _path_prefixes() -> frozenset[str]:
-    out: set[str] = set()
-    for path in config_defaults():
-        bits = path.split(".")
-        out.update(".".join(bits[: i + 1]) for i in range(len(bits)))
-    return frozenset(out)
-
-
-def describe_validation_error(err: ValidationError, source: str | None = None) -> str:
-    """One line per problem: `<source>: <dotted key>: <what was expected> (got <value>)`."""
-    lines = []
-    for e in err.errors():
-        loc = _field_path(e["loc"], keep_all=e["type"] == "extra_forbidden")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "literal_error":
-            msg = "expected " + msg.removeprefix("Input should be ")
-        elif msg.startswith("Input should be"):
-            msg = "expected " + msg.removeprefix("Input should be ")
-        got = e.get("input")
-        got_s = "" if e["type"] in {"extra_forbidden", "value_error"} or isinstance(got, dict) else f" (got {got!r})"
-        where = f"{source}: " if source else ""
-        key = f"{loc}: " if loc else ""
-        lines.append(f"{where}{key}{msg}{got_s}")
-    return "\n".join(dict.fromkeys(lines))
-
-
-def validate_config(tree: Mapping[str, Any], source: str | None = None) -> TrainConfig:
-    """TrainConfig from a plain dict; a ConfigError naming the source and keys on failure."""
-    try:
-        return TrainConfig.model_validate(dict(tree))
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, source)) from None
-
-
-def read_yaml_file(path: str | Path, what: str = "a mapping of config sections") -> tuple[dict[str, Any], str]:
-    """A YAML file that must hold a mapping, and its text; ConfigError (naming the file and line) otherwise.
+def read_yaml_file(
+    path: str | Path, what: str = "a mapping of config sections"
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """A YAML file that must hold a mapping; ConfigError (naming the file and line) otherwise.
 
     Args:
         what: what the top level should be, for the messages (e.g. "a mapping of config sections").
+
+    Returns:
+        The mapping, and the 1-based line of every key the file spells out, by dotted key (`patch.aug`), for
+        `yaml_location`.
     """
     p = Path(path)
     if not p.is_file():
@@ -407,12 +364,90 @@ def read_yaml_file(path: str | Path, what: str = "a mapping of config sections")
         raise ConfigError(f"{p}: the file is empty; expected {what}")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected {what} at the top level, got {type(data).__name__}")
-    return data, text
+    return data, _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            lines[key] = k.start_mark.line + 1
+            lines.update(_key_lines(v, key + "."))
+    return lines
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A TrainConfig YAML file as a plain mapping (see `read_yaml_file`)."""
     return read_yaml_file(path)[0]
+
+
+def yaml_location(source: str, lines: Mapping[str, int] | None, key: str) -> str:
+    """`file:line` of a dotted key, or of the nearest enclosing key the file spells out; else just `file`."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        line = (lines or {}).get(".".join(parts[:n]))
+        if line:
+            return f"{source}:{line}"
+    return source
+
+
+# Problems whose own message is clearer than pydantic's, and those where echoing the input adds nothing:
+# the key names it, or the message already says what is wrong with it.
+_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
+_NO_INPUT = frozenset({"extra_forbidden", "missing", "value_error"})
+
+
+def describe_validation_error(
+    err: ValidationError,
+    tree: Mapping[str, Any],
+    source: str | None = None,
+    lines: Mapping[str, int] | None = None,
+) -> str:
+    """One line per problem: `<source>:<line>: <dotted key>: <what was expected> (got <value>)`.
+
+    Args:
+        err: what pydantic found wrong with `tree`.
+        tree: the mapping that was validated: it tells the keys in an error's location apart from the list
+            indices and union tags (`patch.size.int`) pydantic appends to them.
+        source: where the tree came from (a file); None leaves it out.
+        lines: line of each dotted key in `source` (see `read_yaml_file`); None leaves lines out.
+    """
+    out = []
+    for e in err.errors():
+        key = _error_key(e, tree)
+        msg = _MESSAGES.get(e["type"]) or e["msg"].removeprefix("Value error, ")
+        if msg.startswith("Input should be"):
+            msg = "expected " + msg.removeprefix("Input should be ")
+        got = e.get("input")
+        got_s = "" if e["type"] in _NO_INPUT or isinstance(got, Mapping) else f" (got {got!r})"
+        where = f"{yaml_location(source, lines, key)}: " if source else ""
+        out.append(f"{where}{key}: {msg}{got_s}" if key else f"{where}{msg}{got_s}")
+    return "\n".join(dict.fromkeys(out))
+
+
+def _error_key(error: ErrorDetails, tree: Mapping[str, Any]) -> str:
+    """The dotted key an error is about: its location for as long as it follows keys of `tree`."""
+    if error["type"] == "missing":
+        return ".".join(str(p) for p in error["loc"])
+    keys: list[str] = []
+    node: Any = tree
+    for part in error["loc"]:
+        if not isinstance(node, Mapping) or part not in node:
+            break
+        keys.append(str(part))
+        node = node[part]
+    return ".".join(keys)
+
+
+def validate_config(
+    tree: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None
+) -> TrainConfig:
+    """TrainConfig from a plain dict; a ConfigError naming the source (and line) and keys on failure."""
+    try:
+        return TrainConfig.model_validate(dict(tree))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, tree, source, lines)) from None
 
 
 # `python -m bagssl_core train` without --config: a short but real job (Fashion-MNIST subsets, small
@@ -446,15 +481,17 @@ def load_config(
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     tree = merge_overrides({}, PRESETS[preset]) if preset is not None else {}
+    lines = None
     if path is not None:
-        from_file = read_yaml_mapping(path)
+        from_file, lines = read_yaml_file(path)
         try:
             tree = merge_overrides(tree, from_file)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
-    return validate_config(merge_overrides(tree, over), source)
+    # With overrides, the file's line of a key may not be where its (overridden) value came from.
+    return validate_config(merge_overrides(tree, over), source, None if over else lines)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

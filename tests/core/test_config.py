@@ -126,10 +126,25 @@ def test_bad_override_names_the_key(override: str, expected: str) -> None:
     assert re.search(expected, config_error([override]))
 
 
-def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path: Path) -> None:
+def test_unknown_key_in_a_file_names_the_file_line_and_key(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("patch:\n  sise: 8\n")
-    assert config_error([], path) == f"{path}: patch.sise: unknown key"
+    assert config_error([], path) == f"{path}:2: patch.sise: unknown key"
+
+
+def test_bad_values_in_a_file_name_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {name: fashion_mnist}\npatch:\n  num: abc\neval:\n  aggregation: [mean_emb, foo]\n")
+    assert config_error([], path).splitlines() == [
+        f"{path}:3: patch.num: expected a valid integer, unable to parse string as an integer (got 'abc')",
+        f"{path}:5: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
+        "'multiscale' (got 'foo')",
+    ]
+    # An override may have set the key: no line of the file is then claimed.
+    assert config_error(["patch.num=4"], path) == (
+        f"{path}: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
+        "'multiscale' (got 'foo')"
+    )
 
 
 def test_a_file_section_over_a_preset_keeps_the_presets_other_keys(tmp_path: Path) -> None:

@@ -114,6 +114,14 @@ BAD_SPECS = {
         VALID.replace("patch.size:", "patch.sise:"),
         [":6: space.patch.sise: not a TrainConfig field"],
     ),
+    "two_paths_not_in_config": (
+        VALID.replace("patch.size:", "patch.sise:").replace("metric:", "  eval.grid_sise: {choice: [4]}\nmetric:"),
+        [":6: space.patch.sise: not a TrainConfig field", ":7: space.eval.grid_sise: not a TrainConfig field"],
+    ),
+    "choice_not_a_list": (
+        VALID.replace(" {choice: [8, 12]}", "\n    choice: 8"),
+        [":7: space.patch.size.choice: expected a valid list", "(got 8)"],
+    ),
     "patch_too_big": (
         VALID.replace("[8, 12]", "[8, 40]"),
         [":6: space.patch.size: value 40 is rejected", "28"],
