@@ -62,11 +62,10 @@ class Distribution(_Strict):
         given = [k for k in DIST_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"expected exactly one of {', '.join(DIST_KINDS)}; got {given or 'none'}")
-        kind = given[0]
-        v = getattr(self, kind)
-        if kind in ("choice", "grid") and not v:
+        kind, v = self.kind, self.args
+        if self.discrete and not v:
             raise ValueError(f"{kind}: expected a non-empty list of values")
-        if kind in ("uniform", "loguniform", "randint", "quniform") and not v[0] < v[1]:
+        if not self.discrete and not v[0] < v[1]:
             raise ValueError(f"{kind}: expected low < high, got {list(v)}")
         if kind == "loguniform" and v[0] <= 0:
             raise ValueError(f"loguniform: expected positive bounds, got {list(v)}")
@@ -90,7 +89,7 @@ class Distribution(_Strict):
         """Values to validate against TrainConfig before the sweep starts: every listed value, or the bounds
         (randint's upper bound is exclusive, as in Tune)."""
         a = self.args
-        if self.kind in ("choice", "grid"):
+        if self.discrete:
             return list(a)
         if self.kind == "randint":
             return [a[0], a[1] - 1]
