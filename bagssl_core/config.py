@@ -10,10 +10,12 @@ import copy
 import functools
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
 BackboneName = Literal["resnet18_cifar", "resnet18", "resnet50"]
@@ -31,6 +33,12 @@ NATIVE_IMAGE_SIZE: dict[str, int] = {
 }
 # Losses that pull every patch of an image toward the bag mean: they need at least two patches.
 BAG_LOSSES = frozenset({"bag_vicreg", "tcr"})
+_SIZE_EXPECTED = "expected pixels (an int >= 1) or a fraction of the side in (0, 1]"
+
+
+def _is_size(v: int | float) -> bool:
+    """Whether `v` is a patch side: pixels (an int >= 1) or a fraction of the image side in (0, 1]."""
+    return 0 < v <= 1 if isinstance(v, float) else v >= 1
 
 
 class ConfigError(ValueError):
@@ -94,11 +102,9 @@ class PatchConfig(_Part):
 
     @field_validator("size")
     @classmethod
-    def _positive(cls, v: int | float) -> int | float:
-        if isinstance(v, float) and not 0 < v <= 1:
-            raise ValueError("expected pixels (an int >= 1) or a fraction of the side in (0, 1]")
-        if isinstance(v, int) and v < 1:
-            raise ValueError("expected pixels (an int >= 1) or a fraction of the side in (0, 1]")
+    def _size(cls, v: int | float) -> int | float:
+        if not _is_size(v):
+            raise ValueError(_SIZE_EXPECTED)
         return v
 
     @field_validator("view_scale")
@@ -187,6 +193,13 @@ class EvalConfig(_Part):
             raise ValueError("expected each name once")
         return v
 
+    @field_validator("grid_size")
+    @classmethod
+    def _grid_size(cls, v: int | float | None) -> int | float | None:
+        if v is not None and not _is_size(v):
+            raise ValueError(_SIZE_EXPECTED)
+        return v
+
 
 class RunConfig(_Part):
     seed: int = Field(0, description="Seeds data order, patches, augmentation, init and probes.")
@@ -260,16 +273,9 @@ class TrainConfig(_Part):
         if self.eval_patch_px > img:
             raise ValueError(f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image")
         for s in self.eval.multiscale_sizes:
-            if isinstance(s, float) and not 0 < s <= 1 or isinstance(s, int) and not 1 <= s <= img:
+            if not _is_size(s) or patch_pixels(s, img) > img:
                 raise ValueError(f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]")
-        if self.eval.grid_size is not None:
-            self._check_size("eval.grid_size", self.eval.grid_size)
         return self
-
-    @staticmethod
-    def _check_size(key: str, v: int | float) -> None:
-        if isinstance(v, float) and not 0 < v <= 1 or isinstance(v, int) and v < 1:
-            raise ValueError(f"{key}: expected pixels (an int >= 1) or a fraction of the side in (0, 1]")
 
 
 # --- loading, overriding, dumping ------------------------------------------------------------------
@@ -307,69 +313,41 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of `base` with each dotted override applied."""
+    """A deep copy of `base` with `overrides` merged in key by key, at every depth; later keys win.
+
+    Keys may be dotted at any level (`patch.aug.flip_p: 0` and `patch: {aug.flip_p: 0}` are the same), and
+    a section in `overrides` changes only the keys it names: the other keys of that section in `base` stay.
+    """
     tree = copy.deepcopy(dict(base))
-    for key, value in overrides.items():
+    for key, value in flatten(overrides).items():
         set_dotted(tree, key, value)
     return tree
 
 
-def _field_path(loc: tuple[Any, ...], keep_all: bool) -> str:
-    """The dotted config key of an error location, without pydantic's union/type and index suffixes."""
-    if keep_all:
-        return ".".join(str(p) for p in loc)
-    prefixes = _path_prefixes()
-    parts: list[str] = []
-    for p in loc:
-        if ".".join([*parts, str(p)]) not in prefixes:
-            break
-        parts.append(str(p))
-    return ".".join(parts)
-
-
-@functools.cache
-def _path_prefixes() -> frozenset[str]:
-    out: set[str] = set()
-    for path in config_paths():
-        bits = path.split(".")
-        out.update(".".join(bits[: i + 1]) for i in range(len(bits)))
-    return frozenset(out)
-
-
-def describe_validation_error(err: ValidationError, source: str | None = None) -> str:
-    """One line per problem: `<source>: <dotted key>: <what was expected> (got <value>)`."""
-    lines = []
-    for e in err.errors():
-        loc = _field_path(e["loc"], keep_all=e["type"] == "extra_forbidden")
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "literal_error":
-            msg = "expected " + msg.removeprefix("Input should be ")
-        elif msg.startswith("Input should be"):
-            msg = "expected " + msg.removeprefix("Input should be ")
-        got = e.get("input")
-        got_s = "" if e["type"] in {"extra_forbidden", "value_error"} or isinstance(got, dict) else f" (got {got!r})"
-        where = f"{source}: " if source else ""
-        key = f"{loc}: " if loc else ""
-        lines.append(f"{where}{key}{msg}{got_s}")
-    return "\n".join(dict.fromkeys(lines))
-
-
-def validate_config(tree: Mapping[str, Any], source: str | None = None) -> TrainConfig:
-    """TrainConfig from a plain dict; a ConfigError naming the source and keys on failure."""
-    try:
-        return TrainConfig.model_validate(dict(tree))
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, source)) from None
-
-
-def read_yaml_file(path: str | Path, what: str = "a mapping of config sections") -> tuple[dict[str, Any], str]:
-    """A YAML file that must hold a mapping, and its text; ConfigError (naming the file and line) otherwise.
+def read_yaml_file(
+    path: str | Path, what: str = "a mapping of config sections"
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """A YAML file that must hold a mapping; ConfigError (naming the file and line) otherwise.
 
     Args:
         what: what the top level should be, for the messages (e.g. "a mapping of config sections").
+
+    Returns:
+        The mapping, and the 1-based line of every key the file spells out, by dotted key (`patch.aug`), for
+        `yaml_location`.
     """
     p = Path(path)
     if not p.is_file():
@@ -386,12 +364,90 @@ def read_yaml_file(path: str | Path, what: str = "a mapping of config sections")
         raise ConfigError(f"{p}: the file is empty; expected {what}")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected {what} at the top level, got {type(data).__name__}")
-    return data, text
+    return data, _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = f"{prefix}{k.value}"
+            lines[key] = k.start_mark.line + 1
+            lines.update(_key_lines(v, key + "."))
+    return lines
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A TrainConfig YAML file as a plain mapping (see `read_yaml_file`)."""
     return read_yaml_file(path)[0]
+
+
+def yaml_location(source: str, lines: Mapping[str, int] | None, key: str) -> str:
+    """`file:line` of a dotted key, or of the nearest enclosing key the file spells out; else just `file`."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        line = (lines or {}).get(".".join(parts[:n]))
+        if line:
+            return f"{source}:{line}"
+    return source
+
+
+# Problems whose own message is clearer than pydantic's, and those where echoing the input adds nothing:
+# the key names it, or the message already says what is wrong with it.
+_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
+_NO_INPUT = frozenset({"extra_forbidden", "missing", "value_error"})
+
+
+def describe_validation_error(
+    err: ValidationError,
+    tree: Mapping[str, Any],
+    source: str | None = None,
+    lines: Mapping[str, int] | None = None,
+) -> str:
+    """One line per problem: `<source>:<line>: <dotted key>: <what was expected> (got <value>)`.
+
+    Args:
+        err: what pydantic found wrong with `tree`.
+        tree: the mapping that was validated: it tells the keys in an error's location apart from the list
+            indices and union tags (`patch.size.int`) pydantic appends to them.
+        source: where the tree came from (a file); None leaves it out.
+        lines: line of each dotted key in `source` (see `read_yaml_file`); None leaves lines out.
+    """
+    out = []
+    for e in err.errors():
+        key = _error_key(e, tree)
+        msg = _MESSAGES.get(e["type"]) or e["msg"].removeprefix("Value error, ")
+        if msg.startswith("Input should be"):
+            msg = "expected " + msg.removeprefix("Input should be ")
+        got = e.get("input")
+        got_s = "" if e["type"] in _NO_INPUT or isinstance(got, Mapping) else f" (got {got!r})"
+        where = f"{yaml_location(source, lines, key)}: " if source else ""
+        out.append(f"{where}{key}: {msg}{got_s}" if key else f"{where}{msg}{got_s}")
+    return "\n".join(dict.fromkeys(out))
+
+
+def _error_key(error: ErrorDetails, tree: Mapping[str, Any]) -> str:
+    """The dotted key an error is about: its location for as long as it follows keys of `tree`."""
+    if error["type"] == "missing":
+        return ".".join(str(p) for p in error["loc"])
+    keys: list[str] = []
+    node: Any = tree
+    for part in error["loc"]:
+        if not isinstance(node, Mapping) or part not in node:
+            break
+        keys.append(str(part))
+        node = node[part]
+    return ".".join(keys)
+
+
+def validate_config(
+    tree: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None
+) -> TrainConfig:
+    """TrainConfig from a plain dict; a ConfigError naming the source (and line) and keys on failure."""
+    try:
+        return TrainConfig.model_validate(dict(tree))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, tree, source, lines)) from None
 
 
 # `python -m bagssl_core train` without --config: a short but real job (Fashion-MNIST subsets, small
@@ -425,18 +481,17 @@ def load_config(
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     tree = merge_overrides({}, PRESETS[preset]) if preset is not None else {}
+    lines = None
     if path is not None:
-        tree = _deep_merge(tree, read_yaml_mapping(path))
+        from_file, lines = read_yaml_file(path)
+        try:
+            tree = merge_overrides(tree, from_file)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
-    return validate_config(merge_overrides(tree, over), source)
-
-
-def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(dict(base))
-    for k, v in top.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
+    # With overrides, the file's line of a key may not be where its (overridden) value came from.
+    return validate_config(merge_overrides(tree, over), source, None if over else lines)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
@@ -444,22 +499,10 @@ def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 @functools.cache
-def config_paths() -> frozenset[str]:
-    """Every dotted leaf path of TrainConfig (e.g. `patch.size`), for validating sweep spaces."""
-    return frozenset(flatten(TrainConfig().model_dump(mode="json")))
+def config_defaults() -> Mapping[str, Any]:
+    """Every dotted leaf path of TrainConfig (e.g. `patch.size`) and its default, as YAML would give it."""
+    return MappingProxyType(flatten(TrainConfig().model_dump(mode="json")))
 
 
 def config_reference() -> str:

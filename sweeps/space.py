@@ -118,8 +118,9 @@ def variant_of(key: str) -> str:
 def describe_space(spec: SweepSpec, base: TrainConfig) -> list[str]:
     """Human-readable lines: each axis, whether it is searched or enumerated per trial."""
     lines = []
+    eval_axes = spec.eval_axes()
     for key, d in spec.space.items():
-        how = "enumerated inside each trial (no retraining)" if key in spec.eval_axes() else f"searched by {spec.search.algo}"
+        how = "enumerated inside each trial (no retraining)" if key in eval_axes else f"searched by {spec.search.algo}"
         lines.append(f"  {key}: {d.kind} {list(d.args)} -> {how}")
     variants = eval_variants(spec, base)
     if list(variants) != [""]:

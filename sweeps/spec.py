@@ -6,27 +6,26 @@ module does not import Ray, torch or MLflow, so a bad spec fails in well under a
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bagssl_core.config import (
     ConfigError,
     TrainConfig,
-    config_paths,
+    config_defaults,
     describe_validation_error,
-    flatten,
     merge_overrides,
     parse_overrides,
     read_yaml_file,
     read_yaml_mapping,
     set_dotted,
+    validate_config,
+    yaml_location,
 )
 
 DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
@@ -63,11 +62,10 @@ class Distribution(_Strict):
         given = [k for k in DIST_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"expected exactly one of {', '.join(DIST_KINDS)}; got {given or 'none'}")
-        kind = given[0]
-        v = getattr(self, kind)
-        if kind in ("choice", "grid") and not v:
+        kind, v = self.kind, self.args
+        if self.discrete and not v:
             raise ValueError(f"{kind}: expected a non-empty list of values")
-        if kind in ("uniform", "loguniform", "randint", "quniform") and not v[0] < v[1]:
+        if not self.discrete and not v[0] < v[1]:
             raise ValueError(f"{kind}: expected low < high, got {list(v)}")
         if kind == "loguniform" and v[0] <= 0:
             raise ValueError(f"loguniform: expected positive bounds, got {list(v)}")
@@ -91,7 +89,7 @@ class Distribution(_Strict):
         """Values to validate against TrainConfig before the sweep starts: every listed value, or the bounds
         (randint's upper bound is exclusive, as in Tune)."""
         a = self.args
-        if self.kind in ("choice", "grid"):
+        if self.discrete:
             return list(a)
         if self.kind == "randint":
             return [a[0], a[1] - 1]
@@ -126,10 +124,19 @@ class FailureSpec(_Strict):
     max_retries: int = Field(1, ge=0, description="times a failed trial's Train run is restarted from its checkpoint")
 
 
+def _config_path(key: str) -> str:
+    """A space key: a dotted TrainConfig path, with a hint when only its last part is right."""
+    if key not in config_defaults():
+        close = sorted(p for p in config_defaults() if p.split(".")[-1] == key.split(".")[-1])
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"not a TrainConfig field{hint}; expected a dotted path such as patch.size")
+    return key
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: dict[str, Any] = Field(default_factory=dict)
-    space: dict[str, Distribution] = Field(min_length=1)
+    space: dict[Annotated[str, AfterValidator(_config_path)], Distribution] = Field(min_length=1)
     search: SearchSpec = Field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: str
@@ -141,17 +148,6 @@ class SweepSpec(_Strict):
     storage_path: str = "./sweeps_storage"
     failure: FailureSpec = Field(default_factory=FailureSpec)
 
-    @field_validator("space")
-    @classmethod
-    def _paths(cls, space: dict[str, Distribution]) -> dict[str, Distribution]:
-        known = config_paths()
-        for key in space:
-            if key not in known:
-                close = sorted(p for p in known if p.split(".")[-1] == key.split(".")[-1])
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ValueError(f"{key}: not a TrainConfig field{hint}; expected a dotted path such as patch.size")
-        return space
-
     # --- derived --------------------------------------------------------------------------------
     def eval_axes(self) -> dict[str, Distribution]:
         """Discrete eval.* axes: enumerated inside every trial on the same checkpoints, never retrained."""
@@ -161,70 +157,6 @@ class SweepSpec(_Strict):
         """Axes searched by Tune: every trial trains its own model."""
         ev = self.eval_axes()
         return {k: d for k, d in self.space.items() if k not in ev}
-
-
-# --- YAML with line numbers ------------------------------------------------------------------------
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """(path of keys) -> 1-based line of each mapping key in a YAML document."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                key = (*path, str(k.value))
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _line_of(lines: Mapping[tuple[str, ...], int], loc: Iterable[Any]) -> int | None:
-    path: tuple[str, ...] = ()
-    best = None
-    for part in loc:
-        path = (*path, str(part))
-        if path in lines:
-            best = lines[path]
-    return best
-
-
-def _spec_error_lines(err: ValidationError, source: str, lines: Mapping[tuple[str, ...], int]) -> str:
-    out = []
-    for e in err.errors():
-        loc = [p for p in e["loc"] if not isinstance(p, int)]
-        # Distribution keys are dotted paths: keep them whole and drop pydantic's union/type tags.
-        parts: list[str] = []
-        for p in loc:
-            parts.append(str(p))
-            if p in DIST_KINDS or (len(parts) == 2 and parts[0] == "space" and e["type"] != "extra_forbidden"):
-                break
-        msg = e["msg"].removeprefix("Value error, ")
-        # The space validator's message starts with the bad dotted path: point at that path's own line.
-        head, _, rest = msg.partition(": ")
-        given = e.get("input")
-        if parts == ["space"] and e["type"] == "value_error" and isinstance(given, dict) and head in given:
-            parts, msg = ["space", head], rest
-        key = ".".join(parts)
-        line = _line_of(lines, parts)
-        where = f"{source}:{line}" if line else source
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif msg.startswith("Input should be"):
-            msg = "expected " + msg.removeprefix("Input should be ")
-        got = e.get("input")
-        got_s = "" if e["type"] in {"extra_forbidden", "missing", "value_error"} or isinstance(got, dict) else f" (got {got!r})"
-        out.append(f"{where}: {key}: {msg}{got_s}")
-    return "\n".join(dict.fromkeys(out))
 
 
 def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
@@ -245,62 +177,33 @@ def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str
 
 
 def resolve_base(spec: SweepSpec, spec_dir: Path, source: str) -> dict[str, Any]:
-    """The base TrainConfig as a plain dict: `base.config` file (relative to the spec), then the other keys."""
+    """The base TrainConfig as a plain dict: the `base.config` file (relative to the spec), with the spec's
+    other base keys merged over it key by key (see `merge_overrides`)."""
     base = dict(spec.base)
-    tree: dict[str, Any] = {}
     cfg_path = base.pop("config", None)
+    tree: dict[str, Any] = {}
     if cfg_path is not None:
-        p = Path(cfg_path)
-        p = p if p.is_absolute() else spec_dir / p
         try:
-            tree = read_yaml_mapping(p)
+            tree = read_yaml_mapping(spec_dir / str(cfg_path))
         except ConfigError as err:
             raise SpecError(f"{source}: base.config: {err}") from None
-    nested = {k: v for k, v in base.items() if "." not in k}
-    dotted = {k: v for k, v in base.items() if "." in k}
-    for section, value in nested.items():
-        if isinstance(value, dict) and isinstance(tree.get(section), dict):
-            tree[section] = merge_overrides(tree[section], value)
-        else:
-            tree[section] = value
-    return merge_overrides(tree, dotted)
+    try:
+        return merge_overrides(tree, base)
+    except ConfigError as err:
+        raise SpecError(f"{source}: base: {err}") from None
 
 
 def coerce_value(path: str, value: Any) -> Any:
     """A scalar given for a list-typed field (e.g. `eval.aggregation: centre`) means a one-element list."""
-    default = _defaults().get(path)
-    if isinstance(default, list) and not isinstance(value, list):
+    if isinstance(config_defaults().get(path), list) and not isinstance(value, list):
         return [value]
     return value
 
 
-@functools.cache
-def _defaults() -> dict[str, Any]:
-    return flatten(TrainConfig().model_dump(mode="json"))
-
-
-def validate_trial_config(base: Mapping[str, Any], overrides: Mapping[str, Any], source: str) -> TrainConfig:
-    """TrainConfig for base + overrides, or SpecError naming the overrides that broke it."""
-    tree = merge_overrides(base, {k: coerce_value(k, v) for k, v in overrides.items()})
-    try:
-        return TrainConfig.model_validate(tree)
-    except ValidationError as err:
-        what = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "base"
-        raise SpecError(f"{source}: {what}: {describe_validation_error(err)}") from None
-
-
 def known_metrics(spec: SweepSpec, base_cfg: TrainConfig) -> set[str]:
     """Every metric a trial of this sweep reports (probe metrics for every scheme it will evaluate)."""
-    # A swept eval axis replaces the base value in every trial (space.eval_variants), never adds to it.
-    schemes = set() if "eval.aggregation" in spec.space else set(base_cfg.eval.aggregation)
-    probes = set() if "eval.probes" in spec.space else set(base_cfg.eval.probes)
-    for key, d in spec.space.items():
-        if key == "eval.aggregation":
-            for v in d.probe_values():
-                schemes.update(coerce_value(key, v))
-        if key == "eval.probes":
-            for v in d.probe_values():
-                probes.update(coerce_value(key, v))
+    schemes = _names_in_trials(spec, "eval.aggregation", base_cfg.eval.aggregation)
+    probes = _names_in_trials(spec, "eval.probes", base_cfg.eval.probes)
     out = set(TRAIN_METRICS)
     losses = {base_cfg.loss.name}
     if "loss.name" in spec.space:
@@ -314,6 +217,14 @@ def known_metrics(spec: SweepSpec, base_cfg: TrainConfig) -> set[str]:
     return out
 
 
+def _names_in_trials(spec: SweepSpec, key: str, base_names: Iterable[str]) -> set[str]:
+    """The names a list field holds across trials: the swept values replace the base list, never add to it
+    (see sweeps.space.eval_variants)."""
+    if key not in spec.space:
+        return set(base_names)
+    return {name for v in spec.space[key].probe_values() for name in coerce_value(key, v)}
+
+
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpec, TrainConfig]:
     """Read, override and validate a spec; also validate every value of its space against TrainConfig.
 
@@ -322,47 +233,61 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     p = Path(path)
     source = str(p)
     try:
-        tree, text = read_yaml_file(p, "a mapping (name, base, space, metric, ...)")
+        tree, lines = read_yaml_file(p, "a mapping (name, base, space, metric, ...)")
     except ConfigError as err:
         raise SpecError(str(err)) from None
     tree = apply_spec_overrides(tree, overrides)
-    lines = _key_lines(text)
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as err:
-        raise SpecError(_spec_error_lines(err, source, lines)) from None
+        raise SpecError(describe_validation_error(err, tree, source, lines)) from None
+
+    def at(key: str) -> str:
+        return yaml_location(source, lines, key)
 
     base_tree = resolve_base(spec, p.parent, source)
     try:
-        base_cfg = TrainConfig.model_validate(base_tree)
-    except ValidationError as err:
-        raise SpecError(
-            f"{source}:{_line_of(lines, ['base']) or ''}: base: " + describe_validation_error(err).replace("\n", "\n  ")
-        ) from None
+        base_cfg = validate_config(base_tree)
+    except ConfigError as err:
+        raise SpecError(f"{at('base')}: base: {_indent(err)}") from None
+    _check_space_values(spec, base_tree, at)
+    _check_metric(spec, base_cfg, at)
+    _check_grid_axes(spec, at)
+    return spec, base_cfg
+
+
+def _check_space_values(spec: SweepSpec, base_tree: dict[str, Any], at: Callable[[str], str]) -> None:
+    """Every value a trial can get (the bounds of a range) must make a valid TrainConfig over the base."""
     for key, d in spec.space.items():
         for v in d.probe_values():
             try:
-                validate_trial_config(base_tree, {key: v}, source)
-            except SpecError as err:
-                line = _line_of(lines, ["space", key])
-                detail = str(err).split(": ", 2)[-1]
-                raise SpecError(f"{source}:{line or ''}: space.{key}: value {v!r} is rejected: {detail}") from None
+                validate_config(merge_overrides(base_tree, {key: coerce_value(key, v)}))
+            except ConfigError as err:
+                raise SpecError(f"{at(f'space.{key}')}: space.{key}: value {v!r} is rejected: {_indent(err)}") from None
+
+
+def _check_metric(spec: SweepSpec, base_cfg: TrainConfig, at: Callable[[str], str]) -> None:
     metrics = known_metrics(spec, base_cfg)
     if spec.metric not in metrics:
-        line = _line_of(lines, ["metric"])
         probes = sorted(m for m in metrics if PROBE_METRIC.match(m))
         raise SpecError(
-            f"{source}:{line or ''}: metric: {spec.metric!r} is never reported by the trainer; expected one of "
+            f"{at('metric')}: metric: {spec.metric!r} is never reported by the trainer; expected one of "
             f"{', '.join(probes[:12])}{' ...' if len(probes) > 12 else ''} or {', '.join(sorted(TRAIN_METRICS))}"
         )
-    if spec.search.algo == "optuna":
-        grids = [k for k, d in spec.train_axes().items() if d.kind == "grid"]
-        if grids:
-            raise SpecError(
-                f"{source}:{_line_of(lines, ['space', grids[0]]) or ''}: space.{grids[0]}: grid needs search.algo: grid "
-                "(Optuna samples; use choice with optuna)"
-            )
-    return spec, base_cfg
+
+
+def _check_grid_axes(spec: SweepSpec, at: Callable[[str], str]) -> None:
+    grids = [k for k, d in spec.train_axes().items() if d.kind == "grid"]
+    if spec.search.algo == "optuna" and grids:
+        raise SpecError(
+            f"{at(f'space.{grids[0]}')}: space.{grids[0]}: grid needs search.algo: grid "
+            "(Optuna samples; use choice with optuna)"
+        )
+
+
+def _indent(err: ConfigError) -> str:
+    """A multi-line message under the line that introduces it."""
+    return str(err).replace("\n", "\n  ")
 
 
 def trial_count(spec: SweepSpec) -> int:
@@ -372,6 +297,5 @@ def trial_count(spec: SweepSpec) -> int:
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
-    out = spec.model_dump(mode="json", exclude_none=True)
-    out["space"] = {k: {d.kind: list(d.args)} for k, d in spec.space.items()}
-    return out
+    """The spec as plain YAML-ready data that `load_spec` reads back to the same spec."""
+    return spec.model_dump(mode="json", exclude_none=True)

@@ -11,7 +11,7 @@ import pytest
 from bagssl_core.config import (
     ConfigError,
     TrainConfig,
-    config_paths,
+    config_defaults,
     config_to_yaml,
     load_config,
     parse_overrides,
@@ -126,10 +126,33 @@ def test_bad_override_names_the_key(override: str, expected: str) -> None:
     assert re.search(expected, config_error([override]))
 
 
-def test_unknown_key_in_a_file_names_the_file_and_key(tmp_path: Path) -> None:
+def test_unknown_key_in_a_file_names_the_file_line_and_key(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("patch:\n  sise: 8\n")
-    assert config_error([], path) == f"{path}: patch.sise: unknown key"
+    assert config_error([], path) == f"{path}:2: patch.sise: unknown key"
+
+
+def test_bad_values_in_a_file_name_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {name: fashion_mnist}\npatch:\n  num: abc\neval:\n  aggregation: [mean_emb, foo]\n")
+    assert config_error([], path).splitlines() == [
+        f"{path}:3: patch.num: expected a valid integer, unable to parse string as an integer (got 'abc')",
+        f"{path}:5: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
+        "'multiscale' (got 'foo')",
+    ]
+    # An override may have set the key: no line of the file is then claimed.
+    assert config_error(["patch.num=4"], path) == (
+        f"{path}: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
+        "'multiscale' (got 'foo')"
+    )
+
+
+def test_a_file_section_over_a_preset_keeps_the_presets_other_keys(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("patch:\n  num: 4\n  aug: {flip_p: 0.0}\nschedule.epochs: 2\n")
+    cfg = load_config(path, preset="quick")
+    assert (cfg.patch.num, cfg.patch.aug.flip_p, cfg.schedule.epochs) == (4, 0.0, 2)
+    assert (cfg.patch.size, cfg.patch.input_size, cfg.schedule.warmup_epochs) == (14, 14, 0.5)  # the preset's
 
 
 # --- cross-field checks ----------------------------------------------------------------------------
@@ -248,9 +271,10 @@ def test_effective_lr_scales_with_the_global_batch() -> None:
     assert cfg.optim.base_lr == 0.3  # the swept value is never overwritten
 
 
-def test_config_paths_are_the_dotted_leaves() -> None:
-    paths = config_paths()
-    assert {"patch.size", "loss.inv_weight", "eval.aggregation", "patch.aug.flip_p", "run.seed"} <= paths
+def test_config_defaults_are_the_dotted_leaves() -> None:
+    paths = config_defaults()
+    assert {"patch.size", "loss.inv_weight", "eval.aggregation", "patch.aug.flip_p", "run.seed"} <= paths.keys()
+    assert (paths["patch.size"], paths["eval.aggregation"], paths["patch.aug.blur_sigma"]) == (16, ["mean_emb"], [0.1, 2.0])
     assert "patch" not in paths and "patch.aug" not in paths  # sections are not leaves
     for path in paths:  # every leaf is a key a YAML file or an override may set
         section, *rest = path.split(".")

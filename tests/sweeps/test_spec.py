@@ -114,6 +114,14 @@ BAD_SPECS = {
         VALID.replace("patch.size:", "patch.sise:"),
         [":6: space.patch.sise: not a TrainConfig field"],
     ),
+    "two_paths_not_in_config": (
+        VALID.replace("patch.size:", "patch.sise:").replace("metric:", "  eval.grid_sise: {choice: [4]}\nmetric:"),
+        [":6: space.patch.sise: not a TrainConfig field", ":7: space.eval.grid_sise: not a TrainConfig field"],
+    ),
+    "choice_not_a_list": (
+        VALID.replace(" {choice: [8, 12]}", "\n    choice: 8"),
+        [":7: space.patch.size.choice: expected a valid list", "(got 8)"],
+    ),
     "patch_too_big": (
         VALID.replace("[8, 12]", "[8, 40]"),
         [":6: space.patch.size: value 40 is rejected", "28"],
@@ -172,6 +180,10 @@ BAD_SPECS = {
         VALID.replace("{name: fashion_mnist}", "{name: mnist}"),
         [":2: base:", "data.name", "'mnist'"],
     ),
+    "base_sets_inside_a_value": (
+        VALID.replace("  eval: {every: 1}", "  patch: {size: 8}\n  patch.size.px: 1"),
+        ["base: patch.size: is a value, not a section"],
+    ),
     "probe_not_every_epoch": (
         VALID.replace("every: 1", "every: 2"),
         ["base.eval.every", "expected base.eval.every: 1"],
@@ -206,6 +218,34 @@ def test_randint_upper_bound_is_exclusive(tmp_path: Path) -> None:
     # randint [8, 29] draws at most 28 = the Fashion-MNIST side: valid, unlike [8, 30] above.
     spec, _ = load_spec(write(tmp_path, VALID.replace("{choice: [8, 12]}", "{randint: [8, 29]}")))
     assert spec.space["patch.size"].probe_values() == [8, 28]
+
+
+# --- base: a config file under the spec's own settings -------------------------------------------------
+
+BASE_FILE = """\
+data: {name: fashion_mnist}
+eval: {every: 1}
+patch:
+  size: 8
+  aug: {jitter_p: 0.3, blur_p: 0.0}
+"""
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        "{config: base.yaml, patch: {aug: {flip_p: 0.0}}}",
+        "{config: base.yaml, patch.aug.flip_p: 0.0}",
+        "{config: base.yaml, patch: {aug.flip_p: 0.0}}",
+        "{config: base.yaml, patch.aug: {flip_p: 0.0}}",
+    ],
+)
+def test_base_merges_over_its_config_file_key_by_key(base: str, tmp_path: Path) -> None:
+    write(tmp_path, BASE_FILE, "base.yaml")
+    path = write(tmp_path, VALID.replace("base:\n  data: {name: fashion_mnist}\n  eval: {every: 1}", f"base: {base}"))
+    _, cfg = load_spec(path)
+    assert cfg.patch.aug.flip_p == 0.0  # the spec's own setting
+    assert (cfg.patch.aug.jitter_p, cfg.patch.aug.blur_p, cfg.patch.size) == (0.3, 0.0, 8)  # the file's
 
 
 # --- bad state: tracking, storage, data (past validation, before Ray) ---------------------------
