@@ -33,19 +33,38 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run (defaults: a short Fashion-MNIST job on CPU)")
     t.add_argument("--config", help="TrainConfig YAML file; key=value arguments override it")
     t.add_argument(
-        "--preset", choices=[*PRESETS, "none"], default=None,
+        "--preset",
+        choices=[*PRESETS, "none"],
+        default=None,
         help="settings under the config file; default 'quick' (a ~10-minute CPU job) when no --config is given",
     )
     t.add_argument("--out", help="run directory (default: run.out_dir)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in the run directory"
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. patch.size=8 eval.aggregation=[mean_emb,centre]")
-    e = sub.add_parser("eval", help="re-run the probes on a checkpoint (or on a randomly initialised backbone)")
-    e.add_argument("checkpoint", nargs="?", help="a checkpoint directory, a run directory (latest checkpoint) or state.pt")
-    e.add_argument("--random-init", action="store_true", help="probe an untrained model built from --config (a baseline)")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. patch.size=8 eval.aggregation=[mean_emb,centre]",
+    )
+    e = sub.add_parser(
+        "eval", help="re-run the probes on a checkpoint (or on a randomly initialised backbone)"
+    )
+    e.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="a checkpoint directory, a run directory (latest checkpoint) or state.pt",
+    )
+    e.add_argument(
+        "--random-init", action="store_true", help="probe an untrained model built from --config (a baseline)"
+    )
     e.add_argument("--config", help="with --random-init: TrainConfig YAML file")
     e.add_argument("--out", help="write the probe results as JSON here")
-    e.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.aggregation=[mean_emb,max_emb,whole]")
+    e.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. eval.aggregation=[mean_emb,max_emb,whole]"
+    )
     return p
 
 

@@ -46,7 +46,9 @@ def check_schemes(names: Iterable[str]) -> None:
         raise ValueError(f"eval.aggregation: unknown scheme(s) {unknown}; expected any of {sorted(SCHEMES)}")
 
 
-def view_patches(images: torch.Tensor, view: str, cfg: TrainConfig, generator: torch.Generator | None) -> torch.Tensor:
+def view_patches(
+    images: torch.Tensor, view: str, cfg: TrainConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """The float patches in [0, 1] of shape (B, P, C, S, S) that a view reads from uint8 images (B, C, H, W)."""
     img, size = cfg.image_size, cfg.input_size
     if view == "bag":
@@ -111,14 +113,20 @@ def extract_features(
     """
     check_schemes(schemes)
     views = list(dict.fromkeys(SCHEMES[s].view for s in schemes))
-    gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 7919) if cfg.eval.patches == "random" else None
+    gen = (
+        torch.Generator(device=device).manual_seed(cfg.run.seed + 7919)
+        if cfg.eval.patches == "random"
+        else None
+    )
     feats: dict[str, list[torch.Tensor]] = {s: [] for s in schemes}
     labels = []
     was_training = model.training
     model.eval()
     try:
         for images, y in loader:
-            embedded = embed_views(model, images.to(device, non_blocking=True), cfg, views, mean_std, gen, autocast)
+            embedded = embed_views(
+                model, images.to(device, non_blocking=True), cfg, views, mean_std, gen, autocast
+            )
             for s in schemes:
                 h, z = embedded[SCHEMES[s].view]
                 feats[s].append(SCHEMES[s].reduce(h, z).cpu())

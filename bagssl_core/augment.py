@@ -303,7 +303,7 @@ def _draw_jitter(
     on = _rand_mask(m, aug.jitter_p, generator, dev)
 
     def factor(v: float, colour: bool = False) -> torch.Tensor | None:
-        if v == 0 or colour and c == 1:
+        if v == 0 or (colour and c == 1):
             return None
         return _uniform(m, max(0.0, 1.0 - v), 1.0 + v, generator, dev)
 

@@ -50,15 +50,31 @@ class _Part(BaseModel):
 
 
 class DataConfig(_Part):
-    name: DatasetName = Field("fashion_mnist", description="Dataset. fashion_mnist is offline via Debian's dataset-fashion-mnist.")
-    root: str = Field("./data", description="Where datasets live (or are downloaded to when data.download is true).")
+    name: DatasetName = Field(
+        "fashion_mnist", description="Dataset. fashion_mnist is offline via Debian's dataset-fashion-mnist."
+    )
+    root: str = Field(
+        "./data", description="Where datasets live (or are downloaded to when data.download is true)."
+    )
     download: bool = Field(False, description="Allow torchvision to download the dataset into data.root.")
-    image_size: int | None = Field(None, ge=8, description="Resize images to this side; None = the dataset's native size.")
-    to_rgb: bool = Field(True, description="Replicate grayscale images to 3 channels (the backbone always takes 3).")
-    batch_size: int = Field(256, ge=2, description="GLOBAL images per step, summed over all ranks; split evenly across them.")
-    train_subset: int | None = Field(None, ge=2, description="Use only the first N training images (seeded shuffle).")
-    test_subset: int | None = Field(None, ge=1, description="Use only the first N test images (seeded shuffle).")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (images are decoded there for imagefolder).")
+    image_size: int | None = Field(
+        None, ge=8, description="Resize images to this side; None = the dataset's native size."
+    )
+    to_rgb: bool = Field(
+        True, description="Replicate grayscale images to 3 channels (the backbone always takes 3)."
+    )
+    batch_size: int = Field(
+        256, ge=2, description="GLOBAL images per step, summed over all ranks; split evenly across them."
+    )
+    train_subset: int | None = Field(
+        None, ge=2, description="Use only the first N training images (seeded shuffle)."
+    )
+    test_subset: int | None = Field(
+        None, ge=1, description="Use only the first N test images (seeded shuffle)."
+    )
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes (images are decoded there for imagefolder)."
+    )
     synthetic_train: int = Field(512, ge=2, description="synthetic only: number of training images.")
     synthetic_test: int = Field(128, ge=1, description="synthetic only: number of test images.")
     synthetic_classes: int = Field(4, ge=2, description="synthetic only: number of classes.")
@@ -75,7 +91,9 @@ class AugConfig(_Part):
     hue: float = Field(0.2, ge=0, le=0.5, description="Jitter: hue shift drawn from [-h, h].")
     grayscale_p: float = Field(0.2, ge=0, le=1, description="Probability of converting to grayscale.")
     blur_p: float = Field(0.1, ge=0, le=1, description="Probability of a Gaussian blur.")
-    blur_sigma: tuple[float, float] = Field((0.1, 2.0), description="Blur sigma drawn uniformly from [low, high].")
+    blur_sigma: tuple[float, float] = Field(
+        (0.1, 2.0), description="Blur sigma drawn uniformly from [low, high]."
+    )
     solarize_p: float = Field(0.1, ge=0, le=1, description="Probability of solarizing (threshold 0.5).")
     normalize: bool = Field(True, description="Normalise with the dataset's channel mean/std.")
 
@@ -116,7 +134,9 @@ class PatchConfig(_Part):
 
 
 class ModelConfig(_Part):
-    backbone: BackboneName = Field("resnet18_cifar", description="resnet18_cifar (3x3 stride-1 stem, no max-pool), resnet18, resnet50.")
+    backbone: BackboneName = Field(
+        "resnet18_cifar", description="resnet18_cifar (3x3 stride-1 stem, no max-pool), resnet18, resnet50."
+    )
     projector: list[int] = Field(
         default_factory=lambda: [1024, 1024],
         min_length=1,
@@ -134,20 +154,26 @@ class ModelConfig(_Part):
 
 
 class LossConfig(_Part):
-    name: LossName = Field("bag_vicreg", description="bag_vicreg (patches to their bag mean), tcr (EMP-SSL), vicreg (two views).")
+    name: LossName = Field(
+        "bag_vicreg", description="bag_vicreg (patches to their bag mean), tcr (EMP-SSL), vicreg (two views)."
+    )
     inv_weight: float = Field(25.0, ge=0, description="lambda: invariance weight.")
     var_weight: float = Field(25.0, ge=0, description="mu: variance-hinge weight.")
     cov_weight: float = Field(1.0, ge=0, description="nu: covariance weight.")
     tcr_eps: float = Field(0.2, gt=0, description="tcr: distortion eps^2 of the coding rate.")
     tcr_weight: float = Field(1.0, ge=0, description="tcr: weight of the (negated) total coding rate.")
-    tcr_inv_weight: float = Field(200.0, ge=0, description="tcr: weight of the cosine-to-bag-mean invariance term.")
+    tcr_inv_weight: float = Field(
+        200.0, ge=0, description="tcr: weight of the cosine-to-bag-mean invariance term."
+    )
     gather_distributed: bool = Field(
         True, description="Gather projections from all ranks (with gradients) so batch statistics are global."
     )
 
 
 class OptimConfig(_Part):
-    name: Literal["lars", "sgd", "adamw"] = Field("lars", description="LARS excludes biases and norm parameters.")
+    name: Literal["lars", "sgd", "adamw"] = Field(
+        "lars", description="LARS excludes biases and norm parameters."
+    )
     base_lr: float = Field(
         0.3, gt=0, description="Learning rate per 256 images: effective lr = base_lr * data.batch_size / 256."
     )
@@ -160,7 +186,9 @@ class OptimConfig(_Part):
 
 class ScheduleConfig(_Part):
     epochs: int = Field(10, ge=1, description="Training epochs.")
-    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up from 0, in epochs (fractions allowed).")
+    warmup_epochs: float = Field(
+        1.0, ge=0, description="Linear warm-up from 0, in epochs (fractions allowed)."
+    )
     final_lr_ratio: float = Field(1e-3, ge=0, le=1, description="Cosine decays to effective lr * this ratio.")
 
 
@@ -168,12 +196,20 @@ class EvalConfig(_Part):
     aggregation: list[SchemeName] = Field(
         default_factory=lambda: ["mean_emb"], min_length=1, description="Aggregation schemes, each probed."
     )
-    patches: Literal["grid", "random"] = Field("grid", description="Evaluation patches: a grid, or N random ones.")
-    grid_size: int | float | None = Field(None, description="Grid patch side (pixels or fraction); None = patch.size.")
-    grid_stride: int | None = Field(None, ge=1, description="Grid stride in pixels; None = half the grid patch side.")
+    patches: Literal["grid", "random"] = Field(
+        "grid", description="Evaluation patches: a grid, or N random ones."
+    )
+    grid_size: int | float | None = Field(
+        None, description="Grid patch side (pixels or fraction); None = patch.size."
+    )
+    grid_stride: int | None = Field(
+        None, ge=1, description="Grid stride in pixels; None = half the grid patch side."
+    )
     num_patches: int | None = Field(None, ge=1, description="random: patches per image; None = patch.num.")
     multiscale_sizes: list[int | float] = Field(
-        default_factory=lambda: [0.25, 0.5, 0.75], min_length=1, description="multiscale: patch sides of the bag."
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        min_length=1,
+        description="multiscale: patch sides of the bag.",
     )
     probes: list[Literal["knn", "linear"]] = Field(
         default_factory=lambda: ["knn", "linear"], min_length=1, description="Probes run for every scheme."
@@ -181,7 +217,9 @@ class EvalConfig(_Part):
     knn_k: int = Field(20, ge=1, description="kNN: neighbours (cosine similarity, weighted vote).")
     knn_temperature: float = Field(0.07, gt=0, description="kNN: vote weight exp(similarity / T).")
     linear_epochs: int = Field(20, ge=1, description="Linear probe: epochs over the precomputed features.")
-    linear_lr: float = Field(0.1, gt=0, description="Linear probe lr (SGD, cosine, on standardised features).")
+    linear_lr: float = Field(
+        0.1, gt=0, description="Linear probe lr (SGD, cosine, on standardised features)."
+    )
     linear_batch_size: int = Field(256, ge=1, description="Linear probe: batch size.")
     every: int = Field(0, ge=0, description="Probe every k epochs; 0 = only after the last epoch.")
     batch_size: int = Field(256, ge=1, description="Images per feature-extraction batch.")
@@ -204,7 +242,9 @@ class EvalConfig(_Part):
 class RunConfig(_Part):
     seed: int = Field(0, description="Seeds data order, patches, augmentation, init and probes.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on CUDA, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU."
+    )
     out_dir: str = Field("runs/bagssl", description="Run directory: config, checkpoints, metrics, summary.")
     checkpoint_every: int = Field(1, ge=0, description="Write a checkpoint every k epochs (0 = never).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep on disk.")
@@ -244,7 +284,9 @@ class TrainConfig(_Part):
 
     @property
     def eval_patch_px(self) -> int:
-        return patch_pixels(self.eval.grid_size if self.eval.grid_size is not None else self.patch.size, self.image_size)
+        return patch_pixels(
+            self.eval.grid_size if self.eval.grid_size is not None else self.patch.size, self.image_size
+        )
 
     @property
     def eval_stride(self) -> int:
@@ -267,14 +309,20 @@ class TrainConfig(_Part):
                 f"expected at most {img} pixels or a fraction <= 1"
             )
         if self.loss.name in BAG_LOSSES and self.patch.num < 2:
-            raise ValueError(f"patch.num: loss {self.loss.name!r} pulls patches to their bag mean; expected >= 2 patches")
+            raise ValueError(
+                f"patch.num: loss {self.loss.name!r} pulls patches to their bag mean; expected >= 2 patches"
+            )
         if self.loss.name == "vicreg" and self.patch.num != 2:
             raise ValueError("patch.num: two-view vicreg uses exactly 2 views; expected 2")
         if self.eval_patch_px > img:
-            raise ValueError(f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image")
+            raise ValueError(
+                f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image"
+            )
         for s in self.eval.multiscale_sizes:
             if not _is_size(s) or patch_pixels(s, img) > img:
-                raise ValueError(f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]")
+                raise ValueError(
+                    f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]"
+                )
         return self
 
 

@@ -315,7 +315,7 @@ def centre_patch(images: torch.Tensor, patch_px: int, out_size: int) -> torch.Te
         `(B, 1, C, S, S)` float32 in [0, 1].
     """
     check_images(images)
-    b, _, h, w = images.shape
+    h, w = images.shape[-2:]
     if not 1 <= patch_px <= min(h, w):
         raise ValueError(f"patch_px: a {patch_px}-px patch does not fit a {h}x{w} image")
     top, left = (h - patch_px) // 2, (w - patch_px) // 2
@@ -331,4 +331,3 @@ def whole_image(images: torch.Tensor, out_size: int) -> torch.Tensor:
     """
     check_images(images)
     return _resize(_to_unit_float(images), out_size).unsqueeze(1)
-

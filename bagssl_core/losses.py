@@ -154,10 +154,7 @@ def coding_rate(z: torch.Tensor, eps: float) -> torch.Tensor:
         z = z.reshape(m, -1, d)
         scale = d / (m * eps)
         # Sylvester: det(I_D + c ZᵀZ) = det(I_m + c ZZᵀ); factor the smaller matrix.
-        if d <= m:
-            gram = torch.einsum("mni,mnj->nij", z, z)
-        else:
-            gram = torch.einsum("mnd,knd->nmk", z, z)
+        gram = torch.einsum("mni,mnj->nij", z, z) if d <= m else torch.einsum("mnd,knd->nmk", z, z)
         eye = torch.eye(gram.shape[-1], dtype=z.dtype, device=z.device)
         chol = torch.linalg.cholesky(eye + scale * gram)
         logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(dim=-1)

@@ -129,9 +129,15 @@ class ProbeQuery:
             and (self.scheme is None or key.scheme == self.scheme)
         )
 
-    def best(self, metrics: Mapping[str, float], mode: Literal["max", "min"] = "max") -> tuple[ProbeKey, float] | None:
+    def best(
+        self, metrics: Mapping[str, float], mode: Literal["max", "min"] = "max"
+    ) -> tuple[ProbeKey, float] | None:
         """The best matching value in one report, and its key; ties go to the key that sorts first."""
-        found = [(k, float(v)) for k, v in ((ProbeKey.parse(n), v) for n, v in metrics.items()) if k and self.matches(k)]
+        found = [
+            (k, float(v))
+            for k, v in ((ProbeKey.parse(n), v) for n, v in metrics.items())
+            if k and self.matches(k)
+        ]
         if not found:
             return None
         sign = 1.0 if mode == "max" else -1.0

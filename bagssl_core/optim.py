@@ -20,8 +20,12 @@ class LARS(torch.optim.Optimizer):
     the trust ratio: they follow plain SGD with momentum.
     """
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.02):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False))
+    def __init__(
+        self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.02
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -19,7 +19,9 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def package_versions(names: tuple[str, ...] = ("torch", "torchvision", "numpy", "pydantic")) -> dict[str, str]:
+def package_versions(
+    names: tuple[str, ...] = ("torch", "torchvision", "numpy", "pydantic"),
+) -> dict[str, str]:
     out = {}
     for n in names:
         try:

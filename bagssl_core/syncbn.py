@@ -49,7 +49,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm{1,2,3}d by a GlobalBatchNorm holding the same parameters and buffers."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

@@ -125,13 +125,22 @@ def train_loader(data: ImageData, cfg: TrainConfig, epoch: int) -> DataLoader:
             "expected a smaller batch or a larger data.train_subset"
         )
     sampler = DistributedSampler(
-        data, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=True, seed=cfg.run.seed,
+        data,
+        num_replicas=dist.world_size(),
+        rank=dist.rank(),
+        shuffle=True,
+        seed=cfg.run.seed,
         drop_last=True,
     )
     sampler.set_epoch(epoch)
     return DataLoader(
-        data, batch_size=bs, sampler=sampler, drop_last=True, collate_fn=collate_images,
-        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        data,
+        batch_size=bs,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_images,
+        num_workers=cfg.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -436,9 +445,19 @@ def start_run(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_to_yaml(cfg))
     return Run(
-        cfg=cfg, out=out, device=device, autocast=use_bf16(cfg, device), model=model, optimizer=optimizer,
-        loss_fn=build_loss(cfg.loss), lrs=lr_schedule(cfg, steps_per_epoch), steps_per_epoch=steps_per_epoch,
-        train_data=train_data, test_data=test_data, eval_variants=eval_variants, start_epoch=start_epoch,
+        cfg=cfg,
+        out=out,
+        device=device,
+        autocast=use_bf16(cfg, device),
+        model=model,
+        optimizer=optimizer,
+        loss_fn=build_loss(cfg.loss),
+        lrs=lr_schedule(cfg, steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+        train_data=train_data,
+        test_data=test_data,
+        eval_variants=eval_variants,
+        start_epoch=start_epoch,
         step=step,
     )
 

@@ -49,7 +49,10 @@ def run_local(spec: SweepSpec, plan: TrialPlan, logger: TrialLogger) -> list[Tri
             logger.complete(trial_id)
         else:
             logger.error(trial_id, f"status {result.status}")
-    return [TrialOutcome(t, logger.params[t], st, logger.last_result.get(t, {})) for t, st in logger.statuses.items()]
+    return [
+        TrialOutcome(t, logger.params[t], st, logger.last_result.get(t, {}))
+        for t, st in logger.statuses.items()
+    ]
 
 
 def local_trials(spec: SweepSpec, rng: random.Random) -> list[dict[str, Any]]:

@@ -29,9 +29,10 @@ def prepare_ray_environment(address: str | None) -> None:
 
 
 def _has_auth_token() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or (
-        Path.home() / ".ray" / "auth_token"
-    ).is_file()
+    return (
+        bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
 
 
 def free_port() -> int:

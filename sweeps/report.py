@@ -41,7 +41,9 @@ def trial_status(metrics: Mapping[str, float], failed: bool, epochs: int) -> str
     return "FINISHED" if metrics.get("epoch", 0) >= epochs else "KILLED"
 
 
-def best_trial(trials: Iterable[TrialOutcome], metric: str, mode: str) -> tuple[TrialOutcome, float, str] | None:
+def best_trial(
+    trials: Iterable[TrialOutcome], metric: str, mode: str
+) -> tuple[TrialOutcome, float, str] | None:
     """The trial whose last report has the best objective (failed trials excluded)."""
     scored = []
     for t in trials:
@@ -56,7 +58,9 @@ def best_trial(trials: Iterable[TrialOutcome], metric: str, mode: str) -> tuple[
     return pick(scored, key=lambda s: s[1])
 
 
-def best_config_yaml(spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], metric_key: str) -> str:
+def best_config_yaml(
+    spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], metric_key: str
+) -> str:
     """The best trial's full TrainConfig for `bagssl_core train --config`: its parameters, the winning
     evaluation variant, and the winning scheme first in eval.aggregation."""
     overrides = trial_overrides(params)
@@ -65,7 +69,9 @@ def best_config_yaml(spec: SweepSpec, base: Mapping[str, Any], params: Mapping[s
     scheme = scheme_of(metric_key)
     if scheme is not None:
         schemes = [scheme, *(s for s in cfg.eval.aggregation if s != scheme)]
-        cfg = validate_config(merge_overrides(cfg.model_dump(mode="json"), {"eval.aggregation": schemes}), "best trial")
+        cfg = validate_config(
+            merge_overrides(cfg.model_dump(mode="json"), {"eval.aggregation": schemes}), "best trial"
+        )
     return config_to_yaml(cfg)
 
 
@@ -76,8 +82,13 @@ def format_table(trials: list[TrialOutcome], metric: str, mode: str) -> str:
     for t in trials:
         found = objective(t.metrics, metric, mode)
         score = None if found is None else found[0]
-        row = [t.trial_id, t.status, str(int(t.metrics.get("epoch", 0))), "-" if score is None else f"{score:.2f}",
-               *(_short(t.params.get(k)) for k in keys)]
+        row = [
+            t.trial_id,
+            t.status,
+            str(int(t.metrics.get("epoch", 0))),
+            "-" if score is None else f"{score:.2f}",
+            *(_short(t.params.get(k)) for k in keys),
+        ]
         scored.append((score, row))
     sign = -1 if mode == "max" else 1
     scored.sort(key=lambda s: (s[0] is None, sign * s[0] if s[0] is not None else 0.0))
@@ -115,8 +126,11 @@ def write_report(
     """
     table = format_table(trials, spec.metric, spec.mode)
     counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED", "FAILED")}
-    lines = [f"sweep {spec.name}: {len(trials)} trial(s): "
-             + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n), table]
+    lines = [
+        f"sweep {spec.name}: {len(trials)} trial(s): "
+        + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
+        table,
+    ]
     summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
     artifacts = {"trials.txt": table + "\n"}
     best = best_trial(trials, spec.metric, spec.mode)
@@ -136,6 +150,10 @@ def write_report(
             lines.append(f"best config: {best_path}  (python -m bagssl_core train --config {best_path})")
         else:
             lines.append("best config:\n" + text)
-    ui = f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
-    lines.append(f"MLflow: experiment {spec.tracking.experiment!r}, parent run {parent_run_id} at {tracking_uri}; open with: {ui}")
+    ui = (
+        f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
+    )
+    lines.append(
+        f"MLflow: experiment {spec.tracking.experiment!r}, parent run {parent_run_id} at {tracking_uri}; open with: {ui}"
+    )
     return Report("\n".join(lines), summary, artifacts)

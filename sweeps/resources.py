@@ -20,7 +20,9 @@ def trial_resources(r: ResourcesSpec) -> dict[str, float]:
     return {k: r.workers_per_trial * v for k, v in worker_resources(r).items()}
 
 
-def worker_group_fits(nodes: list[Mapping[str, float]], workers: int, per_worker: Mapping[str, float]) -> bool:
+def worker_group_fits(
+    nodes: list[Mapping[str, float]], workers: int, per_worker: Mapping[str, float]
+) -> bool:
     """Whether `workers` bundles of `per_worker` can be packed onto these nodes (a bundle never spans two)."""
     free = [dict(n) for n in nodes]
     for _ in range(workers):

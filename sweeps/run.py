@@ -29,12 +29,26 @@ EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[1])
     p.add_argument("spec", help="sweep spec YAML (see search_spaces/)")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--local", action="store_true", help="run the trials one after another in this process, no Ray")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (spec, space, trials, resources) and exit")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage path")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
-                   help="override a spec key, e.g. num_samples=2, base.schedule.epochs=1")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
+    )
+    p.add_argument(
+        "--local", action="store_true", help="run the trials one after another in this process, no Ray"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan (spec, space, trials, resources) and exit"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep from its storage path"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="override a spec key, e.g. num_samples=2, base.schedule.epochs=1",
+    )
     return p
 
 
@@ -66,7 +80,9 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     print(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip())
     print("# space")
     print("\n".join(describe_space(spec, base_cfg)))
-    print(f"# trials: {trial_count(spec)} ({spec.search.algo}, scheduler {spec.scheduler.name}, objective {spec.mode} {spec.metric})")
+    print(
+        f"# trials: {trial_count(spec)} ({spec.search.algo}, scheduler {spec.scheduler.name}, objective {spec.mode} {spec.metric})"
+    )
     gpu = f", {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
     print(
         f"# each trial: {r.workers_per_trial} Ray Train worker(s) x ({r.cpus_per_worker:g} CPU{gpu}) = "
@@ -75,8 +91,10 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     )
     evals = math.prod(len(d.args) for d in spec.eval_axes().values())
     if evals > 1:
-        print(f"# evaluation-only axes: {evals} evaluation settings per trained model; searching them as training "
-              f"axes would train {evals * trial_count(spec)} models instead of {trial_count(spec)}")
+        print(
+            f"# evaluation-only axes: {evals} evaluation settings per trained model; searching them as training "
+            f"axes would train {evals * trial_count(spec)} models instead of {trial_count(spec)}"
+        )
     print(f"# storage: {experiment_dir(spec)}")
 
 
@@ -127,11 +145,15 @@ def _main(args: argparse.Namespace) -> int:
     if local_exp and not args.local:
         exists = Path(exp_dir).exists()
         if args.resume and not exists:
-            raise SpecError(f"{args.spec}: --resume: nothing to resume at {exp_dir}; run without --resume to "
-                            "start the sweep")
+            raise SpecError(
+                f"{args.spec}: --resume: nothing to resume at {exp_dir}; run without --resume to "
+                "start the sweep"
+            )
         if exists and not args.resume:
-            raise SpecError(f"{args.spec}: storage_path: {exp_dir} already holds a sweep named "
-                            f"{spec.name!r}; pass --resume to continue it, or change name/storage_path")
+            raise SpecError(
+                f"{args.spec}: storage_path: {exp_dir} already holds a sweep named "
+                f"{spec.name!r}; pass --resume to continue it, or change name/storage_path"
+            )
     uri = resolve_uri(spec.tracking.uri)
     try:
         check_reachable(uri)
@@ -155,13 +177,17 @@ def _main(args: argparse.Namespace) -> int:
         placement = None if args.local else stack.enter_context(ray_cluster(spec, args.address))
         tracker = MlflowTracker(uri, spec.tracking.experiment, sweep_key=exp_dir)
         spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
-        parent = tracker.start_parent(spec.name, sweep_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume)
+        parent = tracker.start_parent(
+            spec.name, sweep_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume
+        )
         epochs = base_cfg.schedule.epochs
         try:
             if placement is None:
                 trials = run_local(spec, plan, TrialLogger(tracker, epochs, plan.describe))
             else:
-                callback = MlflowTuneCallback(uri, spec.tracking.experiment, exp_dir, parent, epochs, plan.describe)
+                callback = MlflowTuneCallback(
+                    uri, spec.tracking.experiment, exp_dir, parent, epochs, plan.describe
+                )
                 trials = run_with_ray(spec, plan, exp_dir, placement, callback, args.resume)
         except BaseException:
             tracker.client.set_terminated(parent, status="KILLED")
@@ -175,6 +201,7 @@ def _main(args: argparse.Namespace) -> int:
     print(report.text)
     failed = [t for t in trials if t.status == "FAILED"]
     return EXIT_TRIALS_FAILED if failed or not trials else EXIT_OK
+
 
 if __name__ == "__main__":
     sys.exit(main())

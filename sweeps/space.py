@@ -120,7 +120,11 @@ def describe_space(spec: SweepSpec, base: TrainConfig) -> list[str]:
     lines = []
     eval_axes = spec.eval_axes()
     for key, d in spec.space.items():
-        how = "enumerated inside each trial (no retraining)" if key in eval_axes else f"searched by {spec.search.algo}"
+        how = (
+            "enumerated inside each trial (no retraining)"
+            if key in eval_axes
+            else f"searched by {spec.search.algo}"
+        )
         lines.append(f"  {key}: {d.kind} {list(d.args)} -> {how}")
     variants = eval_variants(spec, base)
     if list(variants) != [""]:

@@ -116,12 +116,16 @@ class ResourcesSpec(_Strict):
 
 
 class TrackingSpec(_Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
     experiment: str = "bagssl"
 
 
 class FailureSpec(_Strict):
-    max_retries: int = Field(1, ge=0, description="times a failed trial's Train run is restarted from its checkpoint")
+    max_retries: int = Field(
+        1, ge=0, description="times a failed trial's Train run is restarted from its checkpoint"
+    )
 
 
 def _config_path(key: str) -> str:
@@ -263,7 +267,9 @@ def _check_space_values(spec: SweepSpec, base_tree: dict[str, Any], at: Callable
             try:
                 validate_config(merge_overrides(base_tree, {key: coerce_value(key, v)}))
             except ConfigError as err:
-                raise SpecError(f"{at(f'space.{key}')}: space.{key}: value {v!r} is rejected: {_indent(err)}") from None
+                raise SpecError(
+                    f"{at(f'space.{key}')}: space.{key}: value {v!r} is rejected: {_indent(err)}"
+                ) from None
 
 
 def _check_metric(spec: SweepSpec, base_cfg: TrainConfig, at: Callable[[str], str]) -> None:

@@ -80,8 +80,16 @@ def sweep_params(spec: SweepSpec) -> dict[str, Any]:
     """The parent run's params: the space, objective, search, and the code and package versions."""
     info = provenance(extra_packages=("ray", "optuna", "mlflow"))
     params: dict[str, Any] = {f"space.{k}": {d.kind: list(d.args)} for k, d in spec.space.items()}
-    params.update({"metric": spec.metric, "mode": spec.mode, "num_samples": spec.num_samples, "search": spec.search.algo,
-                   "scheduler": spec.scheduler.name, "workers_per_trial": spec.resources.workers_per_trial})
+    params.update(
+        {
+            "metric": spec.metric,
+            "mode": spec.mode,
+            "num_samples": spec.num_samples,
+            "search": spec.search.algo,
+            "scheduler": spec.scheduler.name,
+            "workers_per_trial": spec.resources.workers_per_trial,
+        }
+    )
     params.update({k: v for k, v in info.items() if v is not None})
     return params
 
@@ -102,7 +110,11 @@ class MlflowTracker:
         self, name: str, params: Mapping[str, Any], artifacts: Mapping[str, str], resume: bool = False
     ) -> str:
         """Open the sweep's parent run; on resume, reopen the newest one of this sweep with its children."""
-        found = self._search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep_key}'") if resume else []
+        found = (
+            self._search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep_key}'")
+            if resume
+            else []
+        )
         if found:
             self.attach_parent(found[0].info.run_id)
             self.client.update_run(found[0].info.run_id, status="RUNNING")
@@ -142,7 +154,12 @@ class MlflowTracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={PARENT_TAG: self.parent_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_SWEEP: self.sweep_key},
+            tags={
+                PARENT_TAG: self.parent_id,
+                TAG_ROLE: "trial",
+                TAG_TRIAL: trial_id,
+                TAG_SWEEP: self.sweep_key,
+            },
         )
         run_id = run.info.run_id
         self._children[trial_id] = run_id
@@ -169,7 +186,10 @@ class MlflowTracker:
     def _search(self, filter_string: str) -> list[Any]:
         return list(
             self.client.search_runs(
-                [self.experiment_id], filter_string=filter_string, max_results=10000, order_by=["start_time DESC"]
+                [self.experiment_id],
+                filter_string=filter_string,
+                max_results=10000,
+                order_by=["start_time DESC"],
             )
         )
 
@@ -191,9 +211,22 @@ class MlflowTracker:
 # Keys Tune adds to every result; everything else numeric in a result came from the trainer.
 TUNE_KEYS = frozenset(
     {
-        "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "iterations_since_restore",
-        "time_since_restore", "done", "node_ip", "hostname", "date", "trial_id", "experiment_tag",
-        "checkpoint_dir_name", "config", "should_checkpoint",
+        "timestamp",
+        "time_this_iter_s",
+        "time_total_s",
+        "pid",
+        "training_iteration",
+        "iterations_since_restore",
+        "time_since_restore",
+        "done",
+        "node_ip",
+        "hostname",
+        "date",
+        "trial_id",
+        "experiment_tag",
+        "checkpoint_dir_name",
+        "config",
+        "should_checkpoint",
     }
 )
 
@@ -209,7 +242,9 @@ def trainer_metrics(result: Mapping[str, Any]) -> dict[str, float]:
 class TrialLogger:
     """Feeds an MlflowTracker from trial events; shared by the Tune callback and `--local` mode."""
 
-    def __init__(self, tracker: MlflowTracker, epochs: int, describe: Callable[[Mapping[str, Any]], tuple[dict, dict]]):
+    def __init__(
+        self, tracker: MlflowTracker, epochs: int, describe: Callable[[Mapping[str, Any]], tuple[dict, dict]]
+    ):
         self.tracker = tracker
         self.epochs = epochs
         self.describe = describe  # params -> (flat params, {artifact name: text})
@@ -257,8 +292,15 @@ class MlflowTuneCallback(Callback):
     callback").
     """
 
-    def __init__(self, uri: str, experiment: str, sweep_key: str, parent_id: str, epochs: int,
-                 describe: Callable[[Mapping[str, Any]], tuple[dict, dict]]):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        sweep_key: str,
+        parent_id: str,
+        epochs: int,
+        describe: Callable[[Mapping[str, Any]], tuple[dict, dict]],
+    ):
         self.settings = (uri, experiment, sweep_key, parent_id)
         self.epochs = epochs
         self.describe = describe

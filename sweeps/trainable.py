@@ -90,7 +90,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         # Every rank reports (it is a barrier); rank 0 alone carries the checkpoint.
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    with _restored_checkpoint(ray.train.get_checkpoint()) as resume, tempfile.TemporaryDirectory(prefix="bagssl_") as d:
+    with (
+        _restored_checkpoint(ray.train.get_checkpoint()) as resume,
+        tempfile.TemporaryDirectory(prefix="bagssl_") as d,
+    ):
         result = run_trial(plan, params, Path(d), report, resume)
     if result.status != "finished":
         raise RuntimeError(f"trial {result.status}: {result.metrics.get('diverged_at_step', '')}")

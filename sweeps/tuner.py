@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def run_with_ray(
-    spec: SweepSpec, plan: TrialPlan, exp_dir: str, placement: Placement, callback: MlflowTuneCallback, resume: bool
+    spec: SweepSpec,
+    plan: TrialPlan,
+    exp_dir: str,
+    placement: Placement,
+    callback: MlflowTuneCallback,
+    resume: bool,
 ) -> list[TrialOutcome] | None:
     """Run (or restore) the Tune experiment at exp_dir; the trials' outcomes, or None when it was interrupted."""
     epochs = plan.config({}).schedule.epochs
@@ -47,7 +52,11 @@ def run_with_ray(
     for res in grid:
         metrics = trainer_metrics(res.metrics or {})
         tid = (res.metrics or {}).get("trial_id") or Path(res.path).name
-        out.append(TrialOutcome(tid, dict(res.config or {}), trial_status(metrics, res.error is not None, epochs), metrics))
+        out.append(
+            TrialOutcome(
+                tid, dict(res.config or {}), trial_status(metrics, res.error is not None, epochs), metrics
+            )
+        )
     return out
 
 
@@ -62,18 +71,34 @@ def build_tuner(
     """A fresh Tune experiment at exp_dir (its storage path / its name)."""
     storage, name = exp_dir.rsplit("/", 1)
     tune_config = tune.TuneConfig(
-        metric=spec.metric, mode=spec.mode, search_alg=_search_algorithm(spec, trials_at_once),
-        scheduler=_scheduler(spec, epochs), num_samples=spec.num_samples,
+        metric=spec.metric,
+        mode=spec.mode,
+        search_alg=_search_algorithm(spec, trials_at_once),
+        scheduler=_scheduler(spec, epochs),
+        num_samples=spec.num_samples,
     )
     # The live table: the objective and the searched parameters of every trial, best first.
     reporter = tune.CLIReporter(
-        metric_columns={"epoch": "epoch", spec.metric: spec.metric, "train/loss": "loss", "patches_per_s": "patches/s"},
+        metric_columns={
+            "epoch": "epoch",
+            spec.metric: spec.metric,
+            "train/loss": "loss",
+            "patches_per_s": "patches/s",
+        },
         parameter_columns=list(spec.train_axes()),
-        sort_by_metric=True, max_report_frequency=30,
+        sort_by_metric=True,
+        max_report_frequency=30,
     )
-    run_config = tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], progress_reporter=reporter,
-                                failure_config=tune.FailureConfig(max_failures=0))
-    return tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=[callback],
+        progress_reporter=reporter,
+        failure_config=tune.FailureConfig(max_failures=0),
+    )
+    return tune.Tuner(
+        trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config
+    )
 
 
 def _search_algorithm(spec: SweepSpec, trials_at_once: int) -> SearchAlgorithm | Searcher:
@@ -107,8 +132,12 @@ def _scheduler(spec: SweepSpec, epochs: int) -> TrialScheduler:
     # (docs/operations.md, "ASHA").
     if spec.scheduler.name == "asha":
         # max_t above the epoch count: trials that run all epochs end by themselves.
-        return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=spec.scheduler.grace_period,
-                             reduction_factor=spec.scheduler.reduction_factor)
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs + 1,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
     if spec.scheduler.name == "median":
         return MedianStoppingRule(time_attr="epoch", grace_period=spec.scheduler.grace_period)
     return FIFOScheduler()

@@ -134,7 +134,9 @@ def test_unknown_key_in_a_file_names_the_file_line_and_key(tmp_path: Path) -> No
 
 def test_bad_values_in_a_file_name_their_lines(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text("data: {name: fashion_mnist}\npatch:\n  num: abc\neval:\n  aggregation: [mean_emb, foo]\n")
+    path.write_text(
+        "data: {name: fashion_mnist}\npatch:\n  num: abc\neval:\n  aggregation: [mean_emb, foo]\n"
+    )
     assert config_error([], path).splitlines() == [
         f"{path}:3: patch.num: expected a valid integer, unable to parse string as an integer (got 'abc')",
         f"{path}:5: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
@@ -203,7 +205,9 @@ def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
     assert config_error([], empty) == f"{empty}: the file is empty; expected a mapping of config sections"
     listing = tmp_path / "list.yaml"
     listing.write_text("- patch\n- size\n")
-    assert config_error([], listing).startswith(f"{listing}: expected a mapping of config sections at the top level")
+    assert config_error([], listing).startswith(
+        f"{listing}: expected a mapping of config sections at the top level"
+    )
     missing = tmp_path / "missing.yaml"
     assert config_error([], missing) == f"{missing}: no such file"
 
@@ -273,8 +277,18 @@ def test_effective_lr_scales_with_the_global_batch() -> None:
 
 def test_config_defaults_are_the_dotted_leaves() -> None:
     paths = config_defaults()
-    assert {"patch.size", "loss.inv_weight", "eval.aggregation", "patch.aug.flip_p", "run.seed"} <= paths.keys()
-    assert (paths["patch.size"], paths["eval.aggregation"], paths["patch.aug.blur_sigma"]) == (16, ["mean_emb"], [0.1, 2.0])
+    assert {
+        "patch.size",
+        "loss.inv_weight",
+        "eval.aggregation",
+        "patch.aug.flip_p",
+        "run.seed",
+    } <= paths.keys()
+    assert (paths["patch.size"], paths["eval.aggregation"], paths["patch.aug.blur_sigma"]) == (
+        16,
+        ["mean_emb"],
+        [0.1, 2.0],
+    )
     assert "patch" not in paths and "patch.aug" not in paths  # sections are not leaves
     for path in paths:  # every leaf is a key a YAML file or an override may set
         section, *rest = path.split(".")

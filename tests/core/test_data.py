@@ -137,7 +137,7 @@ def test_subset_is_seeded(fmnist_test: ImageData) -> None:
     first, label = a[0]
     matches = (fmnist_test.images == first).flatten(1).all(1).nonzero().flatten()
     assert len(matches) >= 1 and label in fmnist_test.labels[matches].tolist()
-    with pytest.raises(ConfigError, match="data.test_subset: 10001 is more than the 10000"):
+    with pytest.raises(ConfigError, match=r"data\.test_subset: 10001 is more than the 10000"):
         load_split(DataConfig(test_subset=10_001), "test", seed=0)
 
 

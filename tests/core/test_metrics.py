@@ -17,7 +17,12 @@ from bagssl_core.metrics import (
 
 @pytest.mark.parametrize(
     "name",
-    ["val/knn_top1/mean_emb", "test/linear_top5/centre:grid_stride-4", "val/knn_top1_lo/max_emb", "val/knn_top1_hi/whole:patches-random:grid_stride-2"],
+    [
+        "val/knn_top1/mean_emb",
+        "test/linear_top5/centre:grid_stride-4",
+        "val/knn_top1_lo/max_emb",
+        "val/knn_top1_hi/whole:patches-random:grid_stride-2",
+    ],
 )
 def test_probe_key_round_trips(name: str) -> None:
     key = ProbeKey.parse(name)
@@ -26,7 +31,16 @@ def test_probe_key_round_trips(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["train/loss", "epoch", "knn_top1/mean_emb", "val/knn_top1", "train/knn_top1/mean_emb", "val/svm_top1/mean_emb", "val/knn_top3/mean_emb"]
+    "name",
+    [
+        "train/loss",
+        "epoch",
+        "knn_top1/mean_emb",
+        "val/knn_top1",
+        "train/knn_top1/mean_emb",
+        "val/svm_top1/mean_emb",
+        "val/knn_top3/mean_emb",
+    ],
 )
 def test_other_names_are_not_probe_keys(name: str) -> None:
     assert ProbeKey.parse(name) is None
@@ -39,7 +53,12 @@ def test_query_matches_schemes_and_variants_but_not_bounds_or_other_splits() -> 
         "val/knn_top1/mean_emb",
         "val/knn_top1/centre:grid_stride-4",
     ]
-    misses = ["val/knn_top1_lo/mean_emb", "test/knn_top1/mean_emb", "val/knn_top5/mean_emb", "val/linear_top1/mean_emb"]
+    misses = [
+        "val/knn_top1_lo/mean_emb",
+        "test/knn_top1/mean_emb",
+        "val/knn_top5/mean_emb",
+        "val/linear_top1/mean_emb",
+    ]
     for name in hits:
         key = ProbeKey.parse(name)
         assert key is not None and q.matches(key), name

@@ -296,7 +296,7 @@ def test_train_batch_bag_and_vicreg() -> None:
     assert torch.allclose(P.normalize(raw, (0.5,) * 3, (0.25,) * 3), x, atol=1e-6)
     views = P.train_batch(images, small_cfg(loss__name="vicreg", patch__num=2), gen(1))
     assert views.shape == (3, 2, 3, 12, 12)
-    with pytest.raises(ValueError, match="cfg.image_size"):
+    with pytest.raises(ValueError, match=r"cfg\.image_size"):
         P.train_batch(rand_images(b=3, side=20), cfg, gen())
 
 

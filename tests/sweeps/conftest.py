@@ -28,9 +28,17 @@ def ray_address() -> Iterator[str]:
     # 'trial_slot' per core for the trials' own actors (docs/operations.md, "The dashboard", "Resources").
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
     cmd = [
-        ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-        "--resources", json.dumps({"trial_slot": 2}), "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+        ray_bin,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--resources",
+        json.dumps({"trial_slot": 2}),
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--disable-usage-stats",
     ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     try:

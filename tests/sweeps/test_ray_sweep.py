@@ -30,7 +30,9 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(tmp_path: Path, ray_address: str) -> None:
+def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(
+    tmp_path: Path, ray_address: str
+) -> None:
     spec = tiny_spec(tmp_path, "e2e")
     proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +49,14 @@ def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(tmp_path: P
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for c in children:
         m = c.data.metrics
-        for key in ("knn_top1/mean_emb", "knn_top1/centre", "linear_top1/mean_emb", "train/loss", "lr", "patches_per_s"):
+        for key in (
+            "knn_top1/mean_emb",
+            "knn_top1/centre",
+            "linear_top1/mean_emb",
+            "train/loss",
+            "lr",
+            "patches_per_s",
+        ):
             assert key in m, key
         epochs = [int(p.step) for p in client.get_metric_history(c.info.run_id, "knn_top1/mean_emb")]
         assert epochs == ([1, 2] if c.info.status == "FINISHED" else [1])
@@ -62,8 +71,13 @@ def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(tmp_path: P
 
 def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:
     spec = tiny_spec(tmp_path, "resume", num_samples=3, scheduler={"name": "none"})
-    proc = subprocess.Popen(sweep_cmd(spec, "--address", ray_address), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        sweep_cmd(spec, "--address", ray_address),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     db = tmp_path / "mlflow.db"
     deadline = time.time() + 600
     statuses: list[str] = []
@@ -128,7 +142,9 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
     proc = _run(sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trial local_00000:" in proc.stdout
-    assert "Started a local Ray instance" not in proc.stderr and "Connecting to existing Ray" not in proc.stderr
+    assert (
+        "Started a local Ray instance" not in proc.stderr and "Connecting to existing Ray" not in proc.stderr
+    )
     parents, children = _runs(tmp_path, "local")
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
@@ -139,7 +155,9 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
 def test_a_trial_that_can_never_be_placed_is_an_error_at_start(tmp_path: Path, ray_address: str) -> None:
     spec = tiny_spec(tmp_path, "infeasible")
     t0 = time.time()
-    proc = _run(sweep_cmd(spec, "--address", ray_address, "--set", "resources.workers_per_trial=3"), timeout=180)
+    proc = _run(
+        sweep_cmd(spec, "--address", ray_address, "--set", "resources.workers_per_trial=3"), timeout=180
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "resources" in proc.stderr and "can never be placed" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -156,7 +156,11 @@ def test_best_config_keeps_the_winning_variant_and_scheme_of_a_real_report(aggre
     from sweeps.trainable import with_objective
 
     spec, base = aggregation
-    raw = {"epoch": 10.0, "linear_top1/mean_emb:grid_stride-4": 70.0, "linear_top1/centre:grid_stride-7": 80.0}
+    raw = {
+        "epoch": 10.0,
+        "linear_top1/mean_emb:grid_stride-4": 70.0,
+        "linear_top1/centre:grid_stride-7": 80.0,
+    }
     trial = TrialOutcome("t", {"patch.size": 14}, "FINISHED", with_objective(raw, spec.metric, spec.mode))
     assert trial.metrics[spec.metric] == 80.0
     best, value, key = best_trial([trial], spec.metric, spec.mode)

@@ -115,8 +115,13 @@ BAD_SPECS = {
         [":6: space.patch.sise: not a TrainConfig field"],
     ),
     "two_paths_not_in_config": (
-        VALID.replace("patch.size:", "patch.sise:").replace("metric:", "  eval.grid_sise: {choice: [4]}\nmetric:"),
-        [":6: space.patch.sise: not a TrainConfig field", ":7: space.eval.grid_sise: not a TrainConfig field"],
+        VALID.replace("patch.size:", "patch.sise:").replace(
+            "metric:", "  eval.grid_sise: {choice: [4]}\nmetric:"
+        ),
+        [
+            ":6: space.patch.sise: not a TrainConfig field",
+            ":7: space.eval.grid_sise: not a TrainConfig field",
+        ],
     ),
     "choice_not_a_list": (
         VALID.replace(" {choice: [8, 12]}", "\n    choice: 8"),
@@ -242,7 +247,9 @@ patch:
 )
 def test_base_merges_over_its_config_file_key_by_key(base: str, tmp_path: Path) -> None:
     write(tmp_path, BASE_FILE, "base.yaml")
-    path = write(tmp_path, VALID.replace("base:\n  data: {name: fashion_mnist}\n  eval: {every: 1}", f"base: {base}"))
+    path = write(
+        tmp_path, VALID.replace("base:\n  data: {name: fashion_mnist}\n  eval: {every: 1}", f"base: {base}")
+    )
     _, cfg = load_spec(path)
     assert cfg.patch.aug.flip_p == 0.0  # the spec's own setting
     assert (cfg.patch.aug.jitter_p, cfg.patch.aug.blur_p, cfg.patch.size) == (0.3, 0.0, 8)  # the file's

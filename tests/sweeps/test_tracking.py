@@ -104,8 +104,8 @@ def test_child_twice_is_one_run(tracker: MlflowTracker) -> None:
 
 
 def test_plan_params_are_flat_config(tracker: MlflowTracker) -> None:
-    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
-    logger.start("t1", "trial", {"patch.size": 12, "loss.inv_weight": 10.0})
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 12, "loss.inv_weight": 10.0})
     run = tracker.client.get_run(run_of(tracker, "t1"))
     params = run.data.params
     assert params["patch.size"] == "12"
@@ -121,12 +121,12 @@ def test_plan_params_are_flat_config(tracker: MlflowTracker) -> None:
 
 
 def test_all_epochs_finish(tracker: MlflowTracker) -> None:
-    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
-    logger.start("t1", "trial", {"patch.size": 8})
-    logger.result("t1", epoch_result(1, 40.0))
-    logger.result("t1", epoch_result(2, 55.0, **{"knn_top1/mean_emb:grid_stride-4": 51.0}))
-    logger.complete("t1")
-    assert logger.statuses == {"t1": "FINISHED"}
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.result("t1", epoch_result(1, 40.0))
+    trials.result("t1", epoch_result(2, 55.0, **{"knn_top1/mean_emb:grid_stride-4": 51.0}))
+    trials.complete("t1")
+    assert trials.statuses == {"t1": "FINISHED"}
     run_id = run_of(tracker, "t1")
     client = tracker.client
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -141,29 +141,29 @@ def test_all_epochs_finish(tracker: MlflowTracker) -> None:
 
 
 def test_stopped_early_is_killed(tracker: MlflowTracker) -> None:
-    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
-    logger.start("t1", "trial", {"patch.size": 8})
-    logger.result("t1", epoch_result(1, 40.0))
-    logger.complete("t1")
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.result("t1", epoch_result(1, 40.0))
+    trials.complete("t1")
     assert status_of(tracker, "t1") == "KILLED"
-    assert logger.statuses == {"t1": "KILLED"}
+    assert trials.statuses == {"t1": "KILLED"}
 
 
 def test_error_is_failed(tracker: MlflowTracker) -> None:
-    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
-    logger.start("t1", "trial", {"patch.size": 8})
-    logger.error("t1", "RuntimeError: boom")
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.error("t1", "RuntimeError: boom")
     assert status_of(tracker, "t1") == "FAILED"
     run_id = run_of(tracker, "t1")
     assert "error.txt" in {f.path for f in tracker.client.list_artifacts(run_id)}
 
 
 def test_re_reported_epoch_is_logged_once(tracker: MlflowTracker) -> None:
-    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
-    logger.start("t1", "trial", {"patch.size": 8})
-    logger.result("t1", epoch_result(1, 40.0))
-    logger.result("t1", epoch_result(1, 41.0))  # a retried worker group reports epoch 1 again
-    logger.result("t1", epoch_result(2, 50.0))
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.result("t1", epoch_result(1, 40.0))
+    trials.result("t1", epoch_result(1, 41.0))  # a retried worker group reports epoch 1 again
+    trials.result("t1", epoch_result(2, 50.0))
     assert history(tracker.client, run_of(tracker, "t1"), "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
 
 
@@ -171,9 +171,9 @@ def test_re_reported_epoch_is_logged_once(tracker: MlflowTracker) -> None:
 
 
 def test_resume_reopens_parent_and_children(uri: str, tracker: MlflowTracker) -> None:
-    logger = TrialLogger(tracker, EPOCHS, PLAN.describe)
-    logger.start("t1", "trial", {"patch.size": 8})
-    logger.result("t1", epoch_result(1, 40.0))
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.result("t1", epoch_result(1, 40.0))
     child_id = run_of(tracker, "t1")
     tracker.client.set_terminated(tracker.parent_id, status="KILLED")  # the interrupted sweep
 
@@ -254,7 +254,7 @@ def test_unreachable_server_fails_fast() -> None:
 
 @pytest.mark.parametrize("store", ["file:///tmp/mlruns", "./mlruns"])
 def test_file_store_is_refused(store: str) -> None:
-    with pytest.raises(TrackingError, match="tracking.uri: .*sqlite:///"):
+    with pytest.raises(TrackingError, match=r"tracking\.uri: .*sqlite:///"):
         check_reachable(store)
 
 
