@@ -109,8 +109,8 @@ def test_dry_run_prints_the_refine_plan(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_refine_end_to_end_locally(tmp_path: Path) -> None:
     """A real sweep on real Fashion-MNIST images: 2 configs (a grid over patch.size), then each re-trained
-    with 2 new seeds, 1 epoch each; every run is an MLflow child, the refine runs tagged with the trial
-    they refine."""
+    with 2 new seeds, 1 epoch each and one kNN probe to keep it short; every run is an MLflow child, the
+    refine runs tagged with the trial they refine."""
     spec = tiny_spec(
         tmp_path,
         "refine",
@@ -121,7 +121,13 @@ def test_refine_end_to_end_locally(tmp_path: Path) -> None:
         refine={"top_k": 2, "seeds": 2},
     )
     proc = subprocess.run(
-        sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"),
+        sweep_cmd(
+            spec,
+            "--local",
+            *("--set", "base.schedule.epochs=1"),
+            *("--set", "base.eval.aggregation=[mean_emb]"),
+            *("--set", "base.eval.probes=[knn]"),
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -149,6 +155,7 @@ def test_refine_end_to_end_locally(tmp_path: Path) -> None:
         assert r.data.params["patch.size"] == refined.data.params["patch.size"]  # the same config...
         assert r.data.params["run.seed"] in {"1000", "2000"}  # ...with a new seed
         assert "val/knn_top1/mean_emb" in r.data.metrics
+        assert "test/knn_top1/mean_emb" in r.data.metrics  # a finished run is scored on the test split
     pairs = {(r.data.tags["bagssl.refines"], r.data.params["run.seed"]) for r in refines}
     assert pairs == {(t, s) for t in trials for s in ("1000", "2000")}
 
