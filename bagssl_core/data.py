@@ -272,10 +272,15 @@ def validation_size(cfg: DataConfig, num_train: int) -> int:
         )
     # When the whole training set is smaller than a batch, the batch size is the problem (train.py says so).
     if num_train - count < cfg.batch_size <= num_train:
+        room = num_train - cfg.batch_size
+        expected = (
+            f"at most {room} validation images"
+            if room >= 1
+            else "a smaller data.batch_size to leave room for them"
+        )
         raise ConfigError(
             f"data.val_size: {count} validation images leave {num_train - count} of the {num_train} training "
-            f"images, less than one batch (data.batch_size={cfg.batch_size}); expected at most "
-            f"{num_train - cfg.batch_size} validation images"
+            f"images, less than one batch (data.batch_size={cfg.batch_size}); expected {expected}"
         )
     return count
 
