@@ -76,7 +76,7 @@ def placement(spec: SweepSpec) -> Placement:
     if need.get("GPU"):
         fit = min(fit, int(total.get("GPU", 0) // need["GPU"]))
     # A trial's own actor holds a 'trial_slot' (local Ray) so that it takes no CPU from its workers.
-    bundle = (
+    bundle: dict[str, float] = (
         {"CPU": 0, "trial_slot": 1} if total.get("trial_slot") else {"CPU": 0, "memory": _TRIAL_ACTOR_MEMORY}
     )
     return Placement(trials_at_once=max(1, min(fit, spec.max_concurrent or fit)), trial_bundle=bundle)
