@@ -4,6 +4,9 @@
     python -m bagssl_core eval CHECKPOINT [--out FILE] [key=value ...]
     python -m bagssl_core eval --random-init [--config FILE] [--out FILE] [key=value ...]
 
+`train` ends with a table of its final probes, `eval` prints the same table: for every scheme, probe and
+statistic, the validation and the test accuracy side by side, each with its 95% Wilson interval.
+
 Bad input (a config error, a missing dataset, a missing checkpoint) is one message on stderr and exit 2.
 """
 
@@ -50,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         help="e.g. patch.size=8 eval.aggregation=[mean_emb,centre]",
     )
     e = sub.add_parser(
-        "eval", help="re-run the probes on a checkpoint (or on a randomly initialised backbone)"
+        "eval",
+        help="re-run the probes on a checkpoint (or on a randomly initialised backbone), on val and test",
     )
     e.add_argument(
         "checkpoint",
@@ -61,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         "--random-init", action="store_true", help="probe an untrained model built from --config (a baseline)"
     )
     e.add_argument("--config", help="with --random-init: TrainConfig YAML file")
-    e.add_argument("--out", help="write the probe results as JSON here")
+    e.add_argument("--out", help="write the probe results (val and test, with intervals) as JSON here")
     e.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. eval.aggregation=[mean_emb,max_emb,whole]"
     )
@@ -93,10 +97,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bagssl_core.data import load_split
+    from bagssl_core.metrics import metric_names
     from bagssl_core.models import build_model, prepare_for_device
     from bagssl_core.probes import format_probe_table
-    from bagssl_core.train import evaluate, load_checkpoint, resolve_device, seed_everything
+    from bagssl_core.train import evaluate, load_checkpoint, load_splits, resolve_device, seed_everything
 
     if args.random_init and args.checkpoint is not None and "=" in args.checkpoint:
         # argparse hands the first key=value to the optional CHECKPOINT positional
@@ -120,8 +124,8 @@ def _eval(args: argparse.Namespace) -> int:
     if state is not None:
         model.load_state_dict(state["model"])
     model = prepare_for_device(model, device, cfg.model)
-    train_data, test_data = (load_split(cfg.data, s, cfg.run.seed) for s in ("train", "test"))
-    metrics = evaluate(model, cfg, train_data, test_data, device)
+    train_data, eval_data = load_splits(cfg)
+    metrics = metric_names(evaluate(model, cfg, train_data, eval_data, device))
     print(format_probe_table(metrics))
     if args.out:
         what = "random-init" if args.random_init else str(args.checkpoint)

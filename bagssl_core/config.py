@@ -72,12 +72,26 @@ class DataConfig(_Part):
     test_subset: int | None = Field(
         None, ge=1, description="Use only the first N test images (seeded shuffle)."
     )
+    val_size: int | float = Field(
+        0.1,
+        description="Validation images carved from the training images (after data.train_subset), "
+        "class-stratified, seeded by run.seed: an int is a count, a fraction f in (0, 1) gives round(f * N).",
+    )
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes (images are decoded there for imagefolder)."
     )
     synthetic_train: int = Field(512, ge=2, description="synthetic only: number of training images.")
     synthetic_test: int = Field(128, ge=1, description="synthetic only: number of test images.")
     synthetic_classes: int = Field(4, ge=2, description="synthetic only: number of classes.")
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v: int | float) -> int | float:
+        if (0 < v < 1) if isinstance(v, float) else v >= 1:
+            return v
+        raise ValueError(
+            "expected a number of images (an int >= 1) or a fraction of the training images in (0, 1)"
+        )
 
 
 class AugConfig(_Part):

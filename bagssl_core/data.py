@@ -1,6 +1,8 @@
 """Datasets as uint8 image tensors (N, C, H, W) and int64 labels (N,), one split at a time.
 
-`load_split(cfg, split, seed)` is the one entry point. In-memory datasets (fashion_mnist, cifar10, cifar100,
+`load_split(cfg, split, seed)` is the one entry point. Three splits: "test" is the dataset's held-out split;
+"val" is a seeded, class-stratified part of the training images (see `validation_split`) and "train" the
+rest, so that model selection never looks at the test split. In-memory datasets (fashion_mnist, cifar10, cifar100,
 stl10, synthetic) are decoded once, resized once when `data.image_size` asks for it, and served in whole
 batches through `__getitems__`, which torch's DataLoader calls instead of one `__getitem__` per image.
 imagefolder decodes lazily, per image, so the work happens in DataLoader workers.
@@ -19,7 +21,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -33,11 +35,16 @@ from bagssl_core.config import NATIVE_IMAGE_SIZE, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "test"]
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# The image sets a dataset ships with: "val" and "train" are both read from the training set.
+Source = Literal["train", "test"]
+# Streams of random numbers derived from run.seed (see `_derived_seed`).
+_SYNTHETIC_TRAIN, _SYNTHETIC_TEST, _VALIDATION = 0, 1, 2
 
 # Where Debian's `dataset-fashion-mnist` package installs the original idx files.
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-_FASHION_MNIST_FILES: dict[str, tuple[str, str]] = {
+_FASHION_MNIST_FILES: dict[Source, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -59,7 +66,7 @@ class ImageData(Dataset, ABC):
 
     Attributes:
         name: dataset name as in `data.name`.
-        split: "train" or "test".
+        split: "train", "val" or "test".
         num_classes: number of classes (labels are 0 .. num_classes - 1).
         image_size: side S of every (square) image this dataset yields.
         channels: C, 3 for RGB (or replicated grayscale), 1 for grayscale.
@@ -184,41 +191,52 @@ def collate_images(
 def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
     """Load one split of `cfg.name`, resized to `cfg.image_size` and cut to the configured subset.
 
+    "train" and "val" both come from the dataset's training images: first cut to `data.train_subset`, then
+    split by `validation_split` into disjoint parts that together are that (subset) training set. "test" is
+    the dataset's own held-out split (cut to `data.test_subset`). For imagefolder, "train" and "val" come
+    from `root/train/` and "test" from `root/val/` (or `root/test/`): ImageNet's `val/` is its held-out
+    split, so it stays the test split.
+
     Args:
         cfg: the data part of the run config.
-        split: "train" or "test".
-        seed: seeds the subset choice (and the synthetic images).
+        split: "train", "val" or "test".
+        seed: seeds the subset choice, the validation split (and the synthetic images).
 
     Returns:
         The split as an ImageData; images uint8 (C, S, S), S = cfg.image_size or the native size.
 
     Raises:
         DataError: the dataset is missing, corrupted, or could not be downloaded.
-        ConfigError: a subset larger than the split.
+        ConfigError: a subset larger than the split, or a `data.val_size` that leaves no room to train.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     start = time.perf_counter()
+    source: Source = "test" if split == "test" else "train"
     size = cfg.image_size or NATIVE_IMAGE_SIZE[cfg.name]
     if cfg.name == "imagefolder":
-        data: ImageData = _load_imagefolder(Path(cfg.root), split, size)
+        data: ImageData = _load_imagefolder(Path(cfg.root), source, size)
     elif cfg.name == "synthetic":
-        n = cfg.synthetic_train if split == "train" else cfg.synthetic_test
-        images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, split)
-        data = TensorImageData("synthetic", split, images, labels, cfg.synthetic_classes)
+        n = cfg.synthetic_train if source == "train" else cfg.synthetic_test
+        images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, source)
+        data = TensorImageData("synthetic", source, images, labels, cfg.synthetic_classes)
     else:
-        images, labels, num_classes = _LOADERS[cfg.name](cfg, split)
-        data = TensorImageData(cfg.name, split, images, labels, num_classes)
-    subset = cfg.train_subset if split == "train" else cfg.test_subset
+        images, labels, num_classes = _LOADERS[cfg.name](cfg, source)
+        data = TensorImageData(cfg.name, source, images, labels, num_classes)
+    subset = cfg.train_subset if source == "train" else cfg.test_subset
     if subset is not None:
-        key = f"data.{split}_subset"
+        key = f"data.{source}_subset"
         if subset > len(data):
             raise ConfigError(
-                f"{key}: {subset} is more than the {len(data)} images of {cfg.name} {split}; "
+                f"{key}: {subset} is more than the {len(data)} images of {cfg.name} {source}; "
                 f"expected at most {len(data)}"
             )
         gen = torch.Generator().manual_seed(seed)
         data = data.subset(torch.randperm(len(data), generator=gen)[:subset])
+    if source == "train":
+        val, train = validation_split(data.labels, cfg, seed)
+        data = data.subset(val if split == "val" else train)
+    data.split = split
     if isinstance(data, TensorImageData):
         # Resize after subsetting (fewer images) and before replicating channels (fewer pixels).
         images = data.images
@@ -229,6 +247,103 @@ def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
         data = TensorImageData(data.name, split, images, data.labels, data.num_classes)
     log.info("%r loaded in %.2f s", data, time.perf_counter() - start)
     return data
+
+
+def validation_size(cfg: DataConfig, num_train: int) -> int:
+    """How many of `num_train` training images `data.val_size` sets aside for validation.
+
+    An int is that many images; a fraction f gives round(f * num_train).
+
+    Raises:
+        ConfigError: fewer than 1 image, all the training images, or so many that fewer than one global
+            batch (`data.batch_size`) of training images is left.
+    """
+    v = cfg.val_size
+    count = round(v * num_train) if isinstance(v, float) else v
+    if count < 1:
+        raise ConfigError(
+            f"data.val_size: {v} of {num_train} training images is {count} images; "
+            "expected at least 1 validation image"
+        )
+    if count >= num_train:
+        raise ConfigError(
+            f"data.val_size: {count} validation images out of {num_train} training images; "
+            f"expected fewer than {num_train} (an int) or a fraction in (0, 1)"
+        )
+    # When the whole training set is smaller than a batch, the batch size is the problem (train.py says so).
+    if num_train - count < cfg.batch_size <= num_train:
+        room = num_train - cfg.batch_size
+        expected = (
+            f"at most {room} validation images"
+            if room >= 1
+            else "a smaller data.batch_size to leave room for them"
+        )
+        raise ConfigError(
+            f"data.val_size: {count} validation images leave {num_train - count} of the {num_train} training "
+            f"images, less than one batch (data.batch_size={cfg.batch_size}); expected {expected}"
+        )
+    return count
+
+
+def stratified_counts(class_sizes: torch.Tensor, total: int) -> torch.Tensor:
+    """How many of `total` images each class gives to a stratified sample.
+
+    Class c, with n_c of the N images, gets its share q_c = total * n_c / N rounded by largest remainder:
+    floor(q_c) each, then one more for the `total - sum floor(q_c)` classes with the largest fractional
+    parts (ties to the lower class index), so the counts sum to `total`. Then each class with at least 2
+    images but none drawn takes one from the class with the most drawn, while that one keeps at least 1:
+    every class is represented when `total` allows.
+
+    Args:
+        class_sizes: int64 (C,), n_c for each class (zeros allowed), total N >= 1.
+        total: how many to draw, 0 <= total <= N.
+
+    Returns:
+        int64 (C,) counts, 0 <= count_c <= n_c, summing to `total`.
+    """
+    quota = class_sizes.double() * total / int(class_sizes.sum())
+    counts = quota.floor().long()
+    by_remainder = torch.sort(quota - counts, descending=True, stable=True).indices
+    counts[by_remainder[: total - int(counts.sum())]] += 1
+    for c in ((counts == 0) & (class_sizes >= 2)).nonzero().flatten().tolist():
+        donor = int(counts.argmax())
+        if counts[donor] < 2:
+            break
+        counts[donor] -= 1
+        counts[c] += 1
+    return counts
+
+
+def validation_split(labels: torch.Tensor, cfg: DataConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded, class-stratified validation split of a training set.
+
+    `validation_size` images are set aside, `stratified_counts` of them from each class; which images of a
+    class is drawn by a permutation seeded from `seed` (a stream of its own, not the subset's). The same
+    labels, config and seed always give the same split.
+
+    Args:
+        labels: int64 (N,) labels of the training images, in index order.
+
+    Returns:
+        (validation indices, training indices): int64, ascending, disjoint, together 0 .. N-1.
+    """
+    n = len(labels)
+    sizes = torch.bincount(labels)
+    counts = stratified_counts(sizes, validation_size(cfg, n))
+    gen = torch.Generator().manual_seed(_derived_seed(seed, _VALIDATION))
+    perm = torch.randperm(n, generator=gen)
+    # Grouped by class (stable sort keeps the random order within a class): the first counts[c] of class
+    # c's run go to validation.
+    grouped = perm[torch.sort(labels[perm], stable=True).indices]
+    grouped_labels = labels[grouped]
+    rank_in_class = torch.arange(n) - (torch.cumsum(sizes, 0) - sizes)[grouped_labels]
+    is_val = rank_in_class < counts[grouped_labels]
+    return grouped[is_val].sort().values, grouped[~is_val].sort().values
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """An independent seed for one use (`stream`) of the run's seed."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -291,7 +406,7 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_fashion_mnist(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _load_fashion_mnist(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Tensor, int]:
     root = Path(cfg.root)
     dirs = [FASHION_MNIST_SYSTEM_DIR, root, root / "FashionMNIST" / "raw"]
     img_stem, lbl_stem = _FASHION_MNIST_FILES[split]
@@ -313,7 +428,7 @@ def _load_fashion_mnist(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, to
 
 
 def _check_fashion_mnist(
-    images: np.ndarray, labels: np.ndarray, split: Split, img_path: Path, lbl_path: Path
+    images: np.ndarray, labels: np.ndarray, split: Source, img_path: Path, lbl_path: Path
 ) -> None:
     n = _FASHION_MNIST_COUNT[split]
     if images.shape != (n, 28, 28):
@@ -331,8 +446,11 @@ def _check_fashion_mnist(
 # --- torchvision datasets -----------------------------------------------------------------------------
 
 
-def _torchvision_dataset(cls: type, name: str, cfg: DataConfig, **kwargs: object) -> Dataset:
-    """Instantiate a torchvision dataset, turning its missing-file and download errors into DataError."""
+def _torchvision_dataset(cls: type, name: str, cfg: DataConfig, **kwargs: object) -> Any:
+    """Instantiate a torchvision dataset, turning its missing-file and download errors into DataError.
+
+    Typed Any: each torchvision class keeps its arrays in attributes of its own (`data`, `targets`,
+    `labels`) that its base `Dataset` type does not declare."""
     try:
         return cls(cfg.root, download=cfg.download, **kwargs)
     except _DATASET_ERRORS as err:
@@ -348,7 +466,7 @@ def _torchvision_dataset(cls: type, name: str, cfg: DataConfig, **kwargs: object
         ) from None
 
 
-def _load_cifar(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _load_cifar(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Tensor, int]:
     cls, classes = (
         (torchvision.datasets.CIFAR10, 10) if cfg.name == "cifar10" else (torchvision.datasets.CIFAR100, 100)
     )
@@ -358,7 +476,7 @@ def _load_cifar(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tens
     return images, torch.as_tensor(ds.targets, dtype=torch.int64), classes
 
 
-def _load_stl10(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _load_stl10(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Tensor, int]:
     ds = _torchvision_dataset(torchvision.datasets.STL10, "stl10", cfg, split=split)
     return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), 10
 
@@ -378,7 +496,7 @@ def _list_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def _load_imagefolder(root: Path, split: Split, image_size: int) -> ImageFolderData:
+def _load_imagefolder(root: Path, split: Source, image_size: int) -> ImageFolderData:
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(
@@ -420,7 +538,7 @@ def _load_imagefolder(root: Path, split: Split, image_size: int) -> ImageFolderD
 
 
 def synthetic_images(
-    n: int, num_classes: int, size: int, seed: int, split: Split
+    n: int, num_classes: int, size: int, seed: int, split: Source
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded, class-dependent RGB textures, for tests: each class is a stripe grating of its own orientation.
 
@@ -438,8 +556,9 @@ def synthetic_images(
     Returns:
         Images uint8 (n, 3, S, S) and labels int64 (n,).
     """
-    state = np.random.SeedSequence([seed, 0 if split == "train" else 1]).generate_state(1)[0]
-    gen = torch.Generator().manual_seed(int(state))
+    gen = torch.Generator().manual_seed(
+        _derived_seed(seed, _SYNTHETIC_TRAIN if split == "train" else _SYNTHETIC_TEST)
+    )
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
     angle = torch.pi * labels.float() / num_classes
     cycles = torch.where(labels % 2 == 0, 3.0, 5.0) * size / 32  # stripes per 32 px

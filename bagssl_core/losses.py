@@ -21,9 +21,9 @@ the mean of the ranks' `total` is that loss. Without a process group the option 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -311,8 +311,14 @@ def tcr_loss(
 # --- modules -----------------------------------------------------------------------------------------
 
 
+_V = TypeVar("_V", bound="_VICRegWeights")
+
+
 class _VICRegWeights(nn.Module):
     """The weights λ (invariance), μ (variance), ν (covariance) shared by both VICReg losses."""
+
+    # The names of the terms in `LossOutput.parts`, each reported as `train/<part>`.
+    PARTS: ClassVar[tuple[str, ...]] = ("invariance", "variance", "covariance")
 
     def __init__(
         self,
@@ -326,6 +332,10 @@ class _VICRegWeights(nn.Module):
         self.var_weight = var_weight
         self.cov_weight = cov_weight
         self.gather_distributed = gather_distributed
+
+    @classmethod
+    def from_config(cls: type[_V], c: LossConfig) -> _V:
+        return cls(c.inv_weight, c.var_weight, c.cov_weight, c.gather_distributed)
 
     def extra_repr(self) -> str:
         return (
@@ -369,6 +379,8 @@ class TCRLoss(nn.Module):
     on L2-normalised z.
     """
 
+    PARTS: ClassVar[tuple[str, ...]] = ("coding_rate", "similarity")
+
     def __init__(
         self,
         eps: float = 0.2,
@@ -384,6 +396,10 @@ class TCRLoss(nn.Module):
         self.inv_weight = inv_weight
         self.gather_distributed = gather_distributed
 
+    @classmethod
+    def from_config(cls, c: LossConfig) -> TCRLoss:
+        return cls(c.tcr_eps, c.tcr_weight, c.tcr_inv_weight, c.gather_distributed)
+
     def forward(self, z: torch.Tensor) -> LossOutput:
         """z: (B, N, D) patch projections (normalised inside)."""
         return tcr_loss(z, self.eps, self.tcr_weight, self.inv_weight, self.gather_distributed)
@@ -395,10 +411,11 @@ class TCRLoss(nn.Module):
         )
 
 
-LOSSES: dict[str, Callable[[LossConfig], nn.Module]] = {
-    "bag_vicreg": lambda c: BagVICRegLoss(c.inv_weight, c.var_weight, c.cov_weight, c.gather_distributed),
-    "vicreg": lambda c: VICRegLoss(c.inv_weight, c.var_weight, c.cov_weight, c.gather_distributed),
-    "tcr": lambda c: TCRLoss(c.tcr_eps, c.tcr_weight, c.tcr_inv_weight, c.gather_distributed),
+# Each class builds itself from a LossConfig (`from_config`) and names its parts (`PARTS`).
+LOSSES: dict[str, type[BagVICRegLoss] | type[VICRegLoss] | type[TCRLoss]] = {
+    "bag_vicreg": BagVICRegLoss,
+    "vicreg": VICRegLoss,
+    "tcr": TCRLoss,
 }
 
 
@@ -408,8 +425,21 @@ def build_loss(cfg: LossConfig) -> nn.Module:
     Raises:
         ValueError: unknown loss name.
     """
+    return _loss_class(cfg.name).from_config(cfg)
+
+
+def loss_parts(name: str) -> tuple[str, ...]:
+    """The names of the terms the loss `name` returns in `LossOutput.parts`, in order.
+
+    Raises:
+        ValueError: unknown loss name.
+    """
+    return _loss_class(name).PARTS
+
+
+def _loss_class(name: str) -> type[BagVICRegLoss] | type[VICRegLoss] | type[TCRLoss]:
+    """The loss class registered as `name`; ValueError naming loss.name when there is none."""
     try:
-        factory = LOSSES[cfg.name]
+        return LOSSES[name]
     except KeyError:
-        raise ValueError(f"loss.name: unknown loss {cfg.name!r}; expected one of {sorted(LOSSES)}") from None
-    return factory(cfg)
+        raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}") from None

@@ -11,8 +11,12 @@ Probe metric names:
     test/linear_top5/centre:grid_stride-4   a named evaluation variant (see sweeps.space)
 
 `:` separates the variant because MLflow metric names allow only letters, digits and `_ - . space : /`.
-Epoch metrics (`train/loss`, `train/<loss part>`, `lr`, `patches_per_s`, `epoch_seconds`, `epoch`) are
-plain constants below.
+Epoch metrics (`train/loss`, `train/<loss part>`, `lr`, `patches_per_s`, `epoch_seconds`, `epoch`,
+`epochs_planned`) are plain constants below; `{split}/n_images` is the n of every interval on a split.
+
+Inside the trainer a metrics dict is keyed by `ProbeKey`s and those constants (`MetricKey`); `metric_names`
+turns it into names where it leaves (the reporter, metrics.jsonl, summary.json). `expected_metrics` says
+which names a run of a config reports, and when.
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Literal, cast, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast, get_args
+
+from bagssl_core.losses import loss_parts
+
+if TYPE_CHECKING:
+    from bagssl_core.config import EvalConfig, TrainConfig
 
 Split = Literal["val", "test"]
 Probe = Literal["knn", "linear"]
@@ -182,3 +191,54 @@ def wilson_interval(accuracy_pct: float, n: int, z: float = WILSON_Z) -> tuple[f
 def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Whether two (low, high) intervals share a point: the two accuracies are within noise."""
     return a[0] <= b[1] and b[0] <= a[1]
+
+
+def with_intervals(accuracies: Mapping[ProbeKey, float], n: int) -> dict[ProbeKey, float]:
+    """Each accuracy (percent, measured on n images) followed by the bounds of its 95% Wilson interval,
+    keyed `key.with_bound("lo")` and `key.with_bound("hi")` (see `wilson_interval`)."""
+    out: dict[ProbeKey, float] = {}
+    for key, acc in accuracies.items():
+        out[key] = acc
+        out[key.with_bound("lo")], out[key.with_bound("hi")] = wilson_interval(acc, n)
+    return out
+
+
+MetricKey = ProbeKey | str  # a probe result, or one of the plain names above
+
+
+def metric_names(metrics: Mapping[MetricKey, float]) -> dict[str, float]:
+    """The metrics as they leave the trainer: each key as its name (`str(key)`), each value a float."""
+    return {str(k): float(v) for k, v in metrics.items()}
+
+
+class ExpectedMetrics(NamedTuple):
+    """The metric names a run reports.
+
+    Attributes:
+        per_epoch: in the report of every epoch: the epoch metrics, and on probing epochs (every
+            `eval.every`-th and the last) the validation probes with their intervals and `val/n_images`.
+        at_end: added to the last epoch's report of a finished run (and to summary.json): the test probes
+            with their intervals and `test/n_images`.
+    """
+
+    per_epoch: frozenset[str]
+    at_end: frozenset[str]
+
+
+def expected_metrics(cfg: TrainConfig, variants: Mapping[str, EvalConfig] | None = None) -> ExpectedMetrics:
+    """Every metric name a run of `cfg` reports, as the trainer builds them.
+
+    Args:
+        variants: evaluation variant name -> EvalConfig, as passed to `bagssl_core.train.train`; None is
+            `{"": cfg.eval}` (the base evaluation, no variant suffix).
+    """
+    variants = {"": cfg.eval} if variants is None else variants
+    epoch = {*EPOCH_METRICS, *(train_part(p) for p in loss_parts(cfg.loss.name))}
+
+    def probes(split: Split) -> set[str]:
+        keys = {n_images(split)}
+        for name, ev in variants.items():
+            keys |= {str(k) for k in probe_keys(split, ev.probes, ev.aggregation, name)}
+        return keys
+
+    return ExpectedMetrics(frozenset(epoch | probes("val")), frozenset(probes("test")))

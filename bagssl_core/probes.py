@@ -11,14 +11,17 @@ than five classes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from bagssl_core.config import EvalConfig
+from bagssl_core.metrics import SPLITS, ProbeKey, Split, Stat, n_images, with_intervals
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +29,6 @@ logger = logging.getLogger(__name__)
 KNN_MAX_BYTES = 256 * 2**20
 # Test rows scored at once by the linear probe: (rows x num_classes) logits stay small.
 _LINEAR_EVAL_ROWS = 8192
-_TABLE_COLUMNS = ("knn_top1", "knn_top5", "linear_top1", "linear_top5")
 
 
 def _check_inputs(
@@ -36,32 +38,33 @@ def _check_inputs(
     test_labels: torch.Tensor,
     num_classes: int,
 ) -> None:
-    if train_feats.ndim != 2 or test_feats.ndim != 2:
-        raise ValueError(
-            f"expected 2-D features (N, D), got train {tuple(train_feats.shape)}, test {tuple(test_feats.shape)}"
-        )
+    if num_classes < 1:
+        raise ValueError(f"expected num_classes >= 1, got {num_classes}")
+    _check_set("train", train_feats, train_labels, num_classes)
+    _check_set("test", test_feats, test_labels, num_classes)
     if train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
             f"feature widths differ: train D={train_feats.shape[1]}, test D={test_feats.shape[1]}"
         )
-    if train_labels.shape != (train_feats.shape[0],) or test_labels.shape != (test_feats.shape[0],):
+
+
+def _check_set(name: str, feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    if feats.ndim != 2:
+        raise ValueError(f"expected 2-D {name} features (N, D), got {tuple(feats.shape)}")
+    if labels.shape != (feats.shape[0],):
         raise ValueError(
-            f"expected labels (N,) matching the features, got train {tuple(train_labels.shape)} for "
-            f"{train_feats.shape[0]} features, test {tuple(test_labels.shape)} for {test_feats.shape[0]}"
+            f"expected {name} labels (N,) matching the features, got {tuple(labels.shape)} for "
+            f"{feats.shape[0]} features"
         )
-    if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
-        raise ValueError("expected at least one training and one test feature")
-    if num_classes < 1:
-        raise ValueError(f"expected num_classes >= 1, got {num_classes}")
-    for name, labels in (("train", train_labels), ("test", test_labels)):
-        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(
-                f"{name} labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
-            )
+    if feats.shape[0] == 0:
+        raise ValueError(f"expected at least one {name} feature")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(
+            f"{name} labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     # A diverged backbone yields NaN features; a probe on them would report a meaningless accuracy.
-    for name, feats in (("train", train_feats), ("test", test_feats)):
-        if not bool(torch.isfinite(feats).all()):
-            raise ValueError(f"{name} features contain non-finite values")
+    if not bool(torch.isfinite(feats).all()):
+        raise ValueError(f"{name} features contain non-finite values")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +85,33 @@ def _count_topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[i
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
+def _topk_accuracy(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    rows: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[Stat, float]:
+    """Top-1 and top-min(5, C) accuracy in percent of a classifier over (n, D) `feats` with (n,) `labels`.
+
+    Args:
+        score: a (m, D) chunk of features (on `device`, in `dtype`) -> (m, C) class scores.
+        rows: features scored at once.
+    """
+    top5 = min(5, num_classes)
+    correct1 = correct5 = 0
+    for start in range(0, feats.shape[0], rows):
+        chunk = feats[start : start + rows].to(device=device, dtype=dtype)
+        targets = labels[start : start + rows].to(device=device, dtype=torch.long)
+        c1, c5 = _count_topk_correct(score(chunk), targets, (1, top5))
+        correct1 += c1
+        correct5 += c5
+    n = feats.shape[0]
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n}
+
+
 def knn_classify(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -92,7 +122,7 @@ def knn_classify(
     temperature: float = 0.07,
     chunk_size: int | None = None,
     max_bytes: int = KNN_MAX_BYTES,
-) -> dict[str, float]:
+) -> dict[Stat, float]:
     """Weighted kNN on cosine similarity, as InstDisc / DINO's `eval_knn`.
 
     Features are L2-normalised; each test feature takes its k most similar training features, each
@@ -126,7 +156,6 @@ def knn_classify(
     dtype = _compute_dtype(train_feats.dtype)
     num_train, num_test = train_feats.shape[0], test_feats.shape[0]
     k = min(k, num_train)
-    top5 = min(5, num_classes)
     if chunk_size is None:
         bytes_per_row = num_train * torch.empty((), dtype=dtype).element_size()
         chunk_size = max(1, max_bytes // bytes_per_row)
@@ -136,17 +165,13 @@ def knn_classify(
 
     train = F.normalize(train_feats.to(dtype), dim=1)
     train_labels = train_labels.to(device=device, dtype=torch.long)
-    correct1 = correct5 = 0
-    for start in range(0, num_test, chunk_size):
-        chunk = F.normalize(test_feats[start : start + chunk_size].to(device=device, dtype=dtype), dim=1)
-        targets = test_labels[start : start + chunk_size].to(device=device, dtype=torch.long)
-        sims, idx = (chunk @ train.T).topk(k, dim=1)
-        votes = torch.zeros(chunk.shape[0], num_classes, device=device, dtype=dtype)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        c1, c5 = _count_topk_correct(votes, targets, (1, top5))
-        correct1 += c1
-        correct5 += c5
-    return {"top1": 100.0 * correct1 / num_test, "top5": 100.0 * correct5 / num_test}
+
+    def votes(chunk: torch.Tensor) -> torch.Tensor:
+        sims, idx = (F.normalize(chunk, dim=1) @ train.T).topk(k, dim=1)
+        out = torch.zeros(chunk.shape[0], num_classes, device=device, dtype=dtype)
+        return out.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
+
+    return _topk_accuracy(votes, test_feats, test_labels, num_classes, chunk_size, device, dtype)
 
 
 def linear_probe(
@@ -160,7 +185,7 @@ def linear_probe(
     batch_size: int = 256,
     weight_decay: float = 0.0,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[Stat, float]:
     """Train one linear layer on frozen features with cross-entropy, then score the test features.
 
     Features are standardised with the training mean and std (computed once; dimensions that are
@@ -187,6 +212,21 @@ def linear_probe(
         {"top1": %, "top5": %}, top-5 meaning top-min(5, C).
     """
     _check_inputs(train_feats, train_labels, test_feats, test_labels, num_classes)
+    classify = _fit_linear(train_feats, train_labels, num_classes, epochs, lr, batch_size, weight_decay, seed)
+    return classify(test_feats, test_labels)
+
+
+def _fit_linear(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+) -> Callable[[torch.Tensor, torch.Tensor], dict[Stat, float]]:
+    """The linear probe's training (see `linear_probe`); returns its scorer: (feats, labels) -> accuracies."""
     if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
         raise ValueError(
             f"expected epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; "
@@ -228,111 +268,137 @@ def linear_probe(
                 step += 1
         logger.debug("linear probe: %d steps, final batch loss %.4f", total_steps, float(loss.detach()))
 
-    top5 = min(5, num_classes)
-    correct1 = correct5 = 0
-    with torch.no_grad():
-        for start in range(0, test_feats.shape[0], _LINEAR_EVAL_ROWS):
-            chunk = (
-                test_feats[start : start + _LINEAR_EVAL_ROWS].to(device=device, dtype=dtype) - mean
-            ) / std
-            targets = test_labels[start : start + _LINEAR_EVAL_ROWS].to(device=device, dtype=torch.long)
-            c1, c5 = _count_topk_correct(linear(chunk), targets, (1, top5))
-            correct1 += c1
-            correct5 += c5
-    num_test = test_feats.shape[0]
-    return {"top1": 100.0 * correct1 / num_test, "top5": 100.0 * correct5 / num_test}
+    def classify(feats: torch.Tensor, labels: torch.Tensor) -> dict[Stat, float]:
+        def logits(chunk: torch.Tensor) -> torch.Tensor:
+            return linear((chunk - mean) / std)
+
+        with torch.no_grad():
+            return _topk_accuracy(logits, feats, labels, num_classes, _LINEAR_EVAL_ROWS, device, dtype)
+
+    return classify
+
+
+Features = Mapping[str, torch.Tensor]  # aggregation scheme -> (N, D) features of one split
 
 
 def run_probes(
-    features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    train: Features,
     train_labels: torch.Tensor,
-    test_labels: torch.Tensor,
+    evals: Mapping[Split, tuple[Features, torch.Tensor]],
     num_classes: int,
     eval_cfg: EvalConfig,
     seed: int,
-) -> dict[str, float]:
-    """Run every probe of `eval_cfg.probes` on every aggregation scheme's features.
+    variant: str = "",
+) -> dict[ProbeKey, float]:
+    """Run every probe of `eval_cfg.probes` on every aggregation scheme's features, scoring each split.
+
+    The kNN bank and the linear probe's training set are `train`; each probe is fitted once per scheme and
+    scores every split of `evals`.
 
     Args:
-        features: scheme name -> ((Ntr, D) train features, (Nte, D) test features).
+        train: scheme -> (Ntr, D) training features.
         train_labels: (Ntr,) integer labels.
-        test_labels: (Nte,) integer labels.
+        evals: split -> (scheme -> (Ns, D) features, (Ns,) labels), for every scheme of `train`.
         num_classes: number of classes C.
         eval_cfg: knn_k, knn_temperature, linear_epochs, linear_lr, linear_batch_size and the probe list.
         seed: seeds the linear probe.
+        variant: the evaluation variant these features come from ("" = the base evaluation).
 
     Returns:
-        `{probe}_top1/{scheme}` and `{probe}_top5/{scheme}` in percent, e.g. "knn_top1/mean_emb".
+        For each scheme, probe, split and statistic (top1, top5): `ProbeKey(split, probe, stat, scheme,
+        variant)` -> accuracy in percent on that split's Ns images, then the bounds of its 95% Wilson
+        interval (`metrics.with_intervals`).
     """
-    metrics: dict[str, float] = {}
-    for scheme, (train_feats, test_feats) in features.items():
+    metrics: dict[ProbeKey, float] = {}
+    for scheme, train_feats in train.items():
+        for feats, labels in evals.values():
+            _check_inputs(train_feats, train_labels, feats[scheme], labels, num_classes)
         for probe in eval_cfg.probes:
             began = time.perf_counter()
+            classify: Callable[[torch.Tensor, torch.Tensor], dict[Stat, float]]
             if probe == "knn":
-                result = knn_classify(
+                classify = functools.partial(
+                    knn_classify,
                     train_feats,
                     train_labels,
-                    test_feats,
-                    test_labels,
-                    num_classes,
+                    num_classes=num_classes,
                     k=eval_cfg.knn_k,
                     temperature=eval_cfg.knn_temperature,
                 )
             else:
-                result = linear_probe(
+                classify = _fit_linear(
                     train_feats,
                     train_labels,
-                    test_feats,
-                    test_labels,
                     num_classes,
-                    epochs=eval_cfg.linear_epochs,
-                    lr=eval_cfg.linear_lr,
-                    batch_size=eval_cfg.linear_batch_size,
-                    seed=seed,
+                    eval_cfg.linear_epochs,
+                    eval_cfg.linear_lr,
+                    eval_cfg.linear_batch_size,
+                    0.0,
+                    seed,
                 )
-            logger.info(
-                "%s probe on %s: top1 %.2f%%, top5 %.2f%% (%.1f s)",
-                probe,
-                scheme,
-                result["top1"],
-                result["top5"],
-                time.perf_counter() - began,
-            )
-            for name, value in result.items():
-                metrics[f"{probe}_{name}/{scheme}"] = value
+            for split, (feats, labels) in evals.items():
+                result = classify(feats[scheme], labels)
+                accuracies = {ProbeKey(split, probe, stat, scheme, variant): v for stat, v in result.items()}
+                metrics.update(with_intervals(accuracies, len(labels)))
+                logger.info(
+                    "%s probe on %s, %s split: top1 %.2f%%, top5 %.2f%%",
+                    probe,
+                    scheme,
+                    split,
+                    result["top1"],
+                    result["top5"],
+                )
+            logger.info("%s probe on %s: %.1f s", probe, scheme, time.perf_counter() - began)
     return metrics
 
 
-def format_probe_table(metrics: dict[str, float]) -> str:
-    """A plain-text table of probe metrics: one row per scheme, two decimals, right-aligned.
+def format_probe_table(metrics: Mapping[str, float]) -> str:
+    """A plain-text table of probe metrics: one row per scheme (and variant), probe and statistic, one
+    column per split (val, then test), each cell the accuracy with its 95% interval, `62.50 [59.1, 65.8]`.
 
-    Only `knn_top1`, `knn_top5`, `linear_top1`, `linear_top5` columns that occur are shown; other
-    metrics (losses, epoch, ...) are ignored and a missing cell reads "-". Rows keep the order in which
-    schemes first appear.
+    Metric names are read with `ProbeKey.parse`; other metrics (losses, epoch, ...) are ignored, a missing
+    cell reads "-", and a split's header carries its `{split}/n_images` when present. The variant column
+    appears only when some key has a variant. Rows keep the order in which they first appear.
 
     Args:
-        metrics: names like "knn_top1/mean_emb" -> percent, as returned by `run_probes`.
+        metrics: metric name -> value, as reported (e.g. "val/knn_top1/mean_emb", "val/knn_top1_lo/mean_emb").
 
     Returns:
         The table, lines joined by newlines without a trailing one; "" when no probe metric is present.
     """
-    cells: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        column, sep, scheme = key.partition("/")
-        if sep and scheme and column in _TABLE_COLUMNS:
-            cells.setdefault(scheme, {})[column] = value
+    cells: dict[tuple[str, str, str, str], dict[Split, dict[str, float]]] = {}
+    for name, value in metrics.items():
+        key = ProbeKey.parse(name)
+        if key is not None:
+            row = (key.scheme, key.variant, key.probe, key.stat)
+            cells.setdefault(row, {}).setdefault(key.split, {})[key.bound] = value
     if not cells:
         return ""
-    columns = [c for c in _TABLE_COLUMNS if any(c in row for row in cells.values())]
-    rows = [
-        [scheme] + [f"{row[c]:.2f}" if c in row else "-" for c in columns] for scheme, row in cells.items()
-    ]
-    header = ["scheme", *columns]
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    splits = [s for s in SPLITS if any(s in row for row in cells.values())]
+    with_variant = any(variant for _, variant, _, _ in cells)
 
-    def render(line: list[str]) -> str:
-        return "  ".join(
-            [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
-        )
+    def cell(found: dict[str, float] | None) -> str:
+        if not found or "" not in found:
+            return "-"
+        if "lo" in found and "hi" in found:
+            return f"{found['']:.2f} [{found['lo']:.1f}, {found['hi']:.1f}]"
+        return f"{found['']:.2f}"
 
-    return "\n".join(render(line) for line in [header, *rows])
+    def header(split: Split) -> str:
+        n = metrics.get(n_images(split))
+        return split if n is None else f"{split} (n={int(n)})"
+
+    labels = ["scheme", *(["variant"] if with_variant else []), "probe", "stat"]
+    lines = [[*labels, *(header(s) for s in splits)]]
+    for (scheme, variant, probe, stat), by_split in cells.items():
+        label = [scheme, *([variant or "base"] if with_variant else []), probe, stat]
+        lines.append([*label, *(cell(by_split.get(s)) for s in splits)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    left = len(labels)
+    return "\n".join(
+        "  ".join(
+            [c.ljust(w) for c, w in zip(line[:left], widths[:left], strict=True)]
+            + [c.rjust(w) for c, w in zip(line[left:], widths[left:], strict=True)]
+        ).rstrip()
+        for line in lines
+    )

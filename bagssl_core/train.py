@@ -2,6 +2,11 @@
 
 Metrics leave through a `Reporter` callback, so Ray Train and MLflow plug in from outside without this
 module knowing them. Runs alone or under a torch.distributed process group the caller initialised.
+
+Data: the model trains on the "train" split; the probes' kNN bank and linear training set are that same
+split. Each probing epoch scores the "val" split (carved from the training images, see
+`bagssl_core.data.validation_split`), so that model selection sees validation scores only; the "test" split
+is scored once, on the final model of a finished run, and reported with the last epoch's metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ from bagssl_core.aggregate import extract_features
 from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml
 from bagssl_core.data import ImageData, collate_images, load_split
 from bagssl_core.losses import build_loss
+from bagssl_core.metrics import (
+    DIVERGED_AT_STEP,
+    EPOCH,
+    EPOCH_SECONDS,
+    EPOCHS_PLANNED,
+    LR,
+    PATCHES_PER_S,
+    TRAIN_LOSS,
+    MetricKey,
+    Split,
+    metric_names,
+    n_images,
+    train_part,
+)
 from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.optim import build_optimizer, lr_schedule, set_lr
 from bagssl_core.patches import channel_stats, train_batch
@@ -34,21 +53,19 @@ from bagssl_core.probes import run_probes
 
 log = logging.getLogger(__name__)
 
-# metrics (flat name -> float) and, on rank 0 when one was written, the checkpoint directory
+# metrics (name -> float, see bagssl_core.metrics) and, on rank 0 when one was written, the checkpoint
+# directory
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
 CHECKPOINT_FILE = "state.pt"
-
-
-# The metric naming the global step (1-based) whose loss was not finite, in a diverged run's result.
-DIVERGED_AT_STEP = "diverged_at_step"
 
 
 @dataclass
 class RunResult:
     status: str  # "finished" | "diverged"
     epochs: int  # epochs completed
-    # the last probe results and final epoch metrics (+ DIVERGED_AT_STEP)
+    # by name: the last validation probes and final epoch metrics, the test probes of a finished run
+    # (+ DIVERGED_AT_STEP of a diverged one)
     metrics: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
 
@@ -66,8 +83,8 @@ class Run:
     loss_fn: nn.Module
     lrs: torch.Tensor  # (epochs * steps_per_epoch,) float64: the lr of every global step
     steps_per_epoch: int
-    train_data: ImageData
-    test_data: ImageData
+    train_data: ImageData  # what the model trains on, and the probes' kNN bank / linear training set
+    eval_data: dict[Split, ImageData]  # "val" (every probing epoch) and "test" (the end)
     eval_variants: Mapping[str, EvalConfig] | None  # see `evaluate`
     start_epoch: int = 0  # epochs done before this process started (resume)
     step: int = 0  # global steps done
@@ -124,7 +141,7 @@ def train_loader(data: ImageData, cfg: TrainConfig, epoch: int) -> DataLoader:
             f"data.batch_size: {cfg.data.batch_size} images per step but the training set has {len(data)}; "
             "expected a smaller batch or a larger data.train_subset"
         )
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[int] = DistributedSampler(
         data,
         num_replicas=dist.world_size(),
         rank=dist.rank(),
@@ -228,38 +245,48 @@ def eval_variant_config(cfg: TrainConfig, ev: EvalConfig) -> TrainConfig:
     return TrainConfig.model_validate({**cfg.model_dump(), "eval": ev.model_dump()})
 
 
-def variant_suffix(name: str) -> str:
-    # ":" because MLflow metric names allow only letters, digits, "_", "-", ".", " ", ":" and "/".
-    return f":{name}" if name else ""
-
-
 def evaluate(
     model: nn.Module,
     cfg: TrainConfig,
     train_data: ImageData,
-    test_data: ImageData,
+    eval_data: Mapping[Split, ImageData],
     device: torch.device,
     variants: Mapping[str, EvalConfig] | None = None,
-) -> dict[str, float]:
-    """Probe every scheme of every evaluation variant on frozen features.
+) -> dict[MetricKey, float]:
+    """Probe every scheme of every evaluation variant on frozen features: fitted on `train_data`, scored on
+    each split of `eval_data`.
 
     Args:
-        variants: name -> EvalConfig; "" (no suffix) is cfg.eval. Metrics are named
-            `knn_top1/<scheme>` and, for a named variant, `knn_top1/<scheme>:<name>`.
+        eval_data: split -> its images, e.g. {"val": ...} or {"val": ..., "test": ...}.
+        variants: name -> EvalConfig; "" (no variant) is cfg.eval, the default.
+
+    Returns:
+        `ProbeKey(split, probe, stat, scheme, variant)` -> accuracy (%) with its Wilson interval bounds (see
+        `run_probes`), and `n_images(split)` -> the number of images each split's accuracies are over.
     """
     variants = {"": cfg.eval} if variants is None else variants
     mean_std = channel_stats(cfg.data.name, train_data.channels)
     autocast = use_bf16(cfg, device)
-    metrics: dict[str, float] = {}
+    metrics: dict[MetricKey, float] = {n_images(split): len(data) for split, data in eval_data.items()}
     for name, ev in variants.items():
         vcfg = eval_variant_config(cfg, ev)
-        loaders = [eval_loader(d, ev.batch_size, cfg.data.num_workers) for d in (train_data, test_data)]
-        (tr, ytr), (te, yte) = (
-            extract_features(model, ld, vcfg, ev.aggregation, device, mean_std, autocast) for ld in loaders
+        (train_feats, train_labels), *evals = (
+            extract_features(
+                model,
+                eval_loader(data, ev.batch_size, cfg.data.num_workers),
+                vcfg,
+                ev.aggregation,
+                device,
+                mean_std,
+                autocast,
+            )
+            for data in (train_data, *eval_data.values())
         )
-        feats = {s: (tr[s], te[s]) for s in ev.aggregation}
-        probe = run_probes(feats, ytr, yte, train_data.num_classes, ev, cfg.run.seed)
-        metrics.update({k + variant_suffix(name): v for k, v in probe.items()})
+        by_split = dict(zip(eval_data, evals, strict=True))
+        probes = run_probes(
+            train_feats, train_labels, by_split, train_data.num_classes, ev, cfg.run.seed, name
+        )
+        metrics.update(probes.items())
     return metrics
 
 
@@ -397,22 +424,26 @@ def train(
     epochs = cfg.schedule.epochs
     bar = Progress(epochs, run.steps_per_epoch, run.start_epoch, enabled=progress and dist.is_main())
     result = RunResult(status="finished", epochs=run.start_epoch, out_dir=run.out)
-    probe: dict[str, float] = {}  # the latest probe results, part of every later epoch's result
+    probe: dict[MetricKey, float] = {}  # the latest probe results, part of every later epoch's result
     try:
         for epoch in range(run.start_epoch, epochs):
             metrics = train_one_epoch(run, epoch, bar)
             if DIVERGED_AT_STEP in metrics:
                 result.status = "diverged"
-                result.metrics.update(metrics)
+                result.metrics.update(metric_names(metrics))
                 break
-            metrics["epoch"] = epoch + 1
+            metrics[EPOCH] = epoch + 1
+            metrics[EPOCHS_PLANNED] = epochs
+            # The last epoch always probes; only there, with the training finished, is the test split scored.
+            splits: list[Split] = ["val", "test"] if epoch + 1 == epochs else ["val"]
             if _probe_due(cfg, epoch + 1):
-                probe = _evaluate_on_main(run)
+                probe = _evaluate_on_main(run, splits)
                 metrics.update(probe)
-            ckpt = _write_epoch(run, epoch + 1, metrics)
-            result.epochs, result.metrics = epoch + 1, {**probe, **metrics}
+            named = metric_names(metrics)
+            ckpt = _write_epoch(run, epoch + 1, named)
+            result.epochs, result.metrics = epoch + 1, metric_names({**probe, **metrics})
             if reporter is not None:
-                reporter(metrics, ckpt)
+                reporter(named, ckpt)
     finally:
         bar.close()
     if dist.is_main():
@@ -433,9 +464,8 @@ def start_run(
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed + dist.rank())
     device = resolve_device(cfg)
-    train_data = load_split(cfg.data, "train", cfg.run.seed)
-    test_data = load_split(cfg.data, "test", cfg.run.seed)
-    model = prepare_for_device(build_model(cfg.model), device, cfg.model)
+    train_data, eval_data = load_splits(cfg)
+    model: nn.Module = prepare_for_device(build_model(cfg.model), device, cfg.model)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
     start_epoch, step = _resume(resume_from, model, optimizer) if resume_from is not None else (0, 0)
@@ -455,11 +485,18 @@ def start_run(
         lrs=lr_schedule(cfg, steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
         train_data=train_data,
-        test_data=test_data,
+        eval_data=eval_data,
         eval_variants=eval_variants,
         start_epoch=start_epoch,
         step=step,
     )
+
+
+def load_splits(cfg: TrainConfig) -> tuple[ImageData, dict[Split, ImageData]]:
+    """The "train" split (trained on; the probes' kNN bank and linear training set) and the splits the probes
+    score, {"val": ..., "test": ...}."""
+    train_data = load_split(cfg.data, "train", cfg.run.seed)
+    return train_data, {s: load_split(cfg.data, s, cfg.run.seed) for s in ("val", "test")}
 
 
 def _resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
@@ -474,7 +511,7 @@ def _resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
     return epoch, step
 
 
-def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> dict[str, float]:
+def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> dict[MetricKey, float]:
     """One pass over the epoch's shuffled training set (`epoch` 0-based); advances `run.step`, each step at
     lr `run.lrs[run.step]`.
 
@@ -501,30 +538,26 @@ def train_one_epoch(run: Run, epoch: int, progress: Progress | None = None) -> d
         run.step += 1
         n_steps += 1
         loss = float(out.loss)
-        for k, v in {"loss": loss, **out.parts}.items():
+        for k, v in {TRAIN_LOSS: loss, **{train_part(p): x for p, x in out.parts.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v
         if progress is not None and (n_steps % cfg.run.log_every == 0 or n_steps == len(loader)):
             speed = n_steps * patches_per_step / (time.perf_counter() - t0)
             progress.update(epoch, n_steps, loss, speed)
     seconds = time.perf_counter() - t0
     metrics = _global_means(sums, n_steps, run.device)
-    metrics.update(
-        {
-            "lr": float(run.lrs[run.step - 1]),
-            "patches_per_s": n_steps * patches_per_step / seconds,
-            "epoch_seconds": seconds,
-        }
-    )
+    metrics[LR] = float(run.lrs[run.step - 1])
+    metrics[PATCHES_PER_S] = n_steps * patches_per_step / seconds
+    metrics[EPOCH_SECONDS] = seconds
     return metrics
 
 
-def _global_means(sums: Mapping[str, float], n_steps: int, device: torch.device) -> dict[str, float]:
+def _global_means(sums: Mapping[str, float], n_steps: int, device: torch.device) -> dict[MetricKey, float]:
     """Epoch means of the loss and its parts over every step of every rank (the invariance term is local).
     The tensor lives on the training device because NCCL reduces CUDA tensors only."""
     keys = sorted(sums)
     local = torch.tensor([sums[k] / n_steps for k in keys], dtype=torch.float64, device=device)
     means = dist.all_reduce_mean(local).cpu()
-    return {f"train/{k}": float(v) for k, v in zip(keys, means, strict=True)}
+    return {k: float(v) for k, v in zip(keys, means, strict=True)}
 
 
 def _probe_due(cfg: TrainConfig, epoch: int) -> bool:
@@ -537,14 +570,13 @@ def _checkpoint_due(cfg: TrainConfig, epoch: int) -> bool:
     return every > 0 and (epoch % every == 0 or epoch == cfg.schedule.epochs)
 
 
-def _evaluate_on_main(run: Run) -> dict[str, float]:
-    """Rank 0 probes the unwrapped model (no collectives in eval mode) while the others wait; every rank
-    then gets the same metrics so that all of them report the same values."""
-    metrics: dict[str, float] = {}
+def _evaluate_on_main(run: Run, splits: list[Split]) -> dict[MetricKey, float]:
+    """Rank 0 probes the unwrapped model on `splits` (no collectives in eval mode) while the others wait;
+    every rank then gets the same metrics so that all of them report the same values."""
+    metrics: dict[MetricKey, float] = {}
     if dist.is_main():
-        metrics = evaluate(
-            unwrap(run.model), run.cfg, run.train_data, run.test_data, run.device, run.eval_variants
-        )
+        data = {s: run.eval_data[s] for s in splits}
+        metrics = evaluate(unwrap(run.model), run.cfg, run.train_data, data, run.device, run.eval_variants)
     if dist.is_distributed():
         box = [metrics]
         torch.distributed.broadcast_object_list(box, src=0)

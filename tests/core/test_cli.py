@@ -1,5 +1,6 @@
 """`python -m bagssl_core` as a user runs it: bad input is one message on stderr and exit 2 (no traceback);
-a tiny real run writes its run directory, and `eval` reproduces its probe from the checkpoint.
+a tiny real run writes its run directory and prints validation and test accuracies side by side, and
+`eval` reproduces both from the checkpoint.
 
 Every subprocess pays ~5 s of imports, so the module trains once, then runs every other command at the
 same time (a few at once) and each test checks one of the results.
@@ -47,6 +48,11 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     ),
     "eval_missing_checkpoint": (["eval", "no_such_run"], r"^error: no_such_run: no checkpoint here"),
     "eval_nothing_to_probe": (["eval"], r"^error: eval: expected either a CHECKPOINT or --random-init"),
+    "val_size_too_large": (
+        ["train", "--out", "val_run", "--preset", "none", *TINY, "data.val_size=60"],
+        r"^error: data\.val_size: 60 validation images leave 4 of the 64 training images, less than one "
+        r"batch \(data\.batch_size=16\); expected at most 48 validation images$",
+    ),
     "run_dir_taken": (
         ["train", "--out", "run", "--quiet", "--preset", "none", *TINY],
         r"^error: run: already holds a run; pass --resume to continue it, or another --out$",
@@ -135,11 +141,27 @@ def test_train_writes_a_complete_run_directory(
     assert {"git_commit", "git_dirty", "python", "version/torch"} <= set(json.loads(files["provenance.json"]))
     summary = json.loads(files["summary.json"])
     assert summary["status"] == "finished" and summary["epochs"] == 1
-    assert 0.0 <= summary["knn_top1/mean_emb"] <= 100.0
+    for split in ("val", "test"):
+        value = summary[f"{split}/knn_top1/mean_emb"]
+        assert summary[f"{split}/knn_top1_lo/mean_emb"] <= value <= summary[f"{split}/knn_top1_hi/mean_emb"]
+    assert (summary["val/n_images"], summary["test/n_images"]) == (6, 32)  # 10% of 64 training images
     (line,) = files["metrics.jsonl"].decode().splitlines()
-    assert json.loads(line)["epoch"] == 1
+    assert json.loads(line) == {k: v for k, v in summary.items() if k not in ("status", "epochs")}
     assert "status: finished after 1 epochs; run directory: run" in proc.stdout
-    assert "mean_emb" in proc.stdout  # the probe table
+    assert_probe_table(proc.stdout, summary)
+
+
+def assert_probe_table(stdout: str, metrics: dict[str, float]) -> None:
+    """The printed table: val and test columns side by side, each accuracy with its interval."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("scheme"))
+    assert lines[header].split() == ["scheme", "probe", "stat", "val", "(n=6)", "test", "(n=32)"]
+    row = lines[header + 1]
+    cell = "{:.2f} [{:.1f}, {:.1f}]"
+    for split in ("val", "test"):
+        names = [f"{split}/knn_top1{bound}/mean_emb" for bound in ("", "_lo", "_hi")]
+        assert cell.format(*(metrics[n] for n in names)) in row, row
+    assert row.split()[:3] == ["mean_emb", "knn", "top1"]
 
 
 def test_eval_reproduces_the_runs_probe(
@@ -152,8 +174,10 @@ def test_eval_reproduces_the_runs_probe(
     report = json.loads((work / "eval.json").read_text())
     summary = json.loads(trained[1]["summary.json"])
     assert (report["checkpoint"], report["epoch"]) == ("run", 1)
-    assert report["knn_top1/mean_emb"] == summary["knn_top1/mean_emb"]
-    assert report["knn_top5/mean_emb"] == summary["knn_top5/mean_emb"]
+    probes = {k: v for k, v in summary.items() if "/" in k and not k.startswith("train/")}
+    assert len(probes) == 2 * (2 * 3 + 1)  # val and test: knn top1, top5 with their bounds, n_images
+    assert {k: report[k] for k in probes} == probes
+    assert_probe_table(proc.stdout, report)
 
 
 def test_eval_random_init_from_a_config_file(
@@ -163,7 +187,9 @@ def test_eval_random_init_from_a_config_file(
     assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "random.json").read_text())
     assert (report["checkpoint"], report["epoch"]) == ("random-init", 0)
-    assert 0.0 <= report["knn_top1/mean_emb"] <= 100.0
+    assert (
+        0.0 <= report["val/knn_top1/mean_emb"] <= 100.0 and 0.0 <= report["test/knn_top1/mean_emb"] <= 100.0
+    )
 
 
 def test_eval_random_init_with_overrides(
@@ -171,4 +197,6 @@ def test_eval_random_init_with_overrides(
 ) -> None:
     proc = results["eval_random_init_overrides"]
     assert proc.returncode == 0, proc.stderr
-    assert "knn_top1/mean_emb" in json.loads((work / "random2.json").read_text())
+    assert {"val/knn_top1/mean_emb", "test/knn_top1/mean_emb"} <= set(
+        json.loads((work / "random2.json").read_text())
+    )

@@ -1,4 +1,5 @@
-"""bagssl_core.data on real files: Debian's Fashion-MNIST, image trees written here, torchvision's layouts."""
+"""bagssl_core.data on real files: Debian's Fashion-MNIST, image trees written here, torchvision's layouts;
+the validation split carved from the training images."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from torchvision.io import write_png
 
 from bagssl_core import data
 from bagssl_core.config import ConfigError, DataConfig
-from bagssl_core.data import DataError, ImageData, collate_images, load_split, read_idx
+from bagssl_core.data import (
+    DataError,
+    ImageData,
+    collate_images,
+    load_split,
+    read_idx,
+    stratified_counts,
+    validation_split,
+)
 
 FMNIST = data.FASHION_MNIST_SYSTEM_DIR
 needs_fmnist = pytest.mark.skipif(
@@ -40,13 +49,15 @@ def fmnist_test() -> ImageData:
 
 @needs_fmnist
 def test_fashion_mnist_splits(fmnist_train: ImageData, fmnist_test: ImageData) -> None:
-    for ds, n in ((fmnist_train, 60_000), (fmnist_test, 10_000)):
+    fmnist_val = load_split(DataConfig(), "val", seed=0)
+    for ds, n in ((fmnist_train, 54_000), (fmnist_val, 6_000), (fmnist_test, 10_000)):
         assert len(ds) == n and ds.name == "fashion_mnist"
         assert (ds.num_classes, ds.image_size, ds.channels) == (10, 28, 3)
         img, label = ds[0]
         assert img.shape == (3, 28, 28) and img.dtype == torch.uint8 and isinstance(label, int)
         assert ds.labels.dtype == torch.int64
-        # The published dataset is exactly balanced: 6000 / 1000 images per class.
+        # The published dataset is exactly balanced (6000 / 1000 images per class), and the default
+        # validation split takes a stratified 10% of the training images: 600 of each class.
         assert ds.labels.bincount().tolist() == [n // 10] * 10
         # Real photographs of clothing on a black background, not a blank or constant array.
         assert img.max() > 200 and img[:, 0, 0].eq(0).all()
@@ -199,10 +210,10 @@ def _write_tree(root: Path) -> None:
 
 def test_imagefolder_labels_and_size(tmp_path: Path) -> None:
     _write_tree(tmp_path)
-    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, val_size=2)
     train, val = load_split(cfg, "train", seed=0), load_split(cfg, "test", seed=0)
-    assert (len(train), len(val), train.num_classes, train.channels, train.image_size) == (6, 4, 2, 3, 16)
-    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and val.labels.tolist() == [0, 0, 1, 1]
+    assert (len(train), len(val), train.num_classes, train.channels, train.image_size) == (4, 4, 2, 3, 16)
+    assert train.labels.tolist() == [0, 0, 1, 1] and val.labels.tolist() == [0, 0, 1, 1]
     images, labels = next(iter(DataLoader(val, batch_size=4, collate_fn=collate_images, num_workers=1)))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
     assert torch.equal(labels, val.labels) and torch.equal(images[2], val[2][0])
@@ -210,7 +221,24 @@ def test_imagefolder_labels_and_size(tmp_path: Path) -> None:
     centre = images[:, :, 6:10, 6:10].float().mean(dim=(2, 3))
     assert (centre[:2, 0] > 200).all() and (centre[2:, 2] > 200).all()
     sub = load_split(cfg.model_copy(update={"train_subset": 4}), "train", seed=1)
-    assert len(sub) == 4 and all(sub[i][1] == int(sub.labels[i]) for i in range(4))
+    assert len(sub) == 2 and all(sub[i][1] == int(sub.labels[i]) for i in range(2))
+
+
+def test_imagefolder_validation_comes_from_train_and_test_from_val(tmp_path: Path) -> None:
+    """ImageNet's layout: val/ is the held-out test split; validation images are carved from train/."""
+    _write_tree(tmp_path)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, val_size=2)
+    train, val, test = (load_split(cfg, s, seed=0) for s in ("train", "val", "test"))
+    assert isinstance(train, data.ImageFolderData) and isinstance(val, data.ImageFolderData)
+    assert isinstance(test, data.ImageFolderData)
+    assert (train.split, val.split, test.split) == ("train", "val", "test")
+    train_files = sorted(p for p in (tmp_path / "train").rglob("*") if p.suffix in (".png", ".JPEG"))
+    assert sorted(train.files + val.files) == train_files and not set(train.files) & set(val.files)
+    assert val.labels.tolist() == [0, 1]  # one of each class
+    assert all(f.parent.name == val.classes[y] for f, y in zip(val.files, val.labels.tolist(), strict=True))
+    assert all(f.is_relative_to(tmp_path / "val") for f in test.files) and len(test) == 4
+    images, labels = val.__getitems__([0, 1])
+    assert images.shape == (2, 3, 16, 16) and torch.equal(labels, val.labels)
 
 
 def test_imagefolder_native_size_and_errors(tmp_path: Path) -> None:
@@ -230,19 +258,24 @@ def test_imagefolder_native_size_and_errors(tmp_path: Path) -> None:
 def test_synthetic_is_seeded() -> None:
     cfg = DataConfig(name="synthetic", synthetic_train=64, synthetic_test=32, synthetic_classes=4)
     a, b = load_split(cfg, "train", seed=1), load_split(cfg, "train", seed=1)
-    assert len(a) == 64 and a[0][0].shape == (3, 32, 32) and a.num_classes == 4
+    val = load_split(cfg, "val", seed=1)
+    # 10% of 64 rounds to 6 validation images: shares of 1.5 per class, the two extra to the lower classes.
+    assert (len(a), len(val)) == (58, 6) and a[0][0].shape == (3, 32, 32) and a.num_classes == 4
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert a.labels.bincount().tolist() == [16] * 4
+    assert (a.labels.bincount() + val.labels.bincount()).tolist() == [16] * 4
+    assert val.labels.bincount().tolist() == [2, 2, 1, 1]
     assert not torch.equal(a.images, load_split(cfg, "train", seed=2).images)
     test = load_split(cfg, "test", seed=1)
     assert len(test) == 32 and not torch.equal(test.images[:32], a.images[:32])
     big = load_split(cfg.model_copy(update={"image_size": 48}), "train", seed=1)
-    assert big.image_size == 48 and big.images.shape == (64, 3, 48, 48)
+    assert big.image_size == 48 and big.images.shape == (58, 3, 48, 48)
 
 
 def test_synthetic_classes_are_learnable() -> None:
     """Nearest class centroid on Fourier magnitudes (orientation + frequency) beats chance by far."""
-    cfg = DataConfig(name="synthetic", synthetic_train=256, synthetic_test=128, synthetic_classes=4)
+    cfg = DataConfig(
+        name="synthetic", synthetic_train=256, synthetic_test=128, synthetic_classes=4, batch_size=64
+    )
     train, test = load_split(cfg, "train", seed=0), load_split(cfg, "test", seed=0)
 
     def features(images: torch.Tensor) -> torch.Tensor:
@@ -254,3 +287,101 @@ def test_synthetic_classes_are_learnable() -> None:
     centroids = torch.stack([f_train[train.labels == c].mean(0) for c in range(4)])
     acc = (torch.cdist(f_test, centroids).argmin(1) == test.labels).float().mean().item()
     assert acc > 0.9
+
+
+# --- validation split -----------------------------------------------------------------------------------
+
+
+def _fmnist_train_labels() -> torch.Tensor:
+    return torch.from_numpy(read_idx(FMNIST / "train-labels-idx1-ubyte.gz").astype(np.int64))
+
+
+def _check_split(labels: torch.Tensor, val: torch.Tensor, train: torch.Tensor, n_val: int) -> None:
+    """Disjoint, together every index, n_val in validation, and each class within one image of its share."""
+    n = len(labels)
+    assert len(val) == n_val and len(train) == n - n_val
+    assert torch.equal(torch.cat([val, train]).sort().values, torch.arange(n))
+    assert torch.equal(val, val.sort().values) and torch.equal(train, train.sort().values)
+    sizes = labels.bincount()
+    got = labels[val].bincount(minlength=len(sizes))
+    assert torch.equal(got, stratified_counts(sizes, n_val))
+    assert ((got - sizes * n_val / n).abs() < 1).all()
+    assert (got >= 1).all()
+
+
+@needs_fmnist
+@pytest.mark.parametrize(
+    ("first", "val_size", "n_val"), [(60_000, 0.1, 6_000), (1_000, 0.15, 150), (997, 33, 33)]
+)
+def test_validation_split_on_real_labels(first: int, val_size: int | float, n_val: int) -> None:
+    # The first images of the file are not balanced (the first 1000 hold 86 to 115 per class).
+    labels = _fmnist_train_labels()[:first]
+    cfg = DataConfig(val_size=val_size, batch_size=16)
+    val, train = validation_split(labels, cfg, seed=0)
+    _check_split(labels, val, train, n_val)
+    again = validation_split(labels, cfg, seed=0)
+    assert torch.equal(again[0], val) and torch.equal(again[1], train)
+    other = validation_split(labels, cfg, seed=1)[0]
+    assert len(other) == n_val and not torch.equal(other, val)
+
+
+@needs_fmnist
+def test_load_split_val_and_train_are_the_validation_split_of_the_training_images() -> None:
+    cfg = DataConfig(to_rgb=False)
+    images = torch.from_numpy(read_idx(FMNIST / "train-images-idx3-ubyte.gz").copy())
+    val_idx, train_idx = validation_split(_fmnist_train_labels(), cfg, seed=3)
+    val, train = load_split(cfg, "val", seed=3), load_split(cfg, "train", seed=3)
+    assert torch.equal(val.images[:, 0], images[val_idx]) and torch.equal(
+        val.labels, _fmnist_train_labels()[val_idx]
+    )
+    assert torch.equal(train.images[:, 0], images[train_idx])
+
+
+@needs_fmnist
+def test_quick_preset_subset_gives_3600_training_and_400_validation_images() -> None:
+    cfg = DataConfig(train_subset=4000, batch_size=128)
+    train, val = load_split(cfg, "train", seed=0), load_split(cfg, "val", seed=0)
+    assert (len(train), len(val), val.split) == (3600, 400, "val")
+    sizes = train.labels.bincount() + val.labels.bincount()
+    assert torch.equal(val.labels.bincount(), stratified_counts(sizes, 400))
+    # Disjoint within the subset: no training image is also a validation image (the subset holds no
+    # duplicate pictures: 4000 distinct images).
+    both = torch.cat([train.images, val.images]).flatten(1)
+    assert len(torch.unique(both, dim=0)) == 4000
+
+
+def test_stratified_counts_sum_to_total_and_keep_every_class() -> None:
+    # Largest remainder: shares 3.27, 0.03, 0.07, 1.63 -> 3, 0, 0, 2; then the 2-image class takes one
+    # from the largest (a 1-image class never does: it would leave nothing to train on).
+    assert stratified_counts(torch.tensor([100, 1, 2, 50, 0]), 5).tolist() == [2, 0, 1, 2, 0]
+    assert stratified_counts(torch.tensor([10, 10, 10]), 2).tolist() == [1, 1, 0]  # ties: lower class
+    assert stratified_counts(torch.tensor([6000] * 10), 6000).tolist() == [600] * 10
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"val_size": 64}, r"data\.val_size: 64 validation images out of 64 training images; expected fewer"),
+        (
+            {"val_size": 0.001},
+            r"data\.val_size: 0\.001 of 64 training images is 0 images; expected at least 1",
+        ),
+        (
+            {"val_size": 0.5, "batch_size": 40},
+            r"data\.val_size: 32 validation images leave 32 of the 64 training images, less than one batch "
+            r"\(data\.batch_size=40\); expected at most 24 validation images",
+        ),
+        (
+            {"val_size": 1, "batch_size": 64},
+            r"data\.val_size: 1 validation images leave 63 of the 64 training images, less than one batch "
+            r"\(data\.batch_size=64\); expected a smaller data\.batch_size to leave room for them",
+        ),
+    ],
+)
+def test_bad_validation_sizes_name_data_val_size(update: dict[str, object], message: str) -> None:
+    cfg = DataConfig.model_validate({"name": "synthetic", "synthetic_train": 64, **update})
+    for split in ("train", "val"):
+        with pytest.raises(ConfigError, match=message):
+            load_split(cfg, split, seed=0)
+    with pytest.raises(ValueError, match="val_size"):
+        DataConfig(val_size=0)

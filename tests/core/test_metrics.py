@@ -1,17 +1,25 @@
-"""The metric-name contract: keys round-trip, queries match what they should, intervals are Wilson's."""
+"""The metric-name contract: keys round-trip, queries match what they should, intervals are Wilson's, and
+`expected_metrics` names what a config reports (the real run that reports exactly these is in test_train)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
+from bagssl_core.config import EvalConfig, LossConfig, TrainConfig
+from bagssl_core.losses import LOSSES, build_loss, loss_parts
 from bagssl_core.metrics import (
+    EPOCH_METRICS,
     ProbeKey,
     ProbeQuery,
+    expected_metrics,
     intervals_overlap,
+    metric_names,
     probe_keys,
     wilson_interval,
+    with_intervals,
 )
 
 
@@ -119,3 +127,46 @@ def test_wilson_interval_matches_the_formula_and_known_values() -> None:
 def test_intervals_overlap() -> None:
     assert intervals_overlap((50, 60), (59, 70))
     assert not intervals_overlap((50, 60), (61, 70))
+
+
+def test_with_intervals_puts_the_wilson_bounds_beside_each_accuracy() -> None:
+    key = ProbeKey("val", "knn", "top1", "mean_emb")
+    out = with_intervals({key: 58.0}, 256)
+    assert list(out) == [key, key.with_bound("lo"), key.with_bound("hi")]
+    assert (out[key.with_bound("lo")], out[key.with_bound("hi")]) == wilson_interval(58.0, 256)
+
+
+def test_metric_names_are_the_keys_string_forms() -> None:
+    key = ProbeKey("test", "linear", "top5", "centre", "grid_stride-4")
+    assert metric_names({key: 1, "lr": 0.5}) == {"test/linear_top5/centre:grid_stride-4": 1.0, "lr": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_each_loss_returns_the_parts_it_names(name: str) -> None:
+    z = torch.randn(8, 2, 16, generator=torch.Generator().manual_seed(0))
+    assert tuple(build_loss(LossConfig(name=name, gather_distributed=False))(z).parts) == loss_parts(name)
+
+
+def test_expected_metrics_of_a_config() -> None:
+    cfg = TrainConfig.model_validate(
+        {"loss": {"name": "tcr"}, "eval": {"aggregation": ["mean_emb", "centre"]}}
+    )
+    per_epoch, at_end = expected_metrics(cfg)
+    assert set(EPOCH_METRICS) | {"train/coding_rate", "train/similarity", "val/n_images"} <= per_epoch
+    assert "train/invariance" not in per_epoch
+    val = set(map(str, probe_keys("val", ["knn", "linear"], ["mean_emb", "centre"])))
+    assert len(val) == 2 * 2 * 2 * 3 and val <= per_epoch
+    assert at_end == {str(k.in_split("test")) for k in map(ProbeKey.parse, val) if k} | {"test/n_images"}
+    assert not any(name.startswith("test/") for name in per_epoch)
+
+    variants = {"": cfg.eval, "small": EvalConfig(aggregation=["whole"], probes=["knn"])}
+    with_variant = expected_metrics(cfg, variants)
+    assert with_variant.per_epoch - per_epoch == {
+        "val/knn_top1/whole:small",
+        "val/knn_top1_lo/whole:small",
+        "val/knn_top1_hi/whole:small",
+        "val/knn_top5/whole:small",
+        "val/knn_top5_lo/whole:small",
+        "val/knn_top5_hi/whole:small",
+    }
+    assert len(with_variant.at_end - at_end) == 6

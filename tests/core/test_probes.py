@@ -8,6 +8,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from bagssl_core.config import EvalConfig
+from bagssl_core.metrics import ProbeKey, probe_keys, wilson_interval
 from bagssl_core.probes import format_probe_table, knn_classify, linear_probe, run_probes
 
 
@@ -155,48 +156,78 @@ def test_bad_inputs_raise(bad):
             probe(xtr, ytr, xte, yte, 7)
 
 
-def test_run_probes_names_every_scheme_and_probe():
+def test_run_probes_keys_every_split_scheme_and_probe_with_intervals():
     xtr, ytr, xte, yte = clustered(11)
-    features = {"mean_emb": (xtr, xte), "max_emb": (xtr.abs(), xte.abs())}
-    cfg = EvalConfig(aggregation=["mean_emb", "max_emb"], knn_k=7, knn_temperature=0.2, linear_epochs=2)
-    metrics = run_probes(features, ytr, yte, 7, cfg, seed=1)
-    assert set(metrics) == {
-        f"{probe}_{top}/{scheme}"
-        for probe in ("knn", "linear")
-        for top in ("top1", "top5")
-        for scheme in ("mean_emb", "max_emb")
+    xva, yva = xte[:20], yte[:20]
+    train = {"mean_emb": xtr, "max_emb": xtr.abs()}
+    evals = {
+        "val": ({"mean_emb": xva, "max_emb": xva.abs()}, yva),
+        "test": ({"mean_emb": xte, "max_emb": xte.abs()}, yte),
     }
+    cfg = EvalConfig(aggregation=["mean_emb", "max_emb"], knn_k=7, knn_temperature=0.2, linear_epochs=2)
+    metrics = run_probes(train, ytr, evals, 7, cfg, seed=1, variant="v")
+    schemes = ["mean_emb", "max_emb"]
+    assert set(metrics) == set(probe_keys("val", ["knn", "linear"], schemes, "v")) | set(
+        probe_keys("test", ["knn", "linear"], schemes, "v")
+    )
+    # Each split scores the probe fitted on the training features, as if probed alone.
     knn = knn_classify(xtr, ytr, xte, yte, 7, k=7, temperature=0.2)
-    assert metrics["knn_top1/mean_emb"] == knn["top1"]
-    linear = linear_probe(xtr.abs(), ytr, xte.abs(), yte, 7, epochs=2, seed=1)
-    assert metrics["linear_top5/max_emb"] == linear["top5"]
+    assert metrics[ProbeKey("test", "knn", "top1", "mean_emb", "v")] == knn["top1"]
+    linear = linear_probe(xtr.abs(), ytr, xva.abs(), yva, 7, epochs=2, seed=1)
+    top5 = ProbeKey("val", "linear", "top5", "max_emb", "v")
+    assert metrics[top5] == linear["top5"]
+    assert (metrics[top5.with_bound("lo")], metrics[top5.with_bound("hi")]) == wilson_interval(
+        linear["top5"], 20
+    )
+    test_top5 = top5.in_split("test")
+    assert metrics[test_top5] == linear_probe(xtr.abs(), ytr, xte.abs(), yte, 7, epochs=2, seed=1)["top5"]
+    assert metrics[test_top5.with_bound("hi")] - metrics[test_top5.with_bound("lo")] < (
+        metrics[top5.with_bound("hi")] - metrics[top5.with_bound("lo")]
+    )  # 45 test images pin the accuracy down more than 20 validation images
 
-    knn_only = run_probes(features, ytr, yte, 7, cfg.model_copy(update={"probes": ["knn"]}), seed=1)
-    assert set(knn_only) == {"knn_top1/mean_emb", "knn_top5/mean_emb", "knn_top1/max_emb", "knn_top5/max_emb"}
+    knn_only = run_probes(
+        train, ytr, {"val": evals["val"]}, 7, cfg.model_copy(update={"probes": ["knn"]}), seed=1
+    )
+    assert set(knn_only) == set(probe_keys("val", ["knn"], schemes))
 
 
-def test_format_probe_table():
+def test_format_probe_table_shows_val_and_test_side_by_side_with_intervals():
     metrics = {
-        "loss/total": 1.5,
+        "train/loss": 1.5,
         "epoch": 3.0,
-        "knn_top1/mean_emb": 91.234,
-        "knn_top5/mean_emb": 99.5,
-        "linear_top1/mean_emb": 93.0,
-        "linear_top5/mean_emb": 100.0,
-        "knn_top1/centre": 7.0,
-        "knn_top5/centre": 50.0,
-        "linear_top1/centre": 8.125,
-        "linear_top5/centre": 51.0,
+        "val/n_images": 400,
+        "test/n_images": 1000,
+        "val/knn_top1/mean_emb": 62.5,
+        "val/knn_top1_lo/mean_emb": 57.66,
+        "val/knn_top1_hi/mean_emb": 67.11,
+        "test/knn_top1/mean_emb": 61.234,
+        "test/knn_top1_lo/mean_emb": 58.2,
+        "test/knn_top1_hi/mean_emb": 64.2,
+        "val/linear_top5/centre": 100.0,
+        "test/linear_top5/centre": 99.0,
     }
     lines = format_probe_table(metrics).splitlines()
-    assert lines[0].split() == ["scheme", "knn_top1", "knn_top5", "linear_top1", "linear_top5"]
-    assert lines[1].split() == ["mean_emb", "91.23", "99.50", "93.00", "100.00"]
-    assert lines[2].split() == ["centre", "7.00", "50.00", "8.12", "51.00"]
-    # Right-aligned: every value ends where its header ends.
+    assert lines[0].split() == ["scheme", "probe", "stat", "val", "(n=400)", "test", "(n=1000)"]
+    assert lines[1].split() == [
+        "mean_emb",
+        "knn",
+        "top1",
+        "62.50",
+        "[57.7,",
+        "67.1]",
+        "61.23",
+        "[58.2,",
+        "64.2]",
+    ]
+    assert lines[2].split() == ["centre", "linear", "top5", "100.00", "99.00"]
+    # Right-aligned: every value column ends where its header ends.
     assert len({len(line) for line in lines}) == 1
-    assert lines[2].endswith(" 51.00") and lines[1].endswith("100.00")
-    assert "loss" not in "\n".join(lines)
+    assert "loss" not in "\n".join(lines) and "epoch" not in "\n".join(lines)
 
-    knn_only = format_probe_table({"knn_top1/whole": 12.0, "knn_top5/whole": 40.0})
-    assert knn_only.splitlines()[0].split() == ["scheme", "knn_top1", "knn_top5"]
-    assert format_probe_table({"loss/total": 1.0}) == ""
+    val_only = format_probe_table({"val/knn_top1/whole": 12.0, "val/knn_top1/whole:grid_stride-4": 14.0})
+    assert [line.split() for line in val_only.splitlines()] == [
+        ["scheme", "variant", "probe", "stat", "val"],
+        ["whole", "base", "knn", "top1", "12.00"],
+        ["whole", "grid_stride-4", "knn", "top1", "14.00"],
+    ]
+    assert format_probe_table({"train/loss": 1.0, "knn_top1/mean_emb": 50.0}) == ""

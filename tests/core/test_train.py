@@ -1,6 +1,7 @@
 """The training loop on tiny synthetic runs: exact resume, checkpoints handed to the reporter, divergence,
-the lr schedule, LARS against its formula, evaluation variants, and 2 gloo processes against one process
-on the whole batch."""
+the lr schedule, LARS against its formula, what is reported when (validation every probing epoch, test at
+the end, with intervals, exactly `expected_metrics`), evaluation variants, and 2 gloo processes against one
+process on the whole batch."""
 
 from __future__ import annotations
 
@@ -20,15 +21,25 @@ from torch.nn.parallel import DistributedDataParallel
 from bagssl_core.config import EvalConfig, LossConfig, TrainConfig, load_config
 from bagssl_core.data import load_split
 from bagssl_core.losses import build_loss
+from bagssl_core.metrics import (
+    EPOCHS_PLANNED,
+    ProbeKey,
+    expected_metrics,
+    n_images,
+    probe_keys,
+    wilson_interval,
+)
 from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.optim import LARS, build_optimizer, lr_schedule, set_lr
 from bagssl_core.syncbn import GlobalBatchNorm
 from bagssl_core.train import RunResult, evaluate, load_checkpoint, train, train_step
 
-# A few seconds per epoch on one CPU thread: 4 steps of 16 images x 2 patches of 16 px.
+# A few seconds per epoch on one CPU thread: 4 steps of 16 images x 2 patches of 16 px (72 training images,
+# 8 of them set aside for validation).
 TINY = [
     "data.name=synthetic",
-    "data.synthetic_train=64",
+    "data.synthetic_train=72",
+    "data.val_size=8",
     "data.synthetic_test=32",
     "data.batch_size=16",
     "patch.num=2",
@@ -128,7 +139,7 @@ def test_resume_after_a_crash_is_exact(
 
     lines_a, lines_b = read_jsonl(out_a / "metrics.jsonl"), read_jsonl(out_b / "metrics.jsonl")
     assert [without_timing(m) for m in lines_a] == [without_timing(m) for m in lines_b]
-    assert "knn_top1/mean_emb" in lines_b[1]
+    assert "val/knn_top1/mean_emb" in lines_b[1] and "test/knn_top1/mean_emb" in lines_b[1]
     summary_a = json.loads((out_a / "summary.json").read_text())
     summary_b = json.loads((out_b / "summary.json").read_text())
     assert without_timing(summary_a) == without_timing(summary_b)
@@ -149,9 +160,14 @@ def test_reporter_gets_each_epochs_checkpoint_and_old_ones_are_pruned(
         assert {"train/loss", "train/invariance", "train/variance", "train/covariance", "lr"} <= set(
             call["metrics"]
         )
-    # Probes run after the last epoch only (eval.every=0), and the reporter sees them there.
-    assert "knn_top1/mean_emb" not in calls[0]["metrics"]
-    assert calls[1]["metrics"]["knn_top1/mean_emb"] == result.metrics["knn_top1/mean_emb"]
+    # Probes run after the last epoch only (eval.every=0), and the reporter sees them there: validation
+    # and, the run being finished, test.
+    per_epoch, at_end = expected_metrics(cfg)
+    assert set(calls[0]["metrics"]) == {k for k in per_epoch if ProbeKey.parse(k) is None} - {n_images("val")}
+    assert set(calls[1]["metrics"]) == per_epoch | at_end
+    for key in ("val/knn_top1/mean_emb", "test/knn_top1/mean_emb"):
+        assert calls[1]["metrics"][key] == result.metrics[key]
+    assert [c["metrics"][EPOCHS_PLANNED] for c in calls] == [2, 2]
     assert load_config(calls[1]["ckpt"] / "config.yaml") == cfg
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0002"]
     lrs = lr_schedule(cfg, steps_per_epoch=4)
@@ -265,26 +281,65 @@ def test_lars_steps_follow_the_docstring_formula() -> None:
 # --- evaluation variants ----------------------------------------------------------------------------------
 
 
-def test_evaluate_names_metrics_by_scheme_and_variant() -> None:
-    cfg = tiny("data.synthetic_train=32", "data.synthetic_test=16", "eval.grid_stride=16")
+def test_evaluate_names_metrics_by_split_scheme_and_variant() -> None:
+    cfg = tiny("data.synthetic_train=48", "data.synthetic_test=16", "eval.grid_stride=16")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    train_data, test_data = (load_split(cfg.data, s, cfg.run.seed) for s in ("train", "test"))
+    train_data, val_data, test_data = (
+        load_split(cfg.data, s, cfg.run.seed) for s in ("train", "val", "test")
+    )
     named = EvalConfig(aggregation=["centre", "mean_emb"], probes=["knn"], knn_k=5)
-    metrics = evaluate(model, cfg, train_data, test_data, torch.device("cpu"), {"": cfg.eval, "small": named})
-    assert set(metrics) == {
-        "knn_top1/mean_emb",
-        "knn_top5/mean_emb",
-        "knn_top1/centre:small",
-        "knn_top5/centre:small",
-        "knn_top1/mean_emb:small",
-        "knn_top5/mean_emb:small",
-    }
-    assert all(0.0 <= v <= 100.0 for v in metrics.values())
+    cpu = torch.device("cpu")
+    splits = {"val": val_data, "test": test_data}
+    metrics = evaluate(model, cfg, train_data, splits, cpu, {"": cfg.eval, "small": named})
+    expected = {n_images("val"): 8, n_images("test"): 16}
+    for split in ("val", "test"):
+        keys = probe_keys(split, ["knn"], ["mean_emb"]) + probe_keys(
+            split, ["knn"], ["centre", "mean_emb"], "small"
+        )
+        expected |= {k: metrics[k] for k in keys}
+    assert metrics == expected
+    assert all(0.0 <= v <= 100.0 for k, v in metrics.items() if isinstance(k, ProbeKey))
     assert model.training  # evaluate leaves the model in the mode it found it
-    default = evaluate(model, cfg, train_data, test_data, torch.device("cpu"))
-    assert default == {k: v for k, v in metrics.items() if ":" not in k}
+    default = evaluate(model, cfg, train_data, {"val": val_data}, cpu)
+    assert default == {
+        k: v
+        for k, v in metrics.items()
+        if k == n_images("val") or (isinstance(k, ProbeKey) and k.split == "val" and not k.variant)
+    }
+
+
+# --- what a run reports, and when ---------------------------------------------------------------------------
+
+
+def test_each_epoch_reports_validation_and_the_end_reports_test_with_intervals(tmp_path: Path) -> None:
+    # Probing every epoch, a loss with other parts, and an evaluation variant: every reported name must be
+    # one expected_metrics announces, at the time it announces it.
+    cfg = tiny("schedule.epochs=2", "eval.every=1", "loss.name=tcr", "run.checkpoint_every=0")
+    variants = {"": cfg.eval, "small": EvalConfig(aggregation=["centre"], probes=["knn"], knn_k=5)}
+    calls: list[dict[str, float]] = []
+    result = train(cfg, tmp_path, reporter=lambda m, _: calls.append(dict(m)), eval_variants=variants)
+    per_epoch, at_end = expected_metrics(cfg, variants)
+    assert "train/coding_rate" in per_epoch and "val/knn_top1/centre:small" in per_epoch
+    assert "test/knn_top5_hi/centre:small" in at_end
+    assert [set(c) for c in calls] == [per_epoch, per_epoch | at_end]
+    assert {key.split for k in calls[0] if (key := ProbeKey.parse(k))} == {"val"}
+    last = calls[-1]
+    assert (last[n_images("val")], last[n_images("test")]) == (8, 32)
+    checked = 0
+    for name, value in last.items():
+        key = ProbeKey.parse(name)
+        if key is None or key.bound:
+            continue
+        lo, hi = last[str(key.with_bound("lo"))], last[str(key.with_bound("hi"))]
+        assert (lo, hi) == wilson_interval(value, int(last[n_images(key.split)]))
+        assert lo <= value <= hi
+        checked += 1
+    # val and test x kNN top1 and top5 x (mean_emb, centre:small)
+    assert checked == 2 * 2 * 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k not in ("status", "epochs")} == result.metrics == last
 
 
 # --- 2 gloo processes vs 1 process on the whole batch -----------------------------------------------------
