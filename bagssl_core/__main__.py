@@ -97,7 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bagssl_core.metrics import metric_names
+    from bagssl_core.metrics import EPOCH, metric_names
     from bagssl_core.models import build_model, prepare_for_device
     from bagssl_core.probes import format_probe_table
     from bagssl_core.train import evaluate, load_checkpoint, load_splits, resolve_device, seed_everything
@@ -129,7 +129,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_probe_table(metrics))
     if args.out:
         what = "random-init" if args.random_init else str(args.checkpoint)
-        payload = {"checkpoint": what, "epoch": epoch, **metrics}
+        payload = {"checkpoint": what, EPOCH: epoch, **metrics}
         Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     return EXIT_OK
 

@@ -413,8 +413,10 @@ def train(
     Args:
         out_dir: run directory (config.yaml, metrics.jsonl, checkpoints/, summary.json); default
             cfg.run.out_dir. Only rank 0 writes there.
-        reporter: called on every rank after each epoch with that epoch's metrics, and on rank 0 with the
-            checkpoint directory written for it (None otherwise).
+        reporter: called on every rank after each epoch with that epoch's metrics by name (the epoch
+            metrics; on probing epochs the "val" probes; in the last epoch's call of a finished run the "test"
+            probes too: `bagssl_core.metrics.expected_metrics` lists them), and on rank 0 with the checkpoint
+            directory written for it (None otherwise).
         resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly.
         eval_variants: extra evaluation settings probed on the same model (see `evaluate`).
         progress: show a progress bar on rank 0.
@@ -434,10 +436,9 @@ def train(
                 break
             metrics[EPOCH] = epoch + 1
             metrics[EPOCHS_PLANNED] = epochs
-            # The last epoch always probes; only there, with the training finished, is the test split scored.
-            splits: list[Split] = ["val", "test"] if epoch + 1 == epochs else ["val"]
             if _probe_due(cfg, epoch + 1):
-                probe = _evaluate_on_main(run, splits)
+                # The last epoch always probes; only there, with the training finished, is test scored.
+                probe = _evaluate_on_main(run, ["val", "test"] if epoch + 1 == epochs else ["val"])
                 metrics.update(probe)
             named = metric_names(metrics)
             ckpt = _write_epoch(run, epoch + 1, named)
