@@ -21,7 +21,7 @@ the mean of the ranks' `total` is that loss. Without a process group the option 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagssl_core.config import LossConfig
+from bagssl_core.config import LossConfig, TCRConfig, VICRegConfig
 from bagssl_core.dist import gather_with_grad
 
 VAR_EPS = 1e-4  # added to the variance under the square root, as in VICReg
@@ -268,25 +268,25 @@ def vicreg_loss(
 def tcr_loss(
     z: torch.Tensor,
     eps: float = 0.2,
-    tcr_weight: float = 1.0,
-    inv_weight: float = 200.0,
+    coding_rate_weight: float = 1.0,
+    similarity_weight: float = 200.0,
     gather_distributed: bool = False,
 ) -> LossOutput:
     """EMP-SSL loss: total coding rate per patch index plus cosine similarity to the bag mean.
 
     z is first L2-normalised along D (EMP-SSL's projector ends with that normalisation). Then
-    total = −tcr_weight·coding_rate − inv_weight·similarity, where
+    total = −coding_rate_weight·coding_rate − similarity_weight·similarity, where
     coding_rate = mean_i R(Z_i), R(Z) = 1/2 logdet(I_D + D / (B·eps) ZᵀZ), Z_i the (B, D) embeddings of
     patch index i over the batch;
     similarity = mean_{b,i} cos(z_bi, z̄_b), z̄_b the mean of image b's N (normalised) embeddings.
     Both parts are "higher is better"; the loss is minimised by raising them. EMP-SSL defaults: eps 0.2,
-    tcr_weight 1 (`--tcr`), inv_weight 200 (`--patch_sim`).
+    coding_rate_weight 1 (`--tcr`), similarity_weight 200 (`--patch_sim`).
 
     Args:
         z: (B, N, D) projections, N >= 2.
         eps: distortion of the coding rate (> 0).
-        tcr_weight: weight of the negated coding rate.
-        inv_weight: weight of the negated similarity.
+        coding_rate_weight: weight of the negated coding rate.
+        similarity_weight: weight of the negated similarity.
         gather_distributed: compute the coding rate on the batch gathered from all ranks (B = global batch).
 
     Returns:
@@ -304,7 +304,7 @@ def tcr_loss(
         z_all = _gather(z, gather_distributed)
         _check_batch(z_all, "tcr")
         rate = coding_rate(z_all, eps)
-        total = -tcr_weight * rate - inv_weight * similarity
+        total = -coding_rate_weight * rate - similarity_weight * similarity
     return LossOutput(total, {"coding_rate": rate.detach(), "similarity": similarity.detach()})
 
 
@@ -365,51 +365,41 @@ class VICRegLoss(_VICRegWeights):
 class TCRLoss(nn.Module):
     """EMP-SSL total coding rate + bag similarity (see `tcr_loss`): z (B, N, D) -> LossOutput.
 
-    total = −tcr_weight·mean_i 1/2 logdet(I + D/(B·eps) Z_iᵀZ_i) − inv_weight·mean cos(z_bi, z̄_b),
+    total = −coding_rate_weight·mean_i 1/2 logdet(I + D/(B·eps) Z_iᵀZ_i) − similarity_weight·mean cos(z_bi, z̄_b),
     on L2-normalised z.
     """
 
     def __init__(
         self,
         eps: float = 0.2,
-        tcr_weight: float = 1.0,
-        inv_weight: float = 200.0,
+        coding_rate_weight: float = 1.0,
+        similarity_weight: float = 200.0,
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         if eps <= 0:
             raise ValueError(f"tcr: expected eps > 0, got {eps}")
         self.eps = eps
-        self.tcr_weight = tcr_weight
-        self.inv_weight = inv_weight
+        self.coding_rate_weight = coding_rate_weight
+        self.similarity_weight = similarity_weight
         self.gather_distributed = gather_distributed
 
     def forward(self, z: torch.Tensor) -> LossOutput:
         """z: (B, N, D) patch projections (normalised inside)."""
-        return tcr_loss(z, self.eps, self.tcr_weight, self.inv_weight, self.gather_distributed)
+        return tcr_loss(z, self.eps, self.coding_rate_weight, self.similarity_weight, self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (
-            f"eps={self.eps}, tcr_weight={self.tcr_weight}, inv_weight={self.inv_weight}, "
+            f"eps={self.eps}, coding_rate_weight={self.coding_rate_weight}, "
+            f"similarity_weight={self.similarity_weight}, "
             f"gather_distributed={self.gather_distributed}"
         )
 
 
-LOSSES: dict[str, Callable[[LossConfig], nn.Module]] = {
-    "bag_vicreg": lambda c: BagVICRegLoss(c.inv_weight, c.var_weight, c.cov_weight, c.gather_distributed),
-    "vicreg": lambda c: VICRegLoss(c.inv_weight, c.var_weight, c.cov_weight, c.gather_distributed),
-    "tcr": lambda c: TCRLoss(c.tcr_eps, c.tcr_weight, c.tcr_inv_weight, c.gather_distributed),
-}
-
-
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The loss module named by `cfg.name`, holding the config's weights.
-
-    Raises:
-        ValueError: unknown loss name.
-    """
-    try:
-        factory = LOSSES[cfg.name]
-    except KeyError:
-        raise ValueError(f"loss.name: unknown loss {cfg.name!r}; expected one of {sorted(LOSSES)}") from None
-    return factory(cfg)
+    """The loss module `cfg` (one member of the `loss` union, picked by `loss.name`) describes, holding its
+    weights."""
+    if isinstance(cfg, TCRConfig):
+        return TCRLoss(cfg.eps, cfg.coding_rate_weight, cfg.similarity_weight, cfg.gather_distributed)
+    weights = (cfg.inv_weight, cfg.var_weight, cfg.cov_weight, cfg.gather_distributed)
+    return VICRegLoss(*weights) if isinstance(cfg, VICRegConfig) else BagVICRegLoss(*weights)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bagssl_core import dist
 from bagssl_core.aggregate import extract_features
-from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml
+from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml, validate_config
 from bagssl_core.data import ImageData, collate_images, load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.models import build_model, prepare_for_device
@@ -224,8 +224,11 @@ def _floats(parts: Mapping[str, Any]) -> dict[str, float]:
 
 
 def eval_variant_config(cfg: TrainConfig, ev: EvalConfig) -> TrainConfig:
-    """cfg with its eval part replaced, re-validated (the grid must still fit the image)."""
-    return TrainConfig.model_validate({**cfg.model_dump(), "eval": ev.model_dump()})
+    """cfg with its eval part replaced, re-validated (the grid must still fit the image).
+
+    Every key is a default here (`validate_config`): a variant may switch off knobs the base uses, such
+    as the base's `eval.grid_stride` in a variant with `eval.patches=random`."""
+    return validate_config({}, defaults={**cfg.model_dump(), "eval": ev.model_dump()})
 
 
 def variant_suffix(name: str) -> str:

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bagssl_core.config import EvalConfig, LossConfig, TrainConfig, load_config
+from bagssl_core.config import BagVICRegConfig, EvalConfig, TrainConfig, load_config
 from bagssl_core.data import load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.models import build_model, prepare_for_device
@@ -36,7 +36,6 @@ TINY = [
     "patch.input_size=16",
     "model.projector=[32, 32]",
     "eval.probes=[knn]",
-    "eval.linear_epochs=1",
     "run.threads=1",
 ]
 # Wall-clock measurements: the only metrics two runs of the same config may disagree on.
@@ -311,7 +310,7 @@ def _step_parts(optim: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer
     torch.manual_seed(0)
     model = prepare_for_device(build_model(cfg.model), "cpu", cfg.model)
     optimizer = build_optimizer(model, cfg)
-    return model, build_loss(LossConfig(gather_distributed=True)), optimizer, cfg.effective_lr()
+    return model, build_loss(BagVICRegConfig(gather_distributed=True)), optimizer, cfg.effective_lr()
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
