@@ -115,7 +115,7 @@ def _eval(args: argparse.Namespace) -> int:
         epoch = state["epoch"]
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.in_channels)
     if state is not None:
         model.load_state_dict(state["model"])
     model = prepare_for_device(model, device, cfg.model)

@@ -438,7 +438,7 @@ def start_run(
     device = resolve_device(cfg)
     train_data = load_split(cfg.data, "train", cfg.run.seed)
     test_data = load_split(cfg.data, "test", cfg.run.seed)
-    model = prepare_for_device(build_model(cfg.model), device, cfg.model)
+    model = prepare_for_device(build_model(cfg.model, cfg.in_channels), device, cfg.model)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
     start_epoch, step = _resume(resume_from, model, optimizer) if resume_from is not None else (0, 0)

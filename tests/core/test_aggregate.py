@@ -55,7 +55,8 @@ def cfg(request: pytest.FixtureRequest) -> TrainConfig:
 @pytest.fixture(scope="module")
 def model() -> BagSSLModel:
     torch.manual_seed(0)
-    return build_model(load_config(None, ["model.projector=[16, 16]"]).model).eval()
+    cfg = load_config(None, ["model.projector=[16, 16]"])
+    return build_model(cfg.model, cfg.in_channels).eval()
 
 
 @pytest.fixture(scope="module")
