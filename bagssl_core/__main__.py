@@ -22,7 +22,6 @@ from bagssl_core.config import (
     PRESETS,
     ConfigError,
     load_config,
-    merge_overrides,
     parse_overrides,
     validate_config,
 )
@@ -116,11 +115,11 @@ def _eval(args: argparse.Namespace) -> int:
         except (FileNotFoundError, RuntimeError) as err:
             raise ConfigError(str(err)) from None
         source = f"{args.checkpoint} + overrides"
-        cfg = validate_config(merge_overrides(state["config"], parse_overrides(args.overrides)), source)
+        cfg = validate_config(parse_overrides(args.overrides), source, defaults=state["config"])
         epoch = state["epoch"]
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.in_channels)
     if state is not None:
         model.load_state_dict(state["model"])
     model = prepare_for_device(model, device, cfg.model)

@@ -118,12 +118,14 @@ class BagSSLModel(nn.Module):
         return h, self.projector(h)
 
 
-def build_model(cfg: ModelConfig, in_channels: int = 3) -> BagSSLModel:
+def build_model(cfg: ModelConfig, in_channels: int) -> BagSSLModel:
     """The model `cfg` describes, randomly initialised.
 
     Args:
         cfg: the model part of the run config.
-        in_channels: channels of the input images (3 unless grayscale images are kept as one channel).
+        in_channels: channels of the input images: the run config's `in_channels` (1 for grayscale images
+            kept as one channel, else 3). No default, so that a model for a checkpoint is built as the
+            run built it.
 
     Raises:
         ValueError: an unknown backbone name (the message lists the valid ones).

@@ -30,7 +30,6 @@ TINY = [
     "patch.input_size=16",
     "model.projector=[32,32]",
     "eval.probes=[knn]",
-    "eval.linear_epochs=1",
     "run.threads=1",
     "schedule.epochs=1",
 ]

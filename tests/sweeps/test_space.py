@@ -168,7 +168,7 @@ def test_variant_names_are_mlflow_safe_and_distinct() -> None:
 
 
 def test_no_eval_axis_gives_one_unnamed_variant() -> None:
-    base = TrainConfig.model_validate({"eval": {"aggregation": ["centre"], "grid_stride": 3}})
+    base = TrainConfig.model_validate({"eval": {"aggregation": ["centre", "mean_emb"], "grid_stride": 3}})
     variants = eval_variants(make_spec({"patch.size": {"choice": [8, 12]}}), base)
     assert list(variants) == [""]
     assert variants[""] == base.eval
