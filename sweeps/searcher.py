@@ -67,17 +67,19 @@ class FidelitySearch(OptunaSearch):
     ):
         super().__init__(sampler=sampler, storage=storage, study_name=study_name)
         self.base_epochs = base_epochs
+        self._last_epoch: dict[str, int] = {}  # trial id -> the last epoch reported to Optuna
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if trial_id in self._completed_trials:
             return
         value, epoch = _finite(result.get(self.metric)), result.get(EPOCH)
         # A diverged run's last report carries no epoch and no finite value: nothing to learn from it.
-        if value is None or epoch is None:
+        # An epoch reported already (re-reported after a resume from an older checkpoint) keeps its
+        # first value, as Optuna would, without Optuna's warning.
+        if value is None or epoch is None or int(epoch) <= self._last_epoch.get(trial_id, 0):
             return
+        self._last_epoch[trial_id] = int(epoch)
         try:
-            # Optuna keeps the first value of a step and warns about later ones (an epoch re-reported
-            # after a resume from an older checkpoint).
             self._ot_trials[trial_id].report(value, int(epoch))
         except UpdateFinishedTrialError:
             # The journal is ahead of Tune's pickled searcher: the trial ended before a sweep that was
@@ -92,6 +94,9 @@ class FidelitySearch(OptunaSearch):
         assert self._ot_study is not None  # set up by Tune's set_search_properties before any trial
         ot_trial = self._ot_trials[trial_id]
         result = result or {}
+        # Tune passes the searcher no result on which the scheduler stops a trial: the epoch that got
+        # it stopped arrives here, and a pruned trial needs it among its values.
+        self.on_trial_result(trial_id, result)
         state = _STATE[trial_status(result, ot_trial.params, error, self.base_epochs)]
         value: float | None = None
         if state == TrialState.COMPLETE:

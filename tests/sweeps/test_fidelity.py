@@ -58,12 +58,13 @@ def test_optuna_hears_complete_pruned_and_failed_at_each_epoch(tmp_path: Path) -
     s = searcher(tmp_path)
     for tid in "abcde":
         s.suggest(tid)  # Optuna trials 0..4
-    # a ran both epochs, its second after a resume (training_iteration 1 again).
+    # a ran both epochs, resumed after the first from an older checkpoint (training_iteration restarts).
     s.on_trial_result("a", report(1, 40.0, 1))
-    s.on_trial_result("a", report(2, 55.0, 1))
-    s.on_trial_complete("a", report(2, 55.0, 1))
-    # b was stopped by the scheduler after 1 of its 2 planned epochs.
-    s.on_trial_result("b", report(1, 30.0, 1, **{EPOCHS_PLANNED: 2}))
+    s.on_trial_result("a", report(1, 41.0, 1))
+    s.on_trial_result("a", report(2, 55.0, 2))
+    s.on_trial_complete("a", report(2, 55.0, 2))
+    # b was stopped by the scheduler after 1 of its 2 planned epochs. As in Tune, the result on which
+    # the scheduler stops a trial reaches the searcher only at its completion.
     s.on_trial_complete("b", report(1, 30.0, 1, **{EPOCHS_PLANNED: 2}))
     # c diverged in its second epoch.
     s.on_trial_result("c", report(1, 35.0, 1))
@@ -174,7 +175,7 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
     two_epochs  2 epochs           first at ASHA's rung 1: runs both epochs     FINISHED / COMPLETE
     diverges    base_lr 1e12       non-finite loss at its 2nd step              FAILED   / FAIL
     one_epoch   schedule.epochs 1  runs its one epoch                           FINISHED / COMPLETE
-    worse       2 epochs, var x10  its loss is 10x the others': stopped at 1    KILLED   / PRUNED
+    worse       2 epochs, var x10  epoch-1 loss ~8x the others': stopped there   KILLED   / PRUNED
     """
     spec = tiny_spec(
         tmp_path,
@@ -189,7 +190,7 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
         },
         space={
             "schedule.epochs": {"choice": [1, 2]},
-            "optim.base_lr": {"choice": [0.3, 1e12]},
+            "optim.base_lr": {"choice": [0.03, 1e12]},
             "loss.var_weight": {"choice": [25.0, 250.0]},
         },
         # Seed 5041 draws the four roles above in that order (asserted below).
