@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bagssl_core.config import config_to_yaml, merge_overrides, validate_config
+from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED
 from sweeps.space import objective, scheme_of, trial_overrides, variant_of, variant_values
 from sweeps.spec import SweepSpec
 
@@ -35,10 +36,25 @@ class Report:
     artifacts: dict[str, str]
 
 
-def trial_status(metrics: Mapping[str, float], failed: bool, epochs: int) -> str:
-    if failed:
+def trial_status(
+    metrics: Mapping[str, Any], params: Mapping[str, Any], failed: bool, base_epochs: int
+) -> str:
+    """FAILED (an error, or the loss diverged), FINISHED (it ran the epochs it planned) or KILLED (the
+    scheduler stopped it before).
+
+    Args:
+        metrics: the trial's last report.
+        params: its sampled parameters (dotted TrainConfig paths).
+        failed: whether it ended in an error.
+        base_epochs: the base config's schedule.epochs.
+
+    The epochs a trial planned: what the trainer reported (`epochs_planned`), else its own
+    `schedule.epochs` when that is searched, else the base's.
+    """
+    if failed or DIVERGED_AT_STEP in metrics:
         return "FAILED"
-    return "FINISHED" if metrics.get("epoch", 0) >= epochs else "KILLED"
+    planned = metrics.get(EPOCHS_PLANNED, params.get("schedule.epochs", base_epochs))
+    return "FINISHED" if metrics.get(EPOCH, 0) >= planned else "KILLED"
 
 
 def best_trial(

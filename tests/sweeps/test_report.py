@@ -62,9 +62,9 @@ def test_best_trial_none_without_objective() -> None:
 
 
 def test_trial_status() -> None:
-    assert trial_status({"epoch": 10.0}, failed=False, epochs=10) == "FINISHED"
-    assert trial_status({"epoch": 3.0}, failed=False, epochs=10) == "KILLED"
-    assert trial_status({"epoch": 10.0}, failed=True, epochs=10) == "FAILED"
+    assert trial_status({"epoch": 10.0}, {}, failed=False, base_epochs=10) == "FINISHED"
+    assert trial_status({"epoch": 3.0}, {}, failed=False, base_epochs=10) == "KILLED"
+    assert trial_status({"epoch": 10.0}, {}, failed=True, base_epochs=10) == "FAILED"
 
 
 def test_best_config_yaml_loads_and_carries_params_and_variant(aggregation, tmp_path: Path) -> None:
