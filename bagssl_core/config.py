@@ -32,6 +32,7 @@ from pydantic_core import ErrorDetails, to_jsonable_python
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
 BackboneName = Literal["resnet18_cifar", "resnet18", "resnet50"]
 SchemeName = Literal["mean_emb", "mean_proj", "max_emb", "centre", "whole", "multiscale"]
+ProbeName = Literal["knn", "linear"]
 
 # Side length (pixels) of the images each dataset provides, before any `data.image_size` resize.
 NATIVE_IMAGE_SIZE: dict[str, int] = {
@@ -261,7 +262,9 @@ class ScheduleConfig(_Part):
 
 class EvalConfig(_Part):
     aggregation: list[SchemeName] = Field(
-        default_factory=lambda: ["mean_emb"], min_length=1, description="Aggregation schemes, each probed."
+        default_factory=lambda: list[SchemeName](["mean_emb"]),
+        min_length=1,
+        description="Aggregation schemes, each probed.",
     )
     patches: Literal["grid", "random"] = Field(
         "grid", description="Evaluation patches: a grid, or N random ones."
@@ -279,8 +282,10 @@ class EvalConfig(_Part):
         min_length=1,
         description="Patch sides of the multiscale bag.",
     )
-    probes: list[Literal["knn", "linear"]] = Field(
-        default_factory=lambda: ["knn", "linear"], min_length=1, description="Probes run for every scheme."
+    probes: list[ProbeName] = Field(
+        default_factory=lambda: list[ProbeName](["knn", "linear"]),
+        min_length=1,
+        description="Probes run for every scheme.",
     )
     knn_k: int = Field(20, ge=1, description="kNN: neighbours (cosine similarity, weighted vote).")
     knn_temperature: float = Field(0.07, gt=0, description="kNN: vote weight exp(similarity / T).")
@@ -659,7 +664,8 @@ def read_yaml_file(
         raise ConfigError(f"{p}: the file is empty; expected {what}")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected {what} at the top level, got {type(data).__name__}")
-    return data, _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    return data, _key_lines(root) if root is not None else {}
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -147,10 +148,11 @@ def prepare_for_device(model: BagSSLModel, device: torch.device | str, cfg: Mode
     """
     device = torch.device(device)
     if cfg.sync_bn and dist.is_available() and dist.is_initialized():
+        # Both return the converted module: the root itself here, as a BagSSLModel is no BatchNorm.
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = cast(BagSSLModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
         else:
-            model = convert_global_batchnorm(model)
+            model = cast(BagSSLModel, convert_global_batchnorm(model))
         log.info("BatchNorm layers synchronised across ranks")
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":

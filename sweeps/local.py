@@ -22,14 +22,17 @@ from sweeps.trainable import TrialPlan, run_trial
 log = logging.getLogger(__name__)
 
 
-def run_local(spec: SweepSpec, plan: TrialPlan, logger: TrialLogger) -> list[TrialOutcome]:
+def run_local(
+    spec: SweepSpec, plan: TrialPlan, logger: TrialLogger, id_prefix: str = "local"
+) -> list[TrialOutcome]:
     """Run every trial of the spec in turn, without pruning, logging each through `logger`.
 
-    Parameters are drawn at random from the space (grid axes enumerated), seeded by search.seed.
+    Parameters are drawn at random from the space (grid axes enumerated), seeded by search.seed. Trial ids
+    are `<id_prefix>_00000`, ...: a sweep's refine runs take another prefix, so their ids stay unique.
     """
     rng = random.Random(spec.search.seed)
     for i, params in enumerate(local_trials(spec, rng)):
-        trial_id = f"local_{i:05d}"
+        trial_id = f"{id_prefix}_{i:05d}"
         logger.start(trial_id, f"{spec.name}_{trial_id}", params)
 
         def report(metrics: dict[str, float], ckpt: Path | None, tid: str = trial_id) -> None:

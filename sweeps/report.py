@@ -1,16 +1,25 @@
-"""A finished sweep: the trial table, the best trial, its config as YAML, and where MLflow has it all."""
+"""A finished sweep: the trial table, the best trial, its config as YAML, and where MLflow has it all.
+
+Every number that chooses is a validation number (`sweeps.spec.Objective`); the test value at the same
+metric key is shown beside it and never compared. Each value carries its 95% Wilson interval as the
+trainer reported it, and trials whose validation interval overlaps the best's are marked: the
+validation set cannot tell them apart.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bagssl_core.config import config_to_yaml, merge_overrides, validate_config
-from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED
-from sweeps.space import objective, scheme_of, trial_overrides, variant_of, variant_values
-from sweeps.spec import SweepSpec
+from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED, ProbeKey, intervals_overlap, n_images
+from sweeps.space import trial_overrides, variant_values
+from sweeps.spec import Objective, SweepSpec
+
+Interval = tuple[float, float]
 
 
 @dataclass
@@ -21,14 +30,76 @@ class TrialOutcome:
     metrics: dict[str, float] = field(default_factory=dict)  # the trial's last report
 
 
+@dataclass(frozen=True)
+class Score:
+    """A trial's objective: the validation value at the key that won (None for an epoch metric) with its
+    95% interval, and the test value at the same key with its interval (only a run that reached its end
+    was scored on the test split)."""
+
+    key: ProbeKey | None
+    val: float
+    val_ci: Interval | None = None
+    test: float | None = None
+    test_ci: Interval | None = None
+
+
+def score(metrics: Mapping[str, float], objective: Objective) -> Score | None:
+    """The objective of one report, with the intervals and the test value of its key; None when absent."""
+    found = objective.best(metrics)
+    if found is None:
+        return None
+    key, val = found
+    if key is None:
+        return Score(None, val)
+    test = key.in_split("test")
+    return Score(key, val, _interval(metrics, key), metrics.get(str(test)), _interval(metrics, test))
+
+
+def _interval(metrics: Mapping[str, float], key: ProbeKey) -> Interval | None:
+    lo, hi = metrics.get(str(key.with_bound("lo"))), metrics.get(str(key.with_bound("hi")))
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def within_noise(best: Score, other: Score) -> bool:
+    """Whether two validation intervals overlap: the validation set cannot tell the two values apart."""
+    return (
+        best.val_ci is not None and other.val_ci is not None and intervals_overlap(best.val_ci, other.val_ci)
+    )
+
+
+@dataclass(frozen=True)
+class Refined:
+    """A config of the search re-trained with new seeds (`sweeps.refine`).
+
+    Attributes:
+        trial: the search trial whose parameters were re-trained.
+        seeds: the seeds of the runs, in order.
+        runs: one outcome per seed.
+        key: the validation key with the best mean over the seeds that finished (None: an epoch metric).
+        val: (mean, sample standard deviation) of the validation objective at `key` (the deviation None
+            below two seeds); None if no seed finished.
+        test: the same for the test value at the same key, over the same seeds.
+        n: the seeds that finished and count.
+    """
+
+    trial: TrialOutcome
+    seeds: list[int]
+    runs: list[TrialOutcome]
+    key: ProbeKey | None
+    val: tuple[float, float | None] | None
+    test: tuple[float, float | None] | None
+    n: int
+
+
 @dataclass
 class Report:
     """What a finished sweep tells the user and its MLflow parent run.
 
     Attributes:
         text: the console report.
-        summary: trial counts and the best trial (its numbers become metrics of the parent run, the rest tags).
-        artifacts: file name -> text, logged on the parent run.
+        summary: trial counts, the best trial and what was selected (nested; numbers become metrics of the
+            parent run, the rest tags, once flattened).
+        artifacts: file name -> text, logged on the parent run (best_config.yaml, trials.txt, report.json).
     """
 
     text: str
@@ -57,69 +128,126 @@ def trial_status(
     return "FINISHED" if metrics.get(EPOCH, 0) >= planned else "KILLED"
 
 
-def best_trial(
-    trials: Iterable[TrialOutcome], metric: str, mode: str
-) -> tuple[TrialOutcome, float, str] | None:
-    """The trial whose last report has the best objective (failed trials excluded)."""
-    scored = []
-    for t in trials:
-        if t.status == "FAILED":
-            continue
-        found = objective(t.metrics, metric, mode)
-        if found is not None:
-            scored.append((t, *found))
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda s: s[1])
+def ranked(trials: Iterable[TrialOutcome], objective: Objective) -> list[tuple[TrialOutcome, Score | None]]:
+    """Every trial with its score, best validation value first; trials without the objective last."""
+    scored = [(t, score(t.metrics, objective)) for t in trials]
+    sign = -1.0 if objective.mode == "max" else 1.0
+    return sorted(scored, key=lambda ts: (ts[1] is None, sign * ts[1].val if ts[1] else 0.0))
+
+
+def best_trial(trials: Iterable[TrialOutcome], objective: Objective) -> tuple[TrialOutcome, Score] | None:
+    """The trial whose last report has the best validation objective, among the trials that ran all their
+    epochs when there are any: a pruned trial's score is from fewer epochs, never comparable to a final
+    one. Failed trials are never picked."""
+    scored = [(t, s) for t, s in ranked(trials, objective) if s is not None and t.status != "FAILED"]
+    finished = [ts for ts in scored if ts[0].status == "FINISHED"]
+    pool = finished or scored
+    return pool[0] if pool else None
 
 
 def best_config_yaml(
-    spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], metric_key: str
+    spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], key: ProbeKey | None
 ) -> str:
-    """The best trial's full TrainConfig for `bagssl_core train --config`: its parameters, the winning
-    evaluation variant, and the winning scheme first in eval.aggregation."""
-    overrides = trial_overrides(params)
-    overrides.update(trial_overrides(variant_values(spec).get(variant_of(metric_key), {})))
-    cfg = validate_config(merge_overrides(base, overrides), "best trial")
-    scheme = scheme_of(metric_key)
-    if scheme is not None:
-        schemes = [scheme, *(s for s in cfg.eval.aggregation if s != scheme)]
-        cfg = validate_config(
-            merge_overrides(cfg.model_dump(mode="json"), {"eval.aggregation": schemes}), "best trial"
-        )
-    return config_to_yaml(cfg)
+    """The selected config, for `bagssl_core train --config`: the trial's parameters, the winning evaluation
+    variant's settings, and the winning scheme alone in eval.aggregation. Knobs that scheme ignores (a grid
+    stride for `centre`) are left out, so the file loads back as it is."""
+    tree = merge_overrides(base, trial_overrides(params))
+    if key is None:
+        return config_to_yaml(validate_config(tree, "best trial"))
+    tree = merge_overrides(tree, trial_overrides(variant_values(spec).get(key.variant, {})))
+    return config_to_yaml(
+        validate_config({"eval": {"aggregation": [key.scheme]}}, "best trial", defaults=tree)
+    )
 
 
-def format_table(trials: list[TrialOutcome], metric: str, mode: str) -> str:
-    """One row per trial, best first: id, status, epochs run, the objective, the sampled parameters."""
+def _cell(value: float | None, ci: Interval | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def _spread(stats: tuple[float, float | None] | None) -> str:
+    if stats is None:
+        return "-"
+    return f"{stats[0]:.2f}" + (" ± -" if stats[1] is None else f" ± {stats[1]:.2f}")
+
+
+def _test_name(objective: Objective) -> str | None:
+    """The column of the test values: the objective's statistic on the test split."""
+    return None if objective.query is None else str(replace(objective.query, split="test"))
+
+
+def format_table(trials: list[TrialOutcome], objective: Objective) -> str:
+    """One row per trial, best validation value first: id, status, epochs run, a mark (`best`, or `~`
+    within noise of it), the validation objective and the test value at the same key, each with its 95%
+    interval, and the sampled parameters."""
     keys = sorted({k for t in trials for k in t.params})
-    scored = []
-    for t in trials:
-        found = objective(t.metrics, metric, mode)
-        score = None if found is None else found[0]
-        row = [
-            t.trial_id,
-            t.status,
-            str(int(t.metrics.get("epoch", 0))),
-            "-" if score is None else f"{score:.2f}",
-            *(_short(t.params.get(k)) for k in keys),
-        ]
-        scored.append((score, row))
-    sign = -1 if mode == "max" else 1
-    scored.sort(key=lambda s: (s[0] is None, sign * s[0] if s[0] is not None else 0.0))
-    rows = [row for _, row in scored]
-    header = ["trial", "status", "epochs", metric, *keys]
+    rows = ranked(trials, objective)
+    best = best_trial(trials, objective)
+    test_name = _test_name(objective)
+    lines = []
+    for t, s in rows:
+        mark = ""
+        if best is not None and s is not None and t.status != "FAILED":
+            mark = "best" if t is best[0] else "~" if within_noise(best[1], s) else ""
+        val = _cell(s.val, s.val_ci) if s else "-"
+        test = [_cell(s.test, s.test_ci) if s else "-"] if test_name else []
+        epochs = str(int(t.metrics.get(EPOCH, 0)))
+        lines.append(
+            [t.trial_id, t.status, epochs, mark, val, *test, *(_short(t.params.get(k)) for k in keys)]
+        )
+    header = [
+        "trial",
+        "status",
+        "epochs",
+        "vs best",
+        objective.name,
+        *([test_name] if test_name else []),
+        *keys,
+    ]
+    return _columns(header, lines)
+
+
+def format_refine_table(refined: list[Refined], objective: Objective) -> str:
+    """One row per refined config, best mean first: the trial, its seeds and how many finished, mean ± sample
+    standard deviation of the validation objective and of the test value at the same key, and that key."""
+    test_name = _test_name(objective)
+    header = ["trial", "run.seed", "finished", f"{objective.name} (mean ± sd)"]
+    header += [f"{test_name} (mean ± sd)"] if test_name else []
+    rows = []
+    for r in rank_refined(refined, objective):
+        test = [_spread(r.test)] if test_name else []
+        key = [] if r.key is None else [str(r.key)]
+        seeds = ",".join(map(str, r.seeds))
+        rows.append([r.trial.trial_id, seeds, f"{r.n}/{len(r.runs)}", _spread(r.val), *test, *key])
+    return _columns([*header, *(["key"] if objective.query else [])], rows)
+
+
+def rank_refined(refined: Iterable[Refined], objective: Objective) -> list[Refined]:
+    """Best validation mean first; configs with no finished seed last."""
+    sign = -1.0 if objective.mode == "max" else 1.0
+    return sorted(refined, key=lambda r: (r.val is None, sign * r.val[0] if r.val else 0.0))
+
+
+def _columns(header: list[str], rows: list[list[str]]) -> str:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    out = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]
+    ]
+    return "\n".join(out)
 
 
 def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "-" if v is None else str(v)
+
+
+def _describe_key(key: ProbeKey | None) -> str:
+    if key is None:
+        return ""
+    variant = f", variant {key.variant}" if key.variant else ""
+    return f" at {key} (scheme {key.scheme}{variant})"
 
 
 def write_report(
@@ -129,18 +257,25 @@ def write_report(
     out_dir: Path | None,
     tracking_uri: str,
     parent_run_id: str,
+    refined: list[Refined] | None = None,
 ) -> Report:
-    """Print-ready text, MLflow summary/artifacts, and best_config.yaml + trials.txt under out_dir.
+    """Print-ready text, MLflow summary/artifacts, and best_config.yaml, trials.txt, report.json under out_dir.
+
+    The selected config is the search's best trial by its validation objective or, when the spec refines,
+    the refined config with the best validation mean over its seeds. It carries the winning scheme and
+    variant as config fields, and the summary names them (`selected`).
 
     Args:
         spec: the sweep.
         base: the spec's resolved base config tree, which every trial's parameters override.
         trials: every trial's outcome.
-        out_dir: where best_config.yaml and trials.txt go; None (remote storage) prints the config instead.
+        out_dir: where the files go; None (remote storage) prints the config instead.
         tracking_uri: the MLflow store the sweep wrote to.
         parent_run_id: the sweep's parent run.
+        refined: the refined configs (`sweeps.refine`), if the spec refines.
     """
-    table = format_table(trials, spec.metric, spec.mode)
+    objective = spec.objective()
+    table = format_table(trials, objective)
     counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED", "FAILED")}
     lines = [
         f"sweep {spec.name}: {len(trials)} trial(s): "
@@ -148,24 +283,53 @@ def write_report(
         table,
     ]
     summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
-    artifacts = {"trials.txt": table + "\n"}
-    best = best_trial(trials, spec.metric, spec.mode)
+    details: dict[str, Any] = {
+        "trials": [
+            {"trial": t.trial_id, "status": t.status, "params": t.params, **_score_fields(s)}
+            for t, s in ranked(trials, objective)
+        ]
+    }
+    selected: tuple[TrialOutcome, ProbeKey | None, str] | None = None
+    best = best_trial(trials, objective)
     if best is None:
         lines.append("no trial reported the objective; no best config")
     else:
-        t, value, key = best
-        text = best_config_yaml(spec, base, t.params, key)
-        artifacts["best_config.yaml"] = text
-        summary.update({"best_value": value, "best_trial": t.trial_id, "best_metric_key": key})
-        lines.append(f"best trial {t.trial_id}: {spec.metric} = {value:.4f} ({key}) with {t.params}")
+        t, s = best
+        lines += _best_lines(t, s, trials, objective)
+        summary.update({"best_trial": t.trial_id, **_score_fields(s, prefix="best_")})
+        summary["within_noise"] = _noise_count(t, s, trials, objective)
+        selected = (t, s.key, f"best trial {t.trial_id}")
+    if refined:
+        lines += [
+            f"refine: the top {len(refined)} config(s), each re-trained with {len(refined[0].seeds)} new "
+            "seeds, every epoch, no pruning; mean ± sample standard deviation over the seeds that finished",
+            format_refine_table(refined, objective),
+        ]
+        details["refined"] = [_refined_fields(r) for r in refined]
+        done = [r for r in rank_refined(refined, objective) if r.val is not None]
+        if done:
+            summary["refine"] = {"trial": done[0].trial.trial_id, **_refined_fields(done[0], stats_only=True)}
+            selected = (done[0].trial, done[0].key, f"trial {done[0].trial.trial_id} by its mean over seeds")
+    artifacts = {"trials.txt": table + "\n"}
+    if selected is not None:
+        t, key, why = selected
+        summary["selected"] = {"trial": t.trial_id, **({} if key is None else _selection(key))}
+        artifacts["best_config.yaml"] = (
+            f"# selected by sweep {spec.name}: {why}{_describe_key(key)}\n"
+            + best_config_yaml(spec, base, t.params, key)
+        )
+    artifacts["report.json"] = json.dumps({**summary, **details}, indent=2) + "\n"
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in artifacts.items():
+            (out_dir / name).write_text(text)
+    if selected is not None:
+        why = selected[2]
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            best_path = out_dir / "best_config.yaml"
-            best_path.write_text(text)
-            (out_dir / "trials.txt").write_text(table + "\n")
-            lines.append(f"best config: {best_path}  (python -m bagssl_core train --config {best_path})")
+            path = out_dir / "best_config.yaml"
+            lines.append(f"best config ({why}): {path}  (python -m bagssl_core train --config {path})")
         else:
-            lines.append("best config:\n" + text)
+            lines.append(f"best config ({why}):\n{artifacts['best_config.yaml']}")
     ui = (
         f"mlflow ui --backend-store-uri {tracking_uri}" if tracking_uri.startswith("sqlite") else tracking_uri
     )
@@ -173,3 +337,61 @@ def write_report(
         f"MLflow: experiment {spec.tracking.experiment!r}, parent run {parent_run_id} at {tracking_uri}; open with: {ui}"
     )
     return Report("\n".join(lines), summary, artifacts)
+
+
+def _selection(key: ProbeKey) -> dict[str, str]:
+    return {"scheme": key.scheme, "variant": key.variant, "metric_key": str(key)}
+
+
+def _score_fields(s: Score | None, prefix: str = "") -> dict[str, Any]:
+    """A score as flat JSON fields: `val`, `val_lo`, `val_hi`, `test`, `test_lo`, `test_hi`, `key`."""
+    if s is None:
+        return {}
+    out: dict[str, Any] = {"val": s.val, "test": s.test}
+    for name, ci in (("val", s.val_ci), ("test", s.test_ci)):
+        if ci is not None:
+            out.update({f"{name}_lo": ci[0], f"{name}_hi": ci[1]})
+    if s.key is not None:
+        out["key"] = str(s.key)
+    return {prefix + k: v for k, v in out.items() if v is not None}
+
+
+def _refined_fields(r: Refined, stats_only: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"seeds_counted": r.n}
+    for name, stats in (("val", r.val), ("test", r.test)):
+        if stats is not None:
+            out[f"{name}_mean"] = stats[0]
+            if stats[1] is not None:
+                out[f"{name}_std"] = stats[1]
+    if r.key is not None:
+        out["key"] = str(r.key)
+    if not stats_only:
+        out.update({"trial": r.trial.trial_id, "params": r.trial.params, "seeds": r.seeds})
+        out["runs"] = [{"trial": x.trial_id, "status": x.status} for x in r.runs]
+    return out
+
+
+def _noise_count(best: TrialOutcome, s: Score, trials: Iterable[TrialOutcome], objective: Objective) -> int:
+    """Other trials (not failed) whose validation interval overlaps the best's."""
+    return sum(
+        1
+        for t, o in ranked(trials, objective)
+        if t is not best and o is not None and t.status != "FAILED" and within_noise(s, o)
+    )
+
+
+def _best_lines(t: TrialOutcome, s: Score, trials: list[TrialOutcome], objective: Objective) -> list[str]:
+    test = "" if s.test is None else f"; test {_cell(s.test, s.test_ci)} (shown, never used to choose)"
+    lines = [
+        f"best trial {t.trial_id}: {objective.name} = {_cell(s.val, s.val_ci)}{_describe_key(s.key)}{test}"
+        f" with {t.params}"
+    ]
+    if s.val_ci is not None:
+        n = _noise_count(t, s, trials, objective)
+        images = t.metrics.get(n_images("val"))
+        on = f"this validation set ({int(images)} images)" if images else "this validation set"
+        lines.append(
+            f"{n} other trial(s) within noise of it (~ under vs best): their 95% validation intervals overlap, so they are not "
+            f"distinguishable on {on}"
+        )
+    return lines

@@ -13,12 +13,14 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from bagssl_core.config import ConfigError, TrainConfig
+from bagssl_core.config import ConfigError, TrainConfig, flatten
 from sweeps.ray_env import prepare_ray_environment
-from sweeps.report import write_report
+from sweeps.refine import describe_refine, run_refine
+from sweeps.report import Refined, TrialOutcome, write_report
 from sweeps.resources import trial_resources
 from sweeps.space import describe_space, variant_overrides
 from sweeps.spec import (
@@ -31,6 +33,10 @@ from sweeps.spec import (
     spec_to_dict,
     trial_count,
 )
+
+if TYPE_CHECKING:  # imported where they run (see _main): torch, Ray and MLflow take seconds to import
+    from sweeps.tracking import MlflowTracker
+    from sweeps.trainable import TrialPlan
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -75,7 +81,7 @@ def experiment_dir(spec: SweepSpec, local: bool = False) -> str:
 
 def check_probe_every_epoch(spec: SweepSpec, epochs_every: int, source: str) -> None:
     """A probe objective must be measured every epoch, or the searcher and scheduler cannot compare trials."""
-    if spec.metric.startswith(("knn_", "linear_")) and epochs_every != 1:
+    if spec.objective().query is not None and epochs_every != 1:
         raise SpecError(
             f"{source}: base.eval.every: the metric {spec.metric!r} must be reported every epoch for the "
             f"searcher and scheduler to compare trials; expected base.eval.every: 1 (got {epochs_every})"
@@ -108,6 +114,8 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
             f"# evaluation-only axes: {evals} evaluation settings per trained model; searching them as training "
             f"axes would train {evals * trial_count(spec)} models instead of {trial_count(spec)}"
         )
+    for line in describe_refine(spec, base_cfg):
+        print(line)
     print(f"# storage: {experiment_dir(spec)}")
 
 
@@ -139,19 +147,8 @@ def _main(args: argparse.Namespace) -> int:
     # Imported only now, in this one place: ray, torch and mlflow take seconds to import, and --help, a bad
     # spec and --dry-run must answer at once. Ray must be imported after prepare_ray_environment (main).
     from bagssl_core.data import DataError, load_split
-    from sweeps.cluster import ray_cluster
-    from sweeps.local import run_local
-    from sweeps.tracking import (
-        MlflowTracker,
-        MlflowTuneCallback,
-        TrackingError,
-        TrialLogger,
-        check_reachable,
-        resolve_uri,
-        sweep_params,
-    )
+    from sweeps.tracking import TrackingError, check_reachable, resolve_uri
     from sweeps.trainable import TrialPlan
-    from sweeps.tuner import run_with_ray
 
     exp_dir = experiment_dir(spec, local=args.local)
     local_exp = "://" not in exp_dir
@@ -185,6 +182,32 @@ def _main(args: argparse.Namespace) -> int:
         metric=spec.metric,
         mode=spec.mode,
     )
+    tracker, parent, trials, refined = _run(args, spec, plan, exp_dir, uri)
+    if trials is None or (spec.refine is not None and refined is None):
+        tracker.client.set_terminated(parent, status="KILLED")
+        print(f"interrupted; continue with: python -m sweeps.run {args.spec} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent, refined)
+    tracker.finish_parent("FINISHED", flatten(report.summary), report.artifacts)
+    print(report.text)
+    runs = trials + [r for c in refined or [] for r in c.runs]
+    failed = [t for t in runs if t.status == "FAILED"]
+    return EXIT_TRIALS_FAILED if failed or not trials else EXIT_OK
+
+
+def _run(
+    args: argparse.Namespace, spec: SweepSpec, plan: TrialPlan, exp_dir: str, uri: str
+) -> tuple[MlflowTracker, str, list[TrialOutcome] | None, list[Refined] | None]:
+    """The search, then the refine step if the spec has one, each run on Ray (or `--local`) and logged to
+    MLflow: the tracker, the parent run, the search's trials and the refined configs; trials (or, with a
+    refine step, refined) None when the sweep was interrupted."""
+    from ray import tune
+
+    from sweeps.cluster import ray_cluster
+    from sweeps.local import run_local
+    from sweeps.tracking import MlflowTracker, MlflowTuneCallback, TrialLogger, refine_tags, sweep_params
+    from sweeps.tuner import run_with_ray
+
     with contextlib.ExitStack() as stack:
         # Ray first: a trial that can never be placed is an error before anything is written to MLflow.
         placement = None if args.local else stack.enter_context(ray_cluster(spec, args.address))
@@ -193,27 +216,33 @@ def _main(args: argparse.Namespace) -> int:
         parent = tracker.start_parent(
             spec.name, sweep_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume
         )
-        epochs = base_cfg.schedule.epochs
-        try:
+        epochs = plan.config({}).schedule.epochs
+
+        def experiment(
+            xspec: SweepSpec, xplan: TrialPlan, xdir: str, resume: bool, tags: dict[str, str], prefix: str
+        ) -> list[TrialOutcome] | None:
+            """One Tune experiment (the search, or one config's refine runs) at xdir, or its --local loop."""
             if placement is None:
-                trials = run_local(spec, plan, TrialLogger(tracker, epochs, plan.describe))
-            else:
-                callback = MlflowTuneCallback(
-                    uri, spec.tracking.experiment, exp_dir, parent, epochs, plan.describe
-                )
-                trials = run_with_ray(spec, plan, exp_dir, placement, callback, args.resume)
+                return run_local(xspec, xplan, TrialLogger(tracker, epochs, xplan.describe, tags), prefix)
+            callback = MlflowTuneCallback(
+                uri, spec.tracking.experiment, exp_dir, parent, epochs, xplan.describe, tags
+            )
+            return run_with_ray(xspec, xplan, xdir, placement, callback, resume)
+
+        def refine(rspec: SweepSpec, rplan: TrialPlan, t: TrialOutcome) -> list[TrialOutcome] | None:
+            rdir = f"{exp_dir}/refine/{t.trial_id}"  # inside the sweep's own directory
+            resume = args.resume and not args.local and tune.Tuner.can_restore(rdir)
+            return experiment(rspec, rplan, rdir, resume, refine_tags(t.trial_id), f"refine_{t.trial_id}")
+
+        refined = None
+        try:
+            trials = experiment(spec, plan, exp_dir, args.resume, {}, "local")
+            if trials is not None and spec.refine is not None:
+                refined = run_refine(spec, plan, trials, refine)
         except BaseException:
             tracker.client.set_terminated(parent, status="KILLED")
             raise
-    if trials is None:
-        tracker.client.set_terminated(parent, status="KILLED")
-        print(f"interrupted; continue with: python -m sweeps.run {args.spec} --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent)
-    tracker.finish_parent("FINISHED", report.summary, report.artifacts)
-    print(report.text)
-    failed = [t for t in trials if t.status == "FAILED"]
-    return EXIT_TRIALS_FAILED if failed or not trials else EXIT_OK
+    return tracker, parent, trials, refined
 
 
 if __name__ == "__main__":

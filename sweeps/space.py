@@ -4,8 +4,8 @@ The rule (README, "Evaluation-only axes"): a discrete (`choice`/`grid`) axis und
 Tune. Each trial trains once and probes every value of every such axis on the same checkpoints:
 `eval.aggregation` values are unioned into one list (one pass of patch embeddings serves every scheme),
 and the other eval axes form named variants whose metrics carry a suffix, e.g.
-`knn_top1/mean_emb:grid_stride-4`. The objective the spec names is then the best value over those
-variants (and over schemes when the metric names no scheme), reported under the spec's own name.
+`val/knn_top1/mean_emb:grid_stride-4`. The objective the spec names is then the best value over those
+variants (and over schemes when the metric names no scheme): `sweeps.spec.Objective`.
 """
 
 from __future__ import annotations
@@ -96,37 +96,6 @@ def apply_variants(cfg: TrainConfig, overrides: Mapping[str, Mapping[str, Any]])
 def eval_variants(spec: SweepSpec, base: TrainConfig) -> dict[str, EvalConfig]:
     """name -> EvalConfig for every variant of the spec over the config `base`."""
     return apply_variants(base, variant_overrides(spec))
-
-
-def objective(metrics: Mapping[str, float], metric: str, mode: str) -> tuple[float, str] | None:
-    """The spec's objective from one report: the metric itself, or the best of its variants.
-
-    `linear_top1/mean_emb` matches itself and `linear_top1/mean_emb:...`; a bare `linear_top1` matches every
-    scheme and variant. Returns (value, the most specific key that gave it: one naming the scheme and the
-    variant, so the best config can carry them), or None when the report has no such metric.
-    """
-    has_scheme = "/" in metric
-    candidates = {}
-    for k, v in metrics.items():
-        name = k.split(":", 1)[0]
-        if name == metric or (not has_scheme and name.split("/", 1)[0] == metric):
-            candidates[k] = float(v)
-    if not candidates:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    key = max(candidates, key=lambda k: (sign * candidates[k], k.count("/") + k.count(":")))
-    return candidates[key], key
-
-
-def scheme_of(key: str) -> str | None:
-    """The aggregation scheme in a probe metric key (`knn_top1/centre:grid_stride-4` -> `centre`)."""
-    name = key.split(":", 1)[0]
-    return name.split("/", 1)[1] if "/" in name and name.startswith(("knn_", "linear_")) else None
-
-
-def variant_of(key: str) -> str:
-    """The variant name in a metric key (`knn_top1/mean_emb:grid_stride-4` -> `grid_stride-4`)."""
-    return key.partition(":")[2]
 
 
 def describe_space(spec: SweepSpec, base: TrainConfig) -> list[str]:

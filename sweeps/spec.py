@@ -7,8 +7,8 @@ module does not import Ray, torch or MLflow, so a bad spec fails in well under a
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,16 +27,9 @@ from bagssl_core.config import (
     validate_config,
     yaml_location,
 )
+from bagssl_core.metrics import ProbeKey, ProbeQuery, expected_metrics
 
 DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
-PROBE_METRIC = re.compile(r"^(knn|linear)_top(1|5)(/[a-z_]+)?$")
-# What the trainer reports every epoch besides the probes (see bagssl_core.train).
-TRAIN_METRICS = frozenset({"train/loss", "lr", "patches_per_s", "epoch_seconds"})
-LOSS_PARTS = {
-    "bag_vicreg": ("invariance", "variance", "covariance"),
-    "vicreg": ("invariance", "variance", "covariance"),
-    "tcr": ("coding_rate", "similarity"),
-}
 
 
 class SpecError(ValueError):
@@ -137,13 +130,86 @@ def _config_path(key: str) -> str:
     return key
 
 
+class RefineSpec(_Strict):
+    """Re-train the best configs of the search with new seeds (sweeps.refine)."""
+
+    top_k: int = Field(3, ge=1, description="how many of the search's best configs (by the val objective)")
+    seeds: int = Field(3, ge=2, description="new seeds per config: at least 2 to measure a spread")
+
+
+def _selectable_metric(name: str) -> str:
+    """The spec's metric: a validation probe statistic or an epoch metric; never a test-split number, an
+    interval bound or one evaluation variant (the objective is the best over the variants)."""
+    query = ProbeQuery.parse(name)
+    key = ProbeKey.parse(name)
+    # A key with a bound or a variant is no query; point at the statistic it belongs to.
+    stat = ProbeQuery(key.split, key.probe, key.stat, key.scheme) if query is None and key else query
+    if stat is None:
+        return name  # an epoch metric, or nothing the trainer reports (load_spec says which)
+    val = replace(stat, split="val")
+    if stat.split != "val":
+        raise ValueError(
+            f"{name!r} is scored on the {stat.split} split, which must never choose a config (the searcher, "
+            f"scheduler and best-config pick read validation only); expected {val}"
+        )
+    if query is None and key is not None:
+        what = "an interval bound" if key.bound else f"one evaluation variant ({key.variant})"
+        raise ValueError(
+            f"{name!r} names {what}; expected {val}, the statistic itself (the best over the evaluation "
+            "variants, whose scheme and variant the best config then carries)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a sweep optimises, read from one trial report.
+
+    `name` is the spec's metric, the key Tune, its searcher and its scheduler read. For a probe statistic
+    (`query`, always on the validation split) the value is the best over the matching schemes and
+    evaluation variants, which `sweeps.trainable.with_objective` adds to each report under `name`;
+    otherwise (`query` None) it is an epoch metric such as `train/loss`, read as it is.
+    """
+
+    name: str
+    mode: Literal["max", "min"]
+    query: ProbeQuery | None
+
+    def __post_init__(self) -> None:
+        if self.query is not None and self.query.split != "val":
+            raise ValueError(f"objective {self.name!r}: only validation metrics may choose a config")
+
+    @classmethod
+    def of(cls, metric: str, mode: Literal["max", "min"]) -> Objective:
+        return cls(metric, mode, ProbeQuery.parse(metric))
+
+    def keys(self, metrics: Mapping[str, float]) -> list[ProbeKey]:
+        """The reported probe keys the objective is taken from (none for an epoch metric).
+
+        The copy stored under `name` is left out whenever the keys it was taken from are present, so a
+        key always names the scheme and variant that gave its value; it counts only when it is the one
+        match (a query naming a scheme, evaluated without variants, is itself a reported key).
+        """
+        if self.query is None:
+            return []
+        found = [k for k in map(ProbeKey.parse, metrics) if k is not None and self.query.matches(k)]
+        own = ProbeKey.parse(self.name)
+        return [k for k in found if k != own] or found
+
+    def best(self, metrics: Mapping[str, float]) -> tuple[ProbeKey | None, float] | None:
+        """The objective in one report: the key that gave it (None for an epoch metric) and its value."""
+        if self.query is None:
+            return (None, float(metrics[self.name])) if self.name in metrics else None
+        return self.query.best({str(k): metrics[str(k)] for k in self.keys(metrics)}, self.mode)
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[Annotated[str, AfterValidator(_config_path)], Distribution] = Field(min_length=1)
     search: SearchSpec = Field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    metric: str
+    metric: Annotated[str, AfterValidator(_selectable_metric)]
     mode: Literal["max", "min"] = "max"
     num_samples: int = Field(1, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
@@ -151,6 +217,7 @@ class SweepSpec(_Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage_path: str = "./sweeps_storage"
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    refine: RefineSpec | None = None
 
     # --- derived --------------------------------------------------------------------------------
     def eval_axes(self) -> dict[str, Distribution]:
@@ -161,6 +228,9 @@ class SweepSpec(_Strict):
         """Axes searched by Tune: every trial trains its own model."""
         ev = self.eval_axes()
         return {k: d for k, d in self.space.items() if k not in ev}
+
+    def objective(self) -> Objective:
+        return Objective.of(self.metric, self.mode)
 
 
 def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
@@ -204,31 +274,6 @@ def coerce_value(path: str, value: Any) -> Any:
     return value
 
 
-def known_metrics(spec: SweepSpec, base_cfg: TrainConfig) -> set[str]:
-    """Every metric a trial of this sweep reports (probe metrics for every scheme it will evaluate)."""
-    schemes = _names_in_trials(spec, "eval.aggregation", base_cfg.eval.aggregation)
-    probes = _names_in_trials(spec, "eval.probes", base_cfg.eval.probes)
-    out = set(TRAIN_METRICS)
-    losses = {base_cfg.loss.name}
-    if "loss.name" in spec.space:
-        losses.update(spec.space["loss.name"].probe_values())
-    for name in losses:
-        out.update(f"train/{p}" for p in LOSS_PARTS.get(name, ()))
-    for probe in probes:
-        for k in (1, 5):
-            out.add(f"{probe}_top{k}")
-            out.update(f"{probe}_top{k}/{s}" for s in schemes)
-    return out
-
-
-def _names_in_trials(spec: SweepSpec, key: str, base_names: Iterable[str]) -> set[str]:
-    """The names a list field holds across trials: the swept values replace the base list, never add to it
-    (see sweeps.space.eval_variants)."""
-    if key not in spec.space:
-        return set(base_names)
-    return {name for v in spec.space[key].probe_values() for name in coerce_value(key, v)}
-
-
 def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpec, TrainConfig]:
     """Read, override and validate a spec; also validate every value of its space against TrainConfig.
 
@@ -255,7 +300,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     except ConfigError as err:
         raise SpecError(f"{at('base')}: base: {_indent(err)}") from None
     _check_space_values(spec, base_tree, at)
-    _check_metric(spec, base_cfg, at)
+    _check_metric(spec, base_tree, base_cfg, at)
     _check_grid_axes(spec, at)
     return spec, base_cfg
 
@@ -272,14 +317,38 @@ def _check_space_values(spec: SweepSpec, base_tree: dict[str, Any], at: Callable
                 ) from None
 
 
-def _check_metric(spec: SweepSpec, base_cfg: TrainConfig, at: Callable[[str], str]) -> None:
-    metrics = known_metrics(spec, base_cfg)
-    if spec.metric not in metrics:
-        probes = sorted(m for m in metrics if PROBE_METRIC.match(m))
-        raise SpecError(
-            f"{at('metric')}: metric: {spec.metric!r} is never reported by the trainer; expected one of "
-            f"{', '.join(probes[:12])}{' ...' if len(probes) > 12 else ''} or {', '.join(sorted(TRAIN_METRICS))}"
-        )
+def reported_metrics(spec: SweepSpec, base_tree: Mapping[str, Any], base_cfg: TrainConfig) -> set[str]:
+    """Every metric name some trial of this sweep reports after each epoch (`expected_metrics` of the base
+    config and of each value of each training axis, with the sweep's evaluation variants)."""
+    from sweeps.space import eval_variants  # sweeps.space builds on this module
+
+    variants = eval_variants(spec, base_cfg)
+    configs = [base_cfg] + [
+        validate_config(merge_overrides(base_tree, {k: coerce_value(k, v)}))
+        for k, d in spec.train_axes().items()
+        for v in d.probe_values()
+    ]
+    return {name for cfg in configs for name in expected_metrics(cfg, variants).per_epoch}
+
+
+def _check_metric(
+    spec: SweepSpec, base_tree: Mapping[str, Any], base_cfg: TrainConfig, at: Callable[[str], str]
+) -> None:
+    reported = reported_metrics(spec, base_tree, base_cfg)
+    objective = spec.objective()
+    query = objective.query
+    if query is None and spec.metric in reported:
+        return
+    keys = [k for k in map(ProbeKey.parse, reported) if k is not None and k.split == "val" and not k.bound]
+    if query is not None and any(query.matches(k) for k in keys):
+        return
+    queries = {ProbeQuery(k.split, k.probe, k.stat, s) for k in keys for s in (None, k.scheme)}
+    listed = sorted(queries, key=lambda q: (q.scheme is not None, str(q)))  # best-over-schemes first
+    others = sorted(n for n in reported if ProbeKey.parse(n) is None)
+    raise SpecError(
+        f"{at('metric')}: metric: {spec.metric!r} is never reported by the trainer; expected one of "
+        f"{', '.join(map(str, listed))} or an epoch metric: {', '.join(others)}"
+    )
 
 
 def _check_grid_axes(spec: SweepSpec, at: Callable[[str], str]) -> None:

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 TAG_SWEEP = "bagssl.sweep"  # sweep storage key, on the parent and every child
 TAG_TRIAL = "bagssl.trial_id"
-TAG_ROLE = "bagssl.role"  # "sweep" | "trial"
+TAG_ROLE = "bagssl.role"  # "sweep" | "trial" | "refine"
 TAG_FAILURE = "bagssl.failure"  # on a FAILED trial: why, in one line ("diverged at step 12: ...")
+TAG_REFINES = "bagssl.refines"  # on a refine run: the id of the search trial whose config it re-trains
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -151,8 +152,16 @@ class MlflowTracker:
             self._children[child.data.tags.get(TAG_TRIAL, "")] = child.info.run_id
 
     # --- children -----------------------------------------------------------------------------
-    def child(self, trial_id: str, name: str, params: Mapping[str, Any], artifacts: Mapping[str, str]) -> str:
-        """The trial's child run, created once; later calls (retries, resumes) return the same run."""
+    def child(
+        self,
+        trial_id: str,
+        name: str,
+        params: Mapping[str, Any],
+        artifacts: Mapping[str, str],
+        tags: Mapping[str, str] = {},
+    ) -> str:
+        """The trial's child run, created once; later calls (retries, resumes) return the same run.
+        `tags` add to (or replace) the defaults, e.g. `refine_tags`."""
         if trial_id in self._children:
             return self._children[trial_id]
         assert self.parent_id is not None
@@ -164,6 +173,7 @@ class MlflowTracker:
                 TAG_ROLE: "trial",
                 TAG_TRIAL: trial_id,
                 TAG_SWEEP: self.sweep_key,
+                **tags,
             },
         )
         run_id = run.info.run_id
@@ -252,15 +262,25 @@ def trainer_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
+def refine_tags(trial_id: str) -> dict[str, str]:
+    """The tags of a run that re-trains search trial `trial_id`'s config with a new seed (sweeps.refine)."""
+    return {TAG_ROLE: "refine", TAG_REFINES: trial_id}
+
+
 class TrialLogger:
     """Feeds an MlflowTracker from trial events; shared by the Tune callback and `--local` mode."""
 
     def __init__(
-        self, tracker: MlflowTracker, epochs: int, describe: Callable[[Mapping[str, Any]], tuple[dict, dict]]
+        self,
+        tracker: MlflowTracker,
+        epochs: int,
+        describe: Callable[[Mapping[str, Any]], tuple[dict, dict]],
+        child_tags: Mapping[str, str] = {},
     ):
         self.tracker = tracker
         self.epochs = epochs
         self.describe = describe  # params -> (flat params, {artifact name: text})
+        self.child_tags = dict(child_tags)  # on every child run it creates, besides the defaults
         self.last_epoch: dict[str, int] = {}
         self.last_result: dict[str, dict[str, float]] = {}
         self.params: dict[str, dict[str, Any]] = {}
@@ -270,7 +290,7 @@ class TrialLogger:
         self.params[trial_id] = dict(params)
         flat, artifacts = self.describe(params)
         existed = self.tracker.has_child(trial_id)
-        run_id = self.tracker.child(trial_id, name, flat, artifacts)
+        run_id = self.tracker.child(trial_id, name, flat, artifacts, self.child_tags)
         if existed and trial_id not in self.last_epoch:
             history = self.tracker.client.get_metric_history(run_id, "epoch")
             self.last_epoch[trial_id] = max((int(m.value) for m in history), default=0)
@@ -322,10 +342,12 @@ class MlflowTuneCallback(Callback):
         parent_id: str,
         epochs: int,
         describe: Callable[[Mapping[str, Any]], tuple[dict, dict]],
+        child_tags: Mapping[str, str] = {},
     ):
         self.settings = (uri, experiment, sweep_key, parent_id)
         self.epochs = epochs
         self.describe = describe
+        self.child_tags = dict(child_tags)
         self.logger: TrialLogger | None = None
 
     def setup(
@@ -338,7 +360,7 @@ class MlflowTuneCallback(Callback):
         uri, experiment, sweep_key, parent_id = self.settings
         tracker = MlflowTracker(uri, experiment, sweep_key)
         tracker.attach_parent(parent_id)
-        self.logger = TrialLogger(tracker, self.epochs, self.describe)
+        self.logger = TrialLogger(tracker, self.epochs, self.describe, self.child_tags)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "logger": None}

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray.train
 from ray import tune
@@ -28,8 +28,8 @@ from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten,
 from bagssl_core.metrics import DIVERGED_AT_STEP
 from bagssl_core.train import RunResult, train
 from sweeps.resources import worker_resources
-from sweeps.space import apply_variants, objective, trial_overrides
-from sweeps.spec import ResourcesSpec
+from sweeps.space import apply_variants, trial_overrides
+from sweeps.spec import Objective, ResourcesSpec
 
 # metrics, checkpoint directory (rank 0, when one was written this epoch)
 TrialReporter = Callable[[dict[str, float], "Path | None"], None]
@@ -42,7 +42,10 @@ class TrialPlan:
     base: dict[str, Any]
     eval_variants: dict[str, dict[str, Any]]  # name -> dotted eval overrides (`space.variant_overrides`)
     metric: str
-    mode: str
+    mode: Literal["max", "min"]
+
+    def objective(self) -> Objective:
+        return Objective.of(self.metric, self.mode)
 
     def config(self, params: Mapping[str, Any]) -> TrainConfig:
         return TrainConfig.model_validate(merge_overrides(self.base, trial_overrides(params)))
@@ -61,11 +64,13 @@ class TrialPlan:
         return apply_variants(cfg, self.eval_variants)
 
 
-def with_objective(metrics: dict[str, float], metric: str, mode: str) -> dict[str, float]:
-    """Add the spec's objective under its own name when it is the best of several variants/schemes."""
-    found = objective(metrics, metric, mode)
-    if found is not None and metric not in metrics:
-        metrics = {**metrics, metric: found[0]}
+def with_objective(metrics: dict[str, float], objective: Objective) -> dict[str, float]:
+    """Add the objective under the spec's own name, the key Tune's searcher and scheduler read, when it
+    is the best of several schemes or variants. It is read from validation keys only (an `Objective`
+    never names another split), so a test number that would rank differently never reaches them."""
+    found = objective.best(metrics)
+    if found is not None and objective.name not in metrics:
+        metrics = {**metrics, objective.name: found[1]}
     return metrics
 
 
@@ -84,9 +89,10 @@ def run_trial(
     result; and no exception means Ray Train does not retry a run whose exact resume would diverge again.
     """
     cfg = plan.config(params)
+    objective = plan.objective()
 
     def reporter(metrics: dict[str, float], ckpt: Path | None) -> None:
-        report(with_objective(metrics, plan.metric, plan.mode), ckpt)
+        report(with_objective(metrics, objective), ckpt)
 
     result = train(cfg, out_dir, reporter=reporter, resume_from=resume_from, eval_variants=plan.variants(cfg))
     if result.status == "diverged":

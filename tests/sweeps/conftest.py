@@ -61,7 +61,7 @@ def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
         "space": {"patch.size": {"choice": [10, 14]}, "loss.inv_weight": {"loguniform": [5.0, 50.0]}},
         "search": {"algo": "optuna", "seed": 0, "n_startup_trials": 2},
         "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
-        "metric": "knn_top1/mean_emb",
+        "metric": "val/knn_top1/mean_emb",
         "mode": "max",
         "num_samples": 4,
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},

@@ -19,12 +19,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _runs(tmp_path: Path, experiment: str) -> tuple[list, list]:
+def _runs(tmp_path: Path, experiment: str, role: str = "trial") -> tuple[list, list]:
+    """The sweep's parent runs and its children of one role (trial, or refine)."""
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("bagssl.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("bagssl.role") == "trial"]
+    children = [r for r in runs if r.data.tags.get("bagssl.role") == role]
     return parents, children
 
 
@@ -35,10 +36,12 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
 def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(
     tmp_path: Path, ray_address: str
 ) -> None:
-    spec = tiny_spec(tmp_path, "e2e")
-    proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=900)
+    # With a refine step: the best config is trained again with 2 new seeds by the same Tune machinery.
+    spec = tiny_spec(tmp_path, "e2e", refine={"top_k": 1, "seeds": 2})
+    proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout and "best_config.yaml" in proc.stdout
+    assert "refine: the top 1 config(s), each re-trained with 2 new seeds" in proc.stdout
 
     parents, children = _runs(tmp_path, "e2e")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -52,19 +55,29 @@ def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(
     for c in children:
         m = c.data.metrics
         for key in (
-            "knn_top1/mean_emb",
-            "knn_top1/centre",
-            "linear_top1/mean_emb",
+            "val/knn_top1/mean_emb",
+            "val/knn_top1_lo/mean_emb",
+            "val/knn_top1/centre",
+            "val/linear_top1/mean_emb",
             "train/loss",
             "lr",
             "patches_per_s",
         ):
             assert key in m, key
-        epochs = [int(p.step) for p in client.get_metric_history(c.info.run_id, "knn_top1/mean_emb")]
+        epochs = [int(p.step) for p in client.get_metric_history(c.info.run_id, "val/knn_top1/mean_emb")]
         assert epochs == ([1, 2] if c.info.status == "FINISHED" else [1])
+        # The test split is scored once, at the end of a finished run; a pruned run has none.
+        assert ("test/knn_top1/mean_emb" in m) == (c.info.status == "FINISHED")
         assert c.data.params["patch.size"] in {"10", "14"}
         artifacts = {a.path for a in client.list_artifacts(c.info.run_id)}
         assert "config.yaml" in artifacts
+    refines = _runs(tmp_path, "e2e", role="refine")[1]
+    assert len(refines) == 2 and all(r.info.status == "FINISHED" for r in refines)
+    refined = {r.data.tags["bagssl.refines"] for r in refines}
+    assert len(refined) == 1 and refined <= {c.data.tags["bagssl.trial_id"] for c in children}
+    assert sorted(r.data.params["run.seed"] for r in refines) == ["1000", "2000"]
+    assert all("test/knn_top1/mean_emb" in r.data.metrics for r in refines)
+    assert (tmp_path / "storage" / "e2e" / "refine" / refined.pop()).is_dir()
     best = tmp_path / "storage" / "e2e" / "best_config.yaml"
     from bagssl_core.config import load_config
 
@@ -155,7 +168,7 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
     parents, children = _runs(tmp_path, "local")
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
-    assert "knn_top1/mean_emb" in children[0].data.metrics
+    assert "val/knn_top1/mean_emb" in children[0].data.metrics
     assert (tmp_path / "storage" / "local_local" / "best_config.yaml").is_file()
 
 

@@ -12,17 +12,17 @@ from ray import tune
 from ray.tune.search import sample
 
 from bagssl_core.config import TrainConfig
+from bagssl_core.metrics import ProbeKey
 from sweeps.run import main
 from sweeps.space import (
     eval_variants,
-    objective,
     param_space,
     trial_overrides,
     tune_domain,
     variant_overrides,
     variant_values,
 )
-from sweeps.spec import Distribution, SweepSpec, coerce_value, load_spec, trial_count
+from sweeps.spec import Distribution, Objective, SweepSpec, coerce_value, load_spec, trial_count
 from sweeps.trainable import TrialPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ MLFLOW_SAFE = re.compile(r"^[A-Za-z0-9_\-. :/]+$")
 
 
 def make_spec(space: dict[str, Any], **fields: Any) -> SweepSpec:
-    return SweepSpec.model_validate({"name": "t", "metric": "knn_top1", "space": space, **fields})
+    return SweepSpec.model_validate({"name": "t", "metric": "val/knn_top1", "space": space, **fields})
 
 
 def draws(domain: Any, n: int = 400) -> np.ndarray:
@@ -171,7 +171,7 @@ def test_variant_names_are_mlflow_safe_and_distinct() -> None:
     assert len(variants) == 2 * 3 * 2
     for name in variants:
         assert MLFLOW_SAFE.match(name), name
-        assert MLFLOW_SAFE.match(f"knn_top1/mean_emb:{name}")
+        assert MLFLOW_SAFE.match(str(ProbeKey("val", "knn", "top1", "mean_emb", name)))
     # A scalar for a list field is a one-element list.
     assert {tuple(ev.multiscale_sizes) for ev in variants.values()} == {(0.25, 0.5), (0.5, 1.0), (0.75,)}
 
@@ -218,39 +218,65 @@ def test_coerce_value_wraps_scalars_for_list_fields() -> None:
 REPORT = {
     "epoch": 3.0,
     "train/loss": 1.5,
-    "knn_top1/mean_emb:grid_stride-4": 40.0,
-    "knn_top1/mean_emb:grid_stride-7": 55.0,
-    "knn_top1/centre:grid_stride-4": 90.0,
-    "knn_top5/mean_emb:grid_stride-4": 99.0,
-    "linear_top1/mean_emb:grid_stride-4": 70.0,
+    "val/knn_top1/mean_emb:grid_stride-4": 40.0,
+    "val/knn_top1_hi/mean_emb:grid_stride-4": 95.0,  # a bound is never the objective
+    "val/knn_top1/mean_emb:grid_stride-7": 55.0,
+    "val/knn_top1/centre:grid_stride-4": 90.0,
+    "val/knn_top5/mean_emb:grid_stride-4": 99.0,
+    "val/linear_top1/mean_emb:grid_stride-4": 70.0,
+    # The test split, scored at a run's end, would rank differently: it must never be read.
+    "test/knn_top1/mean_emb:grid_stride-4": 100.0,
+    "test/knn_top1/whole:grid_stride-4": 100.0,
 }
 
 
+def key(scheme: str, variant: str = "", stat: str = "top1") -> ProbeKey:
+    return ProbeKey("val", "knn", stat, scheme, variant)  # type: ignore[arg-type]
+
+
 def test_objective_exact_metric() -> None:
-    plain = {"knn_top1/mean_emb": 50.0, "knn_top1/centre": 60.0, "epoch": 2.0}
-    assert objective(plain, "knn_top1/mean_emb", "max") == (50.0, "knn_top1/mean_emb")
-    assert objective(plain, "epoch", "max") == (2.0, "epoch")
+    plain = {"val/knn_top1/mean_emb": 50.0, "val/knn_top1/centre": 60.0, "epoch": 2.0}
+    assert Objective.of("val/knn_top1/mean_emb", "max").best(plain) == (key("mean_emb"), 50.0)
+    assert Objective.of("epoch", "max").best(plain) == (None, 2.0)  # an epoch metric: no key
 
 
 def test_objective_best_over_variants() -> None:
-    assert objective(REPORT, "knn_top1/mean_emb", "max") == (55.0, "knn_top1/mean_emb:grid_stride-7")
-    assert objective(REPORT, "knn_top1/mean_emb", "min") == (40.0, "knn_top1/mean_emb:grid_stride-4")
+    best = Objective.of("val/knn_top1/mean_emb", "max").best(REPORT)
+    assert best == (key("mean_emb", "grid_stride-7"), 55.0)
+    assert Objective.of("val/knn_top1/mean_emb", "min").best(REPORT) == (
+        key("mean_emb", "grid_stride-4"),
+        40.0,
+    )
 
 
 def test_objective_bare_probe_is_best_over_schemes() -> None:
-    # knn_top5 (99) is another probe, not a scheme of knn_top1.
-    assert objective(REPORT, "knn_top1", "max") == (90.0, "knn_top1/centre:grid_stride-4")
-    assert objective(REPORT, "knn_top1", "min") == (40.0, "knn_top1/mean_emb:grid_stride-4")
-    assert objective({"knn_top1/mean_emb": 50.0, "knn_top1/centre": 60.0}, "knn_top1", "max") == (
-        60.0,
-        "knn_top1/centre",
+    # val/knn_top5 (99) is another statistic, not a scheme of val/knn_top1; test/... (100) is never read.
+    assert Objective.of("val/knn_top1", "max").best(REPORT) == (key("centre", "grid_stride-4"), 90.0)
+    assert Objective.of("val/knn_top1", "min").best(REPORT) == (key("mean_emb", "grid_stride-4"), 40.0)
+    plain = {"val/knn_top1/mean_emb": 50.0, "val/knn_top1/centre": 60.0}
+    assert Objective.of("val/knn_top1", "max").best(plain) == (key("centre"), 60.0)
+
+
+def test_objective_copy_under_its_own_name_never_hides_the_winning_variant() -> None:
+    """A report carries the objective under the spec's name too (trainable.with_objective); for a query
+    naming a scheme that name reads like the base variant's key, and must not win the tie with the key it
+    was copied from."""
+    objective = Objective.of("val/knn_top1/mean_emb", "max")
+    assert objective.best({**REPORT, "val/knn_top1/mean_emb": 55.0}) == (
+        key("mean_emb", "grid_stride-7"),
+        55.0,
     )
 
 
 def test_objective_absent() -> None:
-    assert objective({"epoch": 1.0, "train/loss": 2.0}, "knn_top1", "max") is None
-    assert objective(REPORT, "linear_top1/centre", "max") is None
-    assert objective(REPORT, "knn_top1/mean", "max") is None  # a prefix of a scheme is not that scheme
+    assert Objective.of("val/knn_top1", "max").best({"epoch": 1.0, "train/loss": 2.0}) is None
+    assert Objective.of("val/linear_top1/centre", "max").best(REPORT) is None
+    assert Objective.of("val/knn_top1/mean", "max").best(REPORT) is None  # a prefix of a scheme is not it
+
+
+def test_objective_never_reads_another_split() -> None:
+    with pytest.raises(ValueError, match="only validation metrics may choose"):
+        Objective.of("test/knn_top1/mean_emb", "max")
 
 
 # --- the plan ----------------------------------------------------------------------------------------------

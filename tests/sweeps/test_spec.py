@@ -30,7 +30,7 @@ base:
   eval: {every: 1}
 space:
   patch.size: {choice: [8, 12]}
-metric: knn_top1/mean_emb
+metric: val/knn_top1/mean_emb
 """
 
 
@@ -109,7 +109,10 @@ BAD_SPECS = {
     "unknown_top_key": (VALID + "bogus: 1\n", [":8: bogus: unknown key"]),
     "unknown_nested_key": (VALID + "resources: {workerz: 2}\n", [":8: resources.workerz: unknown key"]),
     "wrong_type": (VALID + "num_samples: abc\n", [":8: num_samples:", "integer", "'abc'"]),
-    "missing_metric": (VALID.replace("metric: knn_top1/mean_emb\n", ""), ["metric: required key is missing"]),
+    "missing_metric": (
+        VALID.replace("metric: val/knn_top1/mean_emb\n", ""),
+        ["metric: required key is missing"],
+    ),
     "path_not_in_config": (
         VALID.replace("patch.size:", "patch.sise:"),
         [":6: space.patch.sise: not a TrainConfig field"],
@@ -157,17 +160,60 @@ BAD_SPECS = {
         with_axis("loss.inv_weight: {uniform: [10, 5]}"),
         [":7: space.loss.inv_weight", "low < high"],
     ),
+    # The expected names come from the core (bagssl_core.metrics.expected_metrics): every validation
+    # statistic of every scheme probed, the best over schemes, and the epoch metrics.
     "metric_never_reported": (
         VALID.replace("knn_top1/mean_emb", "knn_top1/whole"),
-        [":7: metric: 'knn_top1/whole' is never reported"],
+        [
+            ":7: metric: 'val/knn_top1/whole' is never reported by the trainer; expected one of val/knn_top1, ",
+            "val/linear_top1/mean_emb",
+            "or an epoch metric: ",
+            "train/loss",
+        ],
+    ),
+    # Names from before validation splits existed are not guessed at: the message lists the right ones.
+    "metric_without_split": (
+        VALID.replace("val/knn_top1/mean_emb", "knn_top1/mean_emb"),
+        [":7: metric: 'knn_top1/mean_emb' is never reported", "val/knn_top1/mean_emb"],
+    ),
+    "metric_on_test_split": (
+        VALID.replace("val/knn_top1/mean_emb", "test/knn_top1/mean_emb"),
+        [
+            ":7: metric: 'test/knn_top1/mean_emb' is scored on the test split, which must never choose a "
+            "config (the searcher, scheduler and best-config pick read validation only); expected "
+            "val/knn_top1/mean_emb"
+        ],
+    ),
+    "metric_on_test_split_any_scheme": (
+        VALID.replace("val/knn_top1/mean_emb", "test/linear_top5"),
+        [":7: metric: 'test/linear_top5' is scored on the test split", "expected val/linear_top5"],
+    ),
+    "metric_test_variant": (
+        VALID.replace("val/knn_top1/mean_emb", "test/knn_top1_lo/centre:grid_stride-4"),
+        [":7: metric:", "scored on the test split", "expected val/knn_top1/centre"],
+    ),
+    "metric_interval_bound": (
+        VALID.replace("val/knn_top1/mean_emb", "val/knn_top1_lo/mean_emb"),
+        [":7: metric: 'val/knn_top1_lo/mean_emb' names an interval bound; expected val/knn_top1/mean_emb"],
+    ),
+    "metric_one_variant": (
+        VALID.replace("val/knn_top1/mean_emb", "val/knn_top1/mean_emb:grid_stride-4"),
+        [":7: metric:", "names one evaluation variant (grid_stride-4); expected val/knn_top1/mean_emb"],
     ),
     # A swept eval.aggregation replaces the base list in every trial: the base scheme is not probed.
     "metric_of_replaced_scheme": (
         VALID.replace("every: 1}", "every: 1, aggregation: [whole]}")
         .replace("knn_top1/mean_emb", "knn_top1/whole")
         .replace("metric:", "  eval.aggregation: {choice: [mean_emb, centre]}\nmetric:"),
-        [":8: metric: 'knn_top1/whole' is never reported"],
+        [":8: metric: 'val/knn_top1/whole' is never reported", "val/knn_top1/centre"],
     ),
+    "metric_of_unprobed_probe": (
+        VALID.replace("every: 1}", "every: 1, probes: [knn]}").replace("val/knn_top1", "val/linear_top1"),
+        [":7: metric: 'val/linear_top1/mean_emb' is never reported", "val/knn_top1/mean_emb"],
+    ),
+    "refine_top_k_zero": (VALID + "refine: {top_k: 0, seeds: 3}\n", [":8: refine.top_k:", "(got 0)"]),
+    "refine_one_seed": (VALID + "refine: {top_k: 2, seeds: 1}\n", [":8: refine.seeds:", "2", "(got 1)"]),
+    "refine_unknown_key": (VALID + "refine: {top: 2}\n", [":8: refine.top: unknown key"]),
     "bad_mode": (VALID + "mode: maximize\n", [":8: mode:", "'maximize'"]),
     "loguniform_not_positive": (
         with_axis("loss.inv_weight: {loguniform: [0, 10]}"),
@@ -384,6 +430,11 @@ CLI_CASES = {
         BAD_SPECS["metric_never_reported"][0],
         ["--dry-run"],
         [":7: metric:", "knn_top1/whole"],
+    ),
+    "metric_on_test_split": (
+        BAD_SPECS["metric_on_test_split"][0],
+        ["--dry-run"],
+        [":7: metric: 'test/knn_top1/mean_emb' is scored on the test split"],
     ),
     "bad_set_key": (VALID, ["--dry-run", "--set", "resources.workerz=2"], ["resources.workerz: unknown key"]),
 }

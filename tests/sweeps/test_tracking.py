@@ -11,16 +11,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
+from bagssl_core.config import flatten
 from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCHS_PLANNED
 from sweeps.tracking import (
     PARENT_TAG,
     TAG_FAILURE,
+    TAG_REFINES,
+    TAG_ROLE,
     TAG_TRIAL,
     MlflowTracker,
     MlflowTuneCallback,
     TrackingError,
     TrialLogger,
     check_reachable,
+    refine_tags,
     resolve_uri,
 )
 from sweeps.trainable import TrialPlan
@@ -29,7 +33,7 @@ EPOCHS = 2
 PLAN = TrialPlan(
     base={"data": {"name": "fashion_mnist"}, "schedule": {"epochs": EPOCHS}, "eval": {"every": 1}},
     eval_variants={"": {}},
-    metric="knn_top1/mean_emb",
+    metric="val/knn_top1/mean_emb",
     mode="max",
 )
 
@@ -54,7 +58,7 @@ def epoch_result(epoch: int, knn: float, **extra: float) -> dict:
     return {
         "epoch": epoch,
         "train/loss": 10.0 - epoch,
-        "knn_top1/mean_emb": knn,
+        "val/knn_top1/mean_emb": knn,
         "training_iteration": epoch,
         "time_total_s": 1.5 * epoch,
         "trial_id": "ignored",
@@ -85,7 +89,7 @@ def test_parent_and_child(tracker: MlflowTracker) -> None:
     client = tracker.client
     parent = client.get_run(tracker.parent_id)
     assert parent.info.status == "RUNNING"
-    assert parent.data.params["metric"] == "knn_top1/mean_emb"
+    assert parent.data.params["metric"] == "val/knn_top1/mean_emb"
     assert parent.data.params["space.patch.size.choice"] == "[8, 12]"  # flattened, lists as JSON
     child_id = tracker.child(
         "t1", "trial one", {"patch": {"size": 8}, "eval": {"aggregation": ["mean_emb"]}}, {}
@@ -127,16 +131,23 @@ def test_all_epochs_finish(tracker: MlflowTracker) -> None:
     trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
     trials.start("t1", "trial", {"patch.size": 8})
     trials.result("t1", epoch_result(1, 40.0))
-    trials.result("t1", epoch_result(2, 55.0, **{"knn_top1/mean_emb:grid_stride-4": 51.0}))
+    # The last report of a finished run carries the test split's scores (bagssl_core.metrics.expected_metrics).
+    trials.result(
+        "t1",
+        epoch_result(
+            2, 55.0, **{"val/knn_top1/mean_emb:grid_stride-4": 51.0, "test/knn_top1/mean_emb": 53.0}
+        ),
+    )
     trials.complete("t1")
     assert trials.statuses == {"t1": "FINISHED"}
     run_id = run_of(tracker, "t1")
     client = tracker.client
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert history(client, run_id, "knn_top1/mean_emb") == [(1, 40.0), (2, 55.0)]
+    assert history(client, run_id, "val/knn_top1/mean_emb") == [(1, 40.0), (2, 55.0)]
     assert history(client, run_id, "train/loss") == [(1, 9.0), (2, 8.0)]
     # A variant's metric name is accepted by MLflow as it is.
-    assert history(client, run_id, "knn_top1/mean_emb:grid_stride-4") == [(2, 51.0)]
+    assert history(client, run_id, "val/knn_top1/mean_emb:grid_stride-4") == [(2, 51.0)]
+    assert history(client, run_id, "test/knn_top1/mean_emb") == [(2, 53.0)]  # once, at the last epoch
     # Tune's bookkeeping is not a trainer metric.
     metrics = client.get_run(run_id).data.metrics
     assert "training_iteration" not in metrics and "time_total_s" not in metrics
@@ -207,7 +218,48 @@ def test_re_reported_epoch_is_logged_once(tracker: MlflowTracker) -> None:
     trials.result("t1", epoch_result(1, 40.0))
     trials.result("t1", epoch_result(1, 41.0))  # a retried worker group reports epoch 1 again
     trials.result("t1", epoch_result(2, 50.0))
-    assert history(tracker.client, run_of(tracker, "t1"), "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+    assert history(tracker.client, run_of(tracker, "t1"), "val/knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+
+
+def test_refine_runs_are_children_tagged_with_the_trial_they_refine(uri: str, tracker: MlflowTracker) -> None:
+    search = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    search.start("t1", "trial", {"patch.size": 8})
+    refine = TrialLogger(tracker, EPOCHS, PLAN.describe, refine_tags("t1"))
+    refine.start("refine_t1_00000", "refine", {"run.seed": 1000})
+    client = tracker.client
+    trial, again = (client.get_run(run_of(tracker, t)) for t in ("t1", "refine_t1_00000"))
+    assert trial.data.tags[TAG_ROLE] == "trial" and TAG_REFINES not in trial.data.tags
+    assert (again.data.tags[TAG_ROLE], again.data.tags[TAG_REFINES]) == ("refine", "t1")
+    assert again.data.tags[PARENT_TAG] == tracker.parent_id
+    assert again.data.params["trial.run.seed"] == "1000"
+    # A restored sweep's callback finds both kinds of children again.
+    exp_name = client.get_experiment(tracker.experiment_id).name
+    cb = MlflowTuneCallback(
+        uri, exp_name, tracker.sweep_key, tracker.parent_id, EPOCHS, PLAN.describe, refine_tags("t1")
+    )
+    cb.setup()
+    assert cb.logger.tracker.has_child("t1") and cb.logger.tracker.has_child("refine_t1_00000")
+    assert pickle.loads(pickle.dumps(cb)).child_tags == refine_tags("t1")
+
+
+def test_parent_gets_the_best_val_value_its_interval_and_test_beside_it(tracker: MlflowTracker) -> None:
+    summary = {
+        "trials_finished": 2,
+        "best_trial": "t1",
+        "best_val": 80.0,
+        "best_val_lo": 77.4,
+        "best_val_hi": 82.4,
+        "best_test": 78.0,
+        "best_key": "val/knn_top1/centre:grid_stride-7",
+        "selected": {"trial": "t1", "scheme": "centre", "variant": "grid_stride-7"},
+    }
+    tracker.finish_parent("FINISHED", flatten(summary), {"report.json": "{}"})
+    run = tracker.client.get_run(tracker.parent_id)
+    m = run.data.metrics
+    assert (m["best_val"], m["best_val_lo"], m["best_val_hi"], m["best_test"]) == (80.0, 77.4, 82.4, 78.0)
+    assert run.data.tags["best.selected.scheme"] == "centre"
+    assert run.data.tags["best.selected.variant"] == "grid_stride-7"
+    assert run.info.status == "FINISHED"
 
 
 # --- resume -------------------------------------------------------------------------------------------
@@ -232,7 +284,7 @@ def test_resume_reopens_parent_and_children(uri: str, tracker: MlflowTracker) ->
     resumed.result("t1", epoch_result(2, 50.0))
     resumed.complete("t1")
     assert status_of(again, "t1") == "FINISHED"
-    assert history(again.client, child_id, "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+    assert history(again.client, child_id, "val/knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
     runs = again.client.search_runs([again.experiment_id], "")
     assert len(runs) == 2  # one parent, one child
 
@@ -269,7 +321,7 @@ def test_callback_pickles_and_reattaches(uri: str, tracker: MlflowTracker) -> No
     client = copy.logger.tracker.client
     assert client.get_run(child_id).info.run_name == "trial_fn_abc"
     assert client.get_run(child_id).info.status == "FINISHED"
-    assert history(client, child_id, "knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
+    assert history(client, child_id, "val/knn_top1/mean_emb") == [(1, 40.0), (2, 50.0)]
     assert len(client.search_runs([tracker.experiment_id], f"tags.`{TAG_TRIAL}` = 'abc'")) == 1
 
 
