@@ -49,7 +49,10 @@ def init_ray(address: str | None) -> None:
     # auto-detection, which fails while another Ray runs on this machine, so its address is pinned in
     # every worker's environment (docs/operations.md, "The dashboard").
     port = free_port()
+    # address="local": without it, ray.init joins whatever Ray was started last on this machine (a `ray
+    # start` head, a test cluster) and then refuses num_cpus with a traceback (docs/operations.md).
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         resources={"trial_slot": os.cpu_count() or 1},
         include_dashboard=True,
