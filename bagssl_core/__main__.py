@@ -17,15 +17,22 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bagssl_core.config import (
     PRESETS,
     ConfigError,
+    TrainConfig,
+    flatten,
     load_config,
-    merge_overrides,
     parse_overrides,
+    read_yaml_mapping,
+    show_value,
     validate_config,
 )
+
+if TYPE_CHECKING:
+    from bagssl_core.train import RunResult
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -77,23 +84,94 @@ def _train(args: argparse.Namespace) -> int:
     from bagssl_core.provenance import provenance
     from bagssl_core.train import find_checkpoint, train
 
-    preset = args.preset or ("quick" if args.config is None else "none")
-    cfg = load_config(args.config, args.overrides, preset=None if preset == "none" else preset)
-    out = Path(args.out or cfg.run.out_dir)
     resume = None
+    ended = None
     if args.resume:
-        try:
-            resume = find_checkpoint(out)
-        except FileNotFoundError as err:
-            raise ConfigError(f"--resume: {err}") from None
-    elif (out / "summary.json").exists() or (out / "checkpoints").exists():
-        raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
-    result = train(cfg, out, resume_from=resume, progress=not args.quiet)
+        out, cfg = _resumed_run(args)
+        ended = _ended_run(out)
+        if ended is None:
+            try:
+                resume = find_checkpoint(out)
+            except FileNotFoundError as err:
+                raise ConfigError(f"--resume: {err}") from None
+    else:
+        cfg = _given_config(args)
+        out = Path(args.out or cfg.run.out_dir)
+        if (out / "summary.json").exists() or (out / "checkpoints").exists():
+            raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
+    if ended is not None:
+        print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
+        result = ended
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
+        result = train(cfg, out, resume_from=resume, progress=not args.quiet)
     print(format_probe_table(result.metrics))
     print(f"status: {result.status} after {result.epochs} epochs; run directory: {out}")
     return EXIT_OK if result.status == "finished" else EXIT_FAILED
+
+
+def _given_config(args: argparse.Namespace) -> TrainConfig:
+    """The config the command line describes: --config (else the quick preset) and --preset, overrides."""
+    preset = args.preset or ("quick" if args.config is None else "none")
+    return load_config(args.config, args.overrides, preset=None if preset == "none" else preset)
+
+
+# What a resumed run may take from the command line instead of its config.yaml: where it runs and where
+# its files are, never what it computes.
+RESUME_MAY_CHANGE = frozenset({"run.device", "run.threads", "run.out_dir", "data.root", "data.num_workers"})
+
+
+def _resumed_run(args: argparse.Namespace) -> tuple[Path, TrainConfig]:
+    """The directory of the run to resume (--out, else the given config's run.out_dir) and the config it
+    continues with: its own `config.yaml`.
+
+    A --config or --preset must describe the run's config, and overrides (alone, they apply to the run's
+    config) must keep it, but for the keys of `RESUME_MAY_CHANGE`, whose given values are used.
+
+    Raises:
+        ConfigError: the directory holds no config.yaml, or the given config differs from it elsewhere
+            (each such key listed with both values).
+    """
+    given = _given_config(args) if args.config is not None or args.preset is not None else None
+    # Without --out: the directory `train` with the same arguments would have written.
+    out = Path(args.out or (given or _given_config(args)).run.out_dir)
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path}: no such file; expected the directory of a run to continue")
+    # A stored config is a layer of defaults: any dump of a valid config loads (see validate_config).
+    run_cfg = validate_config({}, str(path), defaults=read_yaml_mapping(path))
+    if given is None:
+        given = validate_config(
+            parse_overrides(args.overrides), "overrides", defaults=run_cfg.model_dump(mode="json")
+        )
+    run, new = flatten(run_cfg.model_dump(mode="json")), flatten(given.model_dump(mode="json"))
+    differ = [
+        k for k in dict.fromkeys([*run, *new]) if k not in RESUME_MAY_CHANGE and run.get(k) != new.get(k)
+    ]
+    if differ:
+        lines = [f"  {k}: run has {_shown(run, k)}, given {_shown(new, k)}" for k in differ]
+        raise ConfigError(
+            f"--resume: the given config differs from the run's ({path}); a resumed run keeps its config, "
+            f"only {', '.join(sorted(RESUME_MAY_CHANGE))} may change:\n" + "\n".join(lines)
+        )
+    return out, given
+
+
+def _shown(flat: dict[str, object], key: str) -> str:
+    return show_value(flat[key]) if key in flat else "(not used)"
+
+
+def _ended_run(out: Path) -> RunResult | None:
+    """The result of the run in `out` if it has ended (its summary.json is written last), else None."""
+    from bagssl_core.train import RunResult
+
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    status, epochs = summary.pop("status"), summary.pop("epochs")
+    return RunResult(status=status, epochs=epochs, metrics=summary, out_dir=out)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -116,11 +194,11 @@ def _eval(args: argparse.Namespace) -> int:
         except (FileNotFoundError, RuntimeError) as err:
             raise ConfigError(str(err)) from None
         source = f"{args.checkpoint} + overrides"
-        cfg = validate_config(merge_overrides(state["config"], parse_overrides(args.overrides)), source)
+        cfg = validate_config(parse_overrides(args.overrides), source, defaults=state["config"])
         epoch = state["epoch"]
     seed_everything(cfg.run.seed)
     device = resolve_device(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.in_channels)
     if state is not None:
         model.load_state_dict(state["model"])
     model = prepare_for_device(model, device, cfg.model)

@@ -8,19 +8,31 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, to_jsonable_python
 
 DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
 BackboneName = Literal["resnet18_cifar", "resnet18", "resnet50"]
-LossName = Literal["bag_vicreg", "tcr", "vicreg"]
 SchemeName = Literal["mean_emb", "mean_proj", "max_emb", "centre", "whole", "multiscale"]
+ProbeName = Literal["knn", "linear"]
 
 # Side length (pixels) of the images each dataset provides, before any `data.image_size` resize.
 NATIVE_IMAGE_SIZE: dict[str, int] = {
@@ -31,8 +43,14 @@ NATIVE_IMAGE_SIZE: dict[str, int] = {
     "imagefolder": 224,
     "synthetic": 32,
 }
+# Datasets whose images have one channel (replicated to 3 unless data.to_rgb is false).
+GRAYSCALE_DATASETS = frozenset({"fashion_mnist"})
+# Datasets torchvision can download into data.root (fashion_mnist only when Debian's copy is missing).
+DOWNLOADABLE_DATASETS = frozenset({"fashion_mnist", "cifar10", "cifar100", "stl10"})
 # Losses that pull every patch of an image toward the bag mean: they need at least two patches.
 BAG_LOSSES = frozenset({"bag_vicreg", "tcr"})
+# Aggregation schemes that reduce the evaluation bag (eval.patches): grid or random patches.
+BAG_SCHEMES = ("mean_emb", "mean_proj", "max_emb")
 _SIZE_EXPECTED = "expected pixels (an int >= 1) or a fraction of the side in (0, 1]"
 
 
@@ -61,7 +79,8 @@ class DataConfig(_Part):
         None, ge=8, description="Resize images to this side; None = the dataset's native size."
     )
     to_rgb: bool = Field(
-        True, description="Replicate grayscale images to 3 channels (the backbone always takes 3)."
+        True,
+        description="Replicate the grayscale channel to 3; false = a backbone that takes 1 channel.",
     )
     batch_size: int = Field(
         256, ge=2, description="GLOBAL images per step, summed over all ranks; split evenly across them."
@@ -80,9 +99,9 @@ class DataConfig(_Part):
     num_workers: int = Field(
         0, ge=0, description="DataLoader worker processes (images are decoded there for imagefolder)."
     )
-    synthetic_train: int = Field(512, ge=2, description="synthetic only: number of training images.")
-    synthetic_test: int = Field(128, ge=1, description="synthetic only: number of test images.")
-    synthetic_classes: int = Field(4, ge=2, description="synthetic only: number of classes.")
+    synthetic_train: int = Field(512, ge=2, description="Number of training images.")
+    synthetic_test: int = Field(128, ge=1, description="Number of test images.")
+    synthetic_classes: int = Field(4, ge=2, description="Number of classes.")
 
     @field_validator("val_size")
     @classmethod
@@ -128,7 +147,7 @@ class PatchConfig(_Part):
         None, ge=8, description="Side the backbone sees: every patch is resized to it. None = the image size."
     )
     view_scale: tuple[float, float] = Field(
-        (0.08, 1.0), description="vicreg loss only: area range of the two multi-scale random-resized crops."
+        (0.08, 1.0), description="Area range of the two random-resized-crop views of two-view VICReg."
     )
     aug: AugConfig = Field(default_factory=AugConfig)
 
@@ -167,21 +186,56 @@ class ModelConfig(_Part):
         return v
 
 
-class LossConfig(_Part):
-    name: LossName = Field(
-        "bag_vicreg", description="bag_vicreg (patches to their bag mean), tcr (EMP-SSL), vicreg (two views)."
-    )
+class _LossKnobs(_Part):
+    name: str  # the tag that picks the loss: each loss config narrows it to its own name
+
+
+# Every loss has it (each lists it after its own knobs).
+_GATHER_DISTRIBUTED = Field(
+    True, description="Gather projections from all ranks (with gradients) so batch statistics are global."
+)
+
+
+class _VICRegKnobs(_LossKnobs):
     inv_weight: float = Field(25.0, ge=0, description="lambda: invariance weight.")
     var_weight: float = Field(25.0, ge=0, description="mu: variance-hinge weight.")
     cov_weight: float = Field(1.0, ge=0, description="nu: covariance weight.")
-    tcr_eps: float = Field(0.2, gt=0, description="tcr: distortion eps^2 of the coding rate.")
-    tcr_weight: float = Field(1.0, ge=0, description="tcr: weight of the (negated) total coding rate.")
-    tcr_inv_weight: float = Field(
-        200.0, ge=0, description="tcr: weight of the cosine-to-bag-mean invariance term."
+    gather_distributed: bool = _GATHER_DISTRIBUTED
+
+
+class BagVICRegConfig(_VICRegKnobs):
+    """Bag VICReg: every patch pulled toward its image's bag mean (`bagssl_core.losses.bag_vicreg_loss`)."""
+
+    name: Literal["bag_vicreg"] = "bag_vicreg"
+
+
+class VICRegConfig(_VICRegKnobs):
+    """Two-view VICReg, official convention (`bagssl_core.losses.vicreg_loss`)."""
+
+    name: Literal["vicreg"] = "vicreg"
+
+
+class TCRConfig(_LossKnobs):
+    """EMP-SSL: total coding rate plus cosine similarity to the bag mean (`bagssl_core.losses.tcr_loss`)."""
+
+    name: Literal["tcr"] = "tcr"
+    eps: float = Field(0.2, gt=0, description="Distortion eps^2 of the coding rate (EMP-SSL --eps).")
+    coding_rate_weight: float = Field(
+        1.0, ge=0, description="Weight of the negated total coding rate (EMP-SSL --tcr)."
     )
-    gather_distributed: bool = Field(
-        True, description="Gather projections from all ranks (with gradients) so batch statistics are global."
+    similarity_weight: float = Field(
+        200.0,
+        ge=0,
+        description="Weight of the negated cosine similarity to the bag mean (EMP-SSL --patch_sim).",
     )
+    gather_distributed: bool = _GATHER_DISTRIBUTED
+
+
+# The loss part of a run: `loss.name` picks the loss, and each loss has only its own knobs, so a knob of
+# another loss is an unknown key (`describe_validation_error` names the chosen loss and its knobs).
+LossConfig = Annotated[BagVICRegConfig | TCRConfig | VICRegConfig, Field(discriminator="name")]
+LossName = Literal["bag_vicreg", "tcr", "vicreg"]
+DEFAULT_LOSS: LossName = "bag_vicreg"
 
 
 class OptimConfig(_Part):
@@ -192,9 +246,9 @@ class OptimConfig(_Part):
         0.3, gt=0, description="Learning rate per 256 images: effective lr = base_lr * data.batch_size / 256."
     )
     weight_decay: float = Field(1e-4, ge=0, description="Weight decay (not on biases and norm parameters).")
-    momentum: float = Field(0.9, ge=0, lt=1, description="lars/sgd momentum.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum.")
     lars_eta: float = Field(0.02, gt=0, description="LARS trust coefficient.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (beta1, beta2).")
     grad_clip: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
 
 
@@ -208,25 +262,30 @@ class ScheduleConfig(_Part):
 
 class EvalConfig(_Part):
     aggregation: list[SchemeName] = Field(
-        default_factory=lambda: ["mean_emb"], min_length=1, description="Aggregation schemes, each probed."
+        default_factory=lambda: list[SchemeName](["mean_emb"]),
+        min_length=1,
+        description="Aggregation schemes, each probed.",
     )
     patches: Literal["grid", "random"] = Field(
         "grid", description="Evaluation patches: a grid, or N random ones."
     )
     grid_size: int | float | None = Field(
-        None, description="Grid patch side (pixels or fraction); None = patch.size."
+        None,
+        description="Side of the evaluation patches (grid, random and centre; pixels or fraction); None = patch.size.",
     )
     grid_stride: int | None = Field(
         None, ge=1, description="Grid stride in pixels; None = half the grid patch side."
     )
-    num_patches: int | None = Field(None, ge=1, description="random: patches per image; None = patch.num.")
+    num_patches: int | None = Field(None, ge=1, description="Random patches per image; None = patch.num.")
     multiscale_sizes: list[int | float] = Field(
         default_factory=lambda: [0.25, 0.5, 0.75],
         min_length=1,
-        description="multiscale: patch sides of the bag.",
+        description="Patch sides of the multiscale bag.",
     )
-    probes: list[Literal["knn", "linear"]] = Field(
-        default_factory=lambda: ["knn", "linear"], min_length=1, description="Probes run for every scheme."
+    probes: list[ProbeName] = Field(
+        default_factory=lambda: list[ProbeName](["knn", "linear"]),
+        min_length=1,
+        description="Probes run for every scheme.",
     )
     knn_k: int = Field(20, ge=1, description="kNN: neighbours (cosine similarity, weighted vote).")
     knn_temperature: float = Field(0.07, gt=0, description="kNN: vote weight exp(similarity / T).")
@@ -277,7 +336,10 @@ class TrainConfig(_Part):
     data: DataConfig = Field(default_factory=DataConfig)
     patch: PatchConfig = Field(default_factory=PatchConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(
+        default_factory=BagVICRegConfig,
+        description="The loss: bag_vicreg (patches to their bag mean), tcr (EMP-SSL), vicreg (two views).",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -291,6 +353,11 @@ class TrainConfig(_Part):
     @property
     def patch_px(self) -> int:
         return patch_pixels(self.patch.size, self.image_size)
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the images the backbone takes: 1 for a grayscale dataset kept as is, else 3."""
+        return 1 if self.data.name in GRAYSCALE_DATASETS and not self.data.to_rgb else 3
 
     @property
     def input_size(self) -> int:
@@ -313,6 +380,43 @@ class TrainConfig(_Part):
     def effective_lr(self) -> float:
         """lr actually used at the schedule's peak: base_lr * global batch / 256."""
         return self.optim.base_lr * self.data.batch_size / 256
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _default_loss(cls, v: Any) -> Any:
+        # A loss section without a name configures the default loss (`loss.inv_weight=10` alone works).
+        if isinstance(v, Mapping) and "name" not in v:
+            return {"name": DEFAULT_LOSS, **v}
+        return v
+
+    def ignored_knobs(self) -> dict[str, str]:
+        """Every knob this config's options ignore (set or not), dotted key -> why, from `KNOB_RULES`."""
+        out = {}
+        for rule in KNOB_RULES:
+            if not rule.used(self):
+                chosen = ", ".join(f"{o}={show_value(_get_dotted(self, o))}" for o in rule.options)
+                out[rule.knob] = f"ignored with {chosen}; it is used only {rule.when}"
+        return out
+
+    @model_validator(mode="after")
+    def _no_ignored_knob_set(self, info: ValidationInfo) -> TrainConfig:
+        """A knob set explicitly (by a file, an override or a sweep axis, even to its default value) while
+        the chosen options ignore it is an error: the run would silently not do what the config says."""
+        if info.context and info.context.get(_ALLOW_IGNORED):
+            return self
+        problems = [f"{k}: {why}" for k, why in self.ignored_knobs().items() if _is_set(self, k)]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_without_ignored(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Every dump (`model_dump`, `config_to_yaml`, a checkpoint's config) leaves out the knobs the
+        config's options ignore: they play no part in the run, and a dump must load back as it is."""
+        data = handler(self)
+        for knob in self.ignored_knobs():
+            _pop_dotted(data, knob)
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
@@ -338,6 +442,140 @@ class TrainConfig(_Part):
                     f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]"
                 )
         return self
+
+
+# --- knobs that only some options use ------------------------------------------------------------
+
+
+class KnobRule(NamedTuple):
+    """A knob that only some choices of other keys (its options) use.
+
+    Set explicitly while the config's options ignore it, the knob is an error (`TrainConfig` checks every
+    rule in one validator); unset, it is left out of every dump of the config.
+    """
+
+    knob: str  # dotted TrainConfig path
+    options: tuple[str, ...]  # the dotted paths whose values decide, named in the error
+    used: Callable[[TrainConfig], bool]  # whether the config's options use the knob
+    when: str  # when it is used, in words: "with optim.name=adamw"
+
+
+def _rules(
+    knobs: Iterable[str], options: tuple[str, ...], used: Callable[[TrainConfig], bool], when: str
+) -> tuple[KnobRule, ...]:
+    return tuple(KnobRule(k, options, used, when) for k in knobs)
+
+
+def _while(option: str, *values: str) -> tuple[tuple[str, ...], Callable[[TrainConfig], bool], str]:
+    """(options, used, when) of knobs used only while `option` (a dotted key) is one of `values`."""
+    return (option,), lambda c: _get_dotted(c, option) in values, f"with {option}={' or '.join(values)}"
+
+
+def _has_bag(cfg: TrainConfig) -> bool:
+    return any(s in BAG_SCHEMES for s in cfg.eval.aggregation)
+
+
+_BAG = f"a bag scheme ({', '.join(BAG_SCHEMES)}) in eval.aggregation"
+
+KNOB_RULES: tuple[KnobRule, ...] = (
+    *_rules(
+        ["data.synthetic_train", "data.synthetic_test", "data.synthetic_classes"],
+        *_while("data.name", "synthetic"),
+    ),
+    *_rules(
+        ["data.root"],
+        ("data.name",),
+        lambda c: c.data.name != "synthetic",
+        "with any data.name but synthetic",
+    ),
+    *_rules(["data.download"], *_while("data.name", *sorted(DOWNLOADABLE_DATASETS))),
+    *_rules(["data.to_rgb"], *_while("data.name", *sorted(GRAYSCALE_DATASETS))),
+    *_rules(["patch.view_scale"], *_while("loss.name", "vicreg")),
+    # Colour operations on one channel: `augment` skips them there, as torchvision does.
+    *_rules(
+        ["patch.aug.saturation", "patch.aug.hue", "patch.aug.grayscale_p"],
+        ("data.name", "data.to_rgb"),
+        lambda c: c.in_channels == 3,
+        "with 3-channel images (an RGB dataset, or data.to_rgb=true)",
+    ),
+    *_rules(["optim.momentum"], *_while("optim.name", "lars", "sgd")),
+    *_rules(["optim.lars_eta"], *_while("optim.name", "lars")),
+    *_rules(["optim.betas"], *_while("optim.name", "adamw")),
+    *_rules(["eval.patches"], ("eval.aggregation",), _has_bag, f"with {_BAG}"),
+    *_rules(
+        ["eval.grid_size"],
+        ("eval.aggregation",),
+        lambda c: _has_bag(c) or "centre" in c.eval.aggregation,
+        f"with {_BAG}, or centre",
+    ),
+    *_rules(
+        ["eval.grid_stride"],
+        ("eval.patches", "eval.aggregation"),
+        lambda c: _has_bag(c) and c.eval.patches == "grid",
+        f"with eval.patches=grid and {_BAG}",
+    ),
+    *_rules(
+        ["eval.num_patches"],
+        ("eval.patches", "eval.aggregation"),
+        lambda c: _has_bag(c) and c.eval.patches == "random",
+        f"with eval.patches=random and {_BAG}",
+    ),
+    *_rules(
+        ["eval.multiscale_sizes"],
+        ("eval.aggregation",),
+        lambda c: "multiscale" in c.eval.aggregation,
+        "with multiscale in eval.aggregation",
+    ),
+    *_rules(
+        ["eval.knn_k", "eval.knn_temperature"],
+        ("eval.probes",),
+        lambda c: "knn" in c.eval.probes,
+        "with knn in eval.probes",
+    ),
+    *_rules(
+        ["eval.linear_epochs", "eval.linear_lr", "eval.linear_batch_size"],
+        ("eval.probes",),
+        lambda c: "linear" in c.eval.probes,
+        "with linear in eval.probes",
+    ),
+)
+
+# Validation context under which `TrainConfig` lets ignored knobs be set: only `validate_config` uses it,
+# to find which knobs of a `defaults` layer the final config ignores.
+_ALLOW_IGNORED = "allow_ignored_knobs"
+
+
+def show_value(value: Any) -> str:
+    """A config value as YAML flow style writes it: `[mean_emb, centre]`, `null`, `0.5`."""
+    text = yaml.safe_dump(to_jsonable_python(value), default_flow_style=True).strip()
+    return text.removesuffix("...").strip()
+
+
+def _get_dotted(model: BaseModel, key: str) -> Any:
+    node: Any = model
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _is_set(model: BaseModel, key: str) -> bool:
+    """Whether a dotted key was given explicitly (it and every section above it are in `model_fields_set`)."""
+    node: Any = model
+    for part in key.split("."):
+        if not isinstance(node, BaseModel) or part not in node.model_fields_set:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def _pop_dotted(tree: dict[str, Any], key: str) -> None:
+    """Remove `tree[a][b][c]` for key `a.b.c` if it is there."""
+    *sections, leaf = key.split(".")
+    node: Any = tree
+    for part in sections:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(leaf, None)
 
 
 # --- loading, overriding, dumping ------------------------------------------------------------------
@@ -426,7 +664,8 @@ def read_yaml_file(
         raise ConfigError(f"{p}: the file is empty; expected {what}")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected {what} at the top level, got {type(data).__name__}")
-    return data, _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    return data, _key_lines(root) if root is not None else {}
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
@@ -465,51 +704,139 @@ def describe_validation_error(
     tree: Mapping[str, Any],
     source: str | None = None,
     lines: Mapping[str, int] | None = None,
+    model: type[BaseModel] | None = None,
 ) -> str:
     """One line per problem: `<source>:<line>: <dotted key>: <what was expected> (got <value>)`.
 
     Args:
         err: what pydantic found wrong with `tree`.
         tree: the mapping that was validated: it tells the keys in an error's location apart from the list
-            indices and union tags (`patch.size.int`) pydantic appends to them.
+            indices and union tags (`patch.size.int`, `loss.tcr.eps`) pydantic appends to them.
         source: where the tree came from (a file); None leaves it out.
         lines: line of each dotted key in `source` (see `read_yaml_file`); None leaves lines out.
+        model: the model validated, if any: an unknown key in one member of a tagged union (a knob of
+            another loss) is then told with the knobs the chosen member has.
     """
     out = []
     for e in err.errors():
-        key = _error_key(e, tree)
+        key, tag = _error_key(e, tree)
         msg = _MESSAGES.get(e["type"]) or e["msg"].removeprefix("Value error, ")
         if msg.startswith("Input should be"):
             msg = "expected " + msg.removeprefix("Input should be ")
         got = e.get("input")
+        if e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            key = f"{key}.{str(ctx.get('discriminator', '')).strip(chr(39))}".lstrip(".")
+            msg, got = f"expected one of {ctx.get('expected_tags')}", ctx.get("tag")
+        elif e["type"] == "extra_forbidden" and tag is not None:
+            section = key.rpartition(".")[0]
+            knobs = _member_fields(model, section, tag) if model is not None else None
+            msg = f"not a knob of {section} {tag!r}" + (f" (its knobs: {', '.join(knobs)})" if knobs else "")
         got_s = "" if e["type"] in _NO_INPUT or isinstance(got, Mapping) else f" (got {got!r})"
-        where = f"{yaml_location(source, lines, key)}: " if source else ""
-        out.append(f"{where}{key}: {msg}{got_s}" if key else f"{where}{msg}{got_s}")
+        if key:
+            where = f"{yaml_location(source, lines, key)}: " if source else ""
+            out.append(f"{where}{key}: {msg}{got_s}")
+            continue
+        # A check over the whole config names its keys itself, one problem a line: `patch.size: ...`.
+        for line in f"{msg}{got_s}".splitlines():
+            named = line.partition(": ")[0]
+            where = f"{yaml_location(source, lines, named)}: " if source else ""
+            out.append(f"{where}{line}")
     return "\n".join(dict.fromkeys(out))
 
 
-def _error_key(error: ErrorDetails, tree: Mapping[str, Any]) -> str:
-    """The dotted key an error is about: its location for as long as it follows keys of `tree`."""
+def _error_key(error: ErrorDetails, tree: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The dotted key an error is about (its location for as long as it follows keys of `tree`), and the
+    union tag the location passed on the way, if any (`loss.tcr.eps` -> `loss.eps`, `tcr`)."""
+    loc = error["loc"]
     if error["type"] == "missing":
-        return ".".join(str(p) for p in error["loc"])
+        return ".".join(str(p) for p in loc), None
     keys: list[str] = []
+    tag = None
     node: Any = tree
-    for part in error["loc"]:
-        if not isinstance(node, Mapping) or part not in node:
+    for i, part in enumerate(loc):
+        if not isinstance(node, Mapping):
+            break
+        if part not in node:
+            # A union tag sits between a section and its key: skip it when the next part is a key.
+            if i + 1 < len(loc) and loc[i + 1] in node and isinstance(part, str):
+                tag = part
+                continue
             break
         keys.append(str(part))
         node = node[part]
-    return ".".join(keys)
+    return ".".join(keys), tag
+
+
+def _member_fields(model: type[BaseModel], section: str, tag: str) -> list[str] | None:
+    """The fields (but the tag's) of the union member tagged `tag` at dotted `section` of `model`."""
+    field: FieldInfo | None = None
+    node: Any = model
+    for part in section.split("."):
+        fields = getattr(node, "model_fields", {})
+        if part not in fields:
+            return None
+        field = fields[part]
+        node = field.annotation
+    if field is None or not isinstance(field.discriminator, str):
+        return None
+    for member in _union_members(field):
+        if member.model_fields[field.discriminator].default == tag:
+            return [f for f in member.model_fields if f != field.discriminator]
+    return None
+
+
+def _union_members(field: FieldInfo) -> tuple[type[BaseModel], ...]:
+    """The models of a tagged union field (`loss`), or () for any other field."""
+    if not isinstance(field.discriminator, str):
+        return ()
+    return tuple(
+        m for m in typing.get_args(field.annotation) if isinstance(m, type) and issubclass(m, BaseModel)
+    )
 
 
 def validate_config(
-    tree: Mapping[str, Any], source: str | None = None, lines: Mapping[str, int] | None = None
+    tree: Mapping[str, Any],
+    source: str | None = None,
+    lines: Mapping[str, int] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """TrainConfig from a plain dict; a ConfigError naming the source (and line) and keys on failure."""
+    """TrainConfig from a plain dict; a ConfigError naming the source (and line) and keys on failure.
+
+    Args:
+        tree: the keys given explicitly (a file, overrides). One the resulting config's options ignore is
+            an error (see `KnobRule`).
+        source, lines: where `tree` came from, for the messages (see `describe_validation_error`).
+        defaults: a layer under `tree` that was not written for this config: a preset, a run's stored
+            config under new overrides, a base under an evaluation variant. Its knobs that the resulting
+            config ignores are dropped, not reported: e.g. the quick preset's `eval.grid_stride` under
+            `eval.patches=random`. `validate_config({}, defaults=tree)` accepts any dump of a config.
+    """
+    if defaults is None:
+        return _validate(tree, source, lines)
     try:
-        return TrainConfig.model_validate(dict(tree))
+        merged = merge_overrides(defaults, tree)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+    # First pass: which knobs does the resulting config ignore? Those that only `defaults` set go.
+    resolved = _validate(merged, source, lines, {_ALLOW_IGNORED: True})
+    given = flatten(tree)
+    for knob in resolved.ignored_knobs():
+        if knob not in given:
+            _pop_dotted(merged, knob)
+    return _validate(merged, source, lines)
+
+
+def _validate(
+    tree: Mapping[str, Any],
+    source: str | None,
+    lines: Mapping[str, int] | None,
+    context: dict[str, Any] | None = None,
+) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(dict(tree), context=context)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, tree, source, lines)) from None
+        raise ConfigError(describe_validation_error(err, tree, source, lines, TrainConfig)) from None
 
 
 # `python -m bagssl_core train` without --config: a short but real job (Fashion-MNIST subsets, small
@@ -542,18 +869,20 @@ def load_config(
     """Defaults <- preset (if any) <- YAML file (if any) <- dotted overrides (`key=value` strings or a mapping)."""
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    tree = merge_overrides({}, PRESETS[preset]) if preset is not None else {}
+    # The preset is a layer of defaults: a knob it sets that the file or overrides switch off is dropped.
+    defaults = merge_overrides({}, PRESETS[preset]) if preset is not None else None
+    tree: dict[str, Any] = {}
     lines = None
     if path is not None:
-        from_file, lines = read_yaml_file(path)
-        try:
-            tree = merge_overrides(tree, from_file)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        tree, lines = read_yaml_file(path)
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
+    try:
+        tree = merge_overrides(tree, over)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     # With overrides, the file's line of a key may not be where its (overridden) value came from.
-    return validate_config(merge_overrides(tree, over), source, None if over else lines)
+    return validate_config(tree, source, None if over else lines, defaults)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
@@ -561,25 +890,57 @@ def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+class _Leaf(NamedTuple):
+    """One key a YAML file or an override may set."""
+
+    key: str  # dotted path
+    default: Any  # as YAML gives it (lists, not tuples)
+    description: str
+    when: str  # of a knob only some members of a tagged union have: "with loss.name=tcr"; else ""
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> Iterator[_Leaf]:
+    """Every leaf key of `model` with its default; a tagged union (`loss`) gives its tag (`loss.name`) and
+    the knobs of every member, each once with the members that have it (knobs of all members last)."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        members = _union_members(field)
+        if members:
+            tag = str(field.discriminator)
+            default = getattr(field.get_default(call_default_factory=True), tag)
+            yield _Leaf(f"{key}.{tag}", default, field.description or "", "")
+            found: dict[tuple[str, str], tuple[_Leaf, list[str]]] = {}
+            for member in members:
+                for leaf in _leaves(member, f"{key}."):
+                    if leaf.key != f"{key}.{tag}":
+                        found.setdefault((leaf.key, repr(leaf.default)), (leaf, []))[1].append(
+                            str(member.model_fields[tag].default)
+                        )
+            for leaf, tags in sorted(found.values(), key=lambda f: len(f[1]) == len(members)):
+                some = len(tags) < len(members)
+                yield leaf._replace(when=f"with {key}.{tag}={' or '.join(tags)}" if some else "")
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _leaves(field.annotation, f"{key}.")
+        else:
+            default = to_jsonable_python(field.get_default(call_default_factory=True))
+            yield _Leaf(key, default, field.description or "", "")
+
+
 @functools.cache
 def config_defaults() -> Mapping[str, Any]:
-    """Every dotted leaf path of TrainConfig (e.g. `patch.size`) and its default, as YAML would give it."""
-    return MappingProxyType(flatten(TrainConfig().model_dump(mode="json")))
+    """Every dotted leaf path of TrainConfig (e.g. `patch.size`, and `loss.eps` of the tcr loss) and its
+    default, as YAML would give it. A knob of one loss only has that loss's default."""
+    return MappingProxyType({leaf.key: leaf.default for leaf in _leaves(TrainConfig)})
 
 
 def config_reference() -> str:
-    """A Markdown table of every TrainConfig key with its default and description (the README's reference)."""
+    """A Markdown table of every TrainConfig key with its default and description (the README's reference).
+
+    A knob that only some options use says when (`KNOB_RULES`, and the losses that have it)."""
+    when = {rule.knob: rule.when for rule in KNOB_RULES}
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
-                continue
-            default = field.get_default(call_default_factory=True)
-            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            rows.append(f"| `{prefix}{name}` | `{shown}` | {field.description or ''} |")
-
-    walk(TrainConfig, "")
+    for leaf in _leaves(TrainConfig):
+        only = leaf.when or when.get(leaf.key)
+        meaning = f"{leaf.description} Used only {only}." if only else leaf.description
+        rows.append(f"| `{leaf.key}` | `{show_value(leaf.default)}` | {meaning} |")
     return "\n".join(rows)

@@ -241,26 +241,6 @@ def crop_resize_boxes(images: torch.Tensor, boxes: torch.Tensor, out_size: int) 
     return out.view(b, c, v, out_size, out_size).transpose(1, 2).contiguous()
 
 
-def sample_two_views(
-    images: torch.Tensor, scale: tuple[float, float], out_size: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Two multi-scale RandomResizedCrop views per image, for the two-view VICReg baseline.
-
-    Args:
-        images: `(B, C, H, W)` uint8 (or float in [0, 1]).
-        scale: Range of the crop's area as a fraction of the image's.
-        out_size: Output side S.
-        generator: On the images' device.
-
-    Returns:
-        `(B, 2, C, S, S)` float32 in [0, 1].
-    """
-    check_images(images)
-    b, _, h, w = images.shape
-    boxes = sample_view_boxes(b, 2, (h, w), scale, generator, images.device)
-    return crop_resize_boxes(images, boxes, out_size)
-
-
 # --- deterministic evaluation patches -------------------------------------------------------------
 
 

@@ -30,13 +30,13 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(out, x.contiguous())
         return tuple(out)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
         stacked = torch.stack([g.contiguous() for g in grads])
         dist.all_reduce(stacked)
         return stacked[dist.get_rank()]
@@ -46,13 +46,13 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose backward sums the gradients of every rank (each rank's loss uses the sum)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
         dist.all_reduce(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         g = grad.contiguous().clone()
         dist.all_reduce(g)
         return g

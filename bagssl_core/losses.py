@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bagssl_core.config import LossConfig
+from bagssl_core.config import BagVICRegConfig, LossConfig, TCRConfig, VICRegConfig
 from bagssl_core.dist import gather_with_grad
 
 VAR_EPS = 1e-4  # added to the variance under the square root, as in VICReg
@@ -268,25 +268,25 @@ def vicreg_loss(
 def tcr_loss(
     z: torch.Tensor,
     eps: float = 0.2,
-    tcr_weight: float = 1.0,
-    inv_weight: float = 200.0,
+    coding_rate_weight: float = 1.0,
+    similarity_weight: float = 200.0,
     gather_distributed: bool = False,
 ) -> LossOutput:
     """EMP-SSL loss: total coding rate per patch index plus cosine similarity to the bag mean.
 
     z is first L2-normalised along D (EMP-SSL's projector ends with that normalisation). Then
-    total = −tcr_weight·coding_rate − inv_weight·similarity, where
+    total = −coding_rate_weight·coding_rate − similarity_weight·similarity, where
     coding_rate = mean_i R(Z_i), R(Z) = 1/2 logdet(I_D + D / (B·eps) ZᵀZ), Z_i the (B, D) embeddings of
     patch index i over the batch;
     similarity = mean_{b,i} cos(z_bi, z̄_b), z̄_b the mean of image b's N (normalised) embeddings.
     Both parts are "higher is better"; the loss is minimised by raising them. EMP-SSL defaults: eps 0.2,
-    tcr_weight 1 (`--tcr`), inv_weight 200 (`--patch_sim`).
+    coding_rate_weight 1 (`--tcr`), similarity_weight 200 (`--patch_sim`).
 
     Args:
         z: (B, N, D) projections, N >= 2.
         eps: distortion of the coding rate (> 0).
-        tcr_weight: weight of the negated coding rate.
-        inv_weight: weight of the negated similarity.
+        coding_rate_weight: weight of the negated coding rate.
+        similarity_weight: weight of the negated similarity.
         gather_distributed: compute the coding rate on the batch gathered from all ranks (B = global batch).
 
     Returns:
@@ -304,7 +304,7 @@ def tcr_loss(
         z_all = _gather(z, gather_distributed)
         _check_batch(z_all, "tcr")
         rate = coding_rate(z_all, eps)
-        total = -tcr_weight * rate - inv_weight * similarity
+        total = -coding_rate_weight * rate - similarity_weight * similarity
     return LossOutput(total, {"coding_rate": rate.detach(), "similarity": similarity.detach()})
 
 
@@ -334,7 +334,7 @@ class _VICRegWeights(nn.Module):
         self.gather_distributed = gather_distributed
 
     @classmethod
-    def from_config(cls: type[_V], c: LossConfig) -> _V:
+    def from_config(cls: type[_V], c: BagVICRegConfig | VICRegConfig) -> _V:
         return cls(c.inv_weight, c.var_weight, c.cov_weight, c.gather_distributed)
 
     def extra_repr(self) -> str:
@@ -375,7 +375,7 @@ class VICRegLoss(_VICRegWeights):
 class TCRLoss(nn.Module):
     """EMP-SSL total coding rate + bag similarity (see `tcr_loss`): z (B, N, D) -> LossOutput.
 
-    total = −tcr_weight·mean_i 1/2 logdet(I + D/(B·eps) Z_iᵀZ_i) − inv_weight·mean cos(z_bi, z̄_b),
+    total = −coding_rate_weight·mean_i 1/2 logdet(I + D/(B·eps) Z_iᵀZ_i) − similarity_weight·mean cos(z_bi, z̄_b),
     on L2-normalised z.
     """
 
@@ -384,34 +384,35 @@ class TCRLoss(nn.Module):
     def __init__(
         self,
         eps: float = 0.2,
-        tcr_weight: float = 1.0,
-        inv_weight: float = 200.0,
+        coding_rate_weight: float = 1.0,
+        similarity_weight: float = 200.0,
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         if eps <= 0:
             raise ValueError(f"tcr: expected eps > 0, got {eps}")
         self.eps = eps
-        self.tcr_weight = tcr_weight
-        self.inv_weight = inv_weight
+        self.coding_rate_weight = coding_rate_weight
+        self.similarity_weight = similarity_weight
         self.gather_distributed = gather_distributed
 
     @classmethod
-    def from_config(cls, c: LossConfig) -> TCRLoss:
-        return cls(c.tcr_eps, c.tcr_weight, c.tcr_inv_weight, c.gather_distributed)
+    def from_config(cls, c: TCRConfig) -> TCRLoss:
+        return cls(c.eps, c.coding_rate_weight, c.similarity_weight, c.gather_distributed)
 
     def forward(self, z: torch.Tensor) -> LossOutput:
         """z: (B, N, D) patch projections (normalised inside)."""
-        return tcr_loss(z, self.eps, self.tcr_weight, self.inv_weight, self.gather_distributed)
+        return tcr_loss(z, self.eps, self.coding_rate_weight, self.similarity_weight, self.gather_distributed)
 
     def extra_repr(self) -> str:
         return (
-            f"eps={self.eps}, tcr_weight={self.tcr_weight}, inv_weight={self.inv_weight}, "
+            f"eps={self.eps}, coding_rate_weight={self.coding_rate_weight}, "
+            f"similarity_weight={self.similarity_weight}, "
             f"gather_distributed={self.gather_distributed}"
         )
 
 
-# Each class builds itself from a LossConfig (`from_config`) and names its parts (`PARTS`).
+# loss.name -> its class, which names its parts (`PARTS`) and builds itself from its own config.
 LOSSES: dict[str, type[BagVICRegLoss] | type[VICRegLoss] | type[TCRLoss]] = {
     "bag_vicreg": BagVICRegLoss,
     "vicreg": VICRegLoss,
@@ -420,12 +421,11 @@ LOSSES: dict[str, type[BagVICRegLoss] | type[VICRegLoss] | type[TCRLoss]] = {
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The loss module named by `cfg.name`, holding the config's weights.
-
-    Raises:
-        ValueError: unknown loss name.
-    """
-    return _loss_class(cfg.name).from_config(cfg)
+    """The loss module `cfg` (the member of the `loss` union that `loss.name` picks) describes, holding
+    its weights."""
+    if isinstance(cfg, TCRConfig):
+        return TCRLoss.from_config(cfg)
+    return (VICRegLoss if isinstance(cfg, VICRegConfig) else BagVICRegLoss).from_config(cfg)
 
 
 def loss_parts(name: str) -> tuple[str, ...]:
@@ -434,12 +434,7 @@ def loss_parts(name: str) -> tuple[str, ...]:
     Raises:
         ValueError: unknown loss name.
     """
-    return _loss_class(name).PARTS
-
-
-def _loss_class(name: str) -> type[BagVICRegLoss] | type[VICRegLoss] | type[TCRLoss]:
-    """The loss class registered as `name`; ValueError naming loss.name when there is none."""
     try:
-        return LOSSES[name]
+        return LOSSES[name].PARTS
     except KeyError:
         raise ValueError(f"loss.name: unknown loss {name!r}; expected one of {sorted(LOSSES)}") from None

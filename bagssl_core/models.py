@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -118,12 +119,14 @@ class BagSSLModel(nn.Module):
         return h, self.projector(h)
 
 
-def build_model(cfg: ModelConfig, in_channels: int = 3) -> BagSSLModel:
+def build_model(cfg: ModelConfig, in_channels: int) -> BagSSLModel:
     """The model `cfg` describes, randomly initialised.
 
     Args:
         cfg: the model part of the run config.
-        in_channels: channels of the input images (3 unless grayscale images are kept as one channel).
+        in_channels: channels of the input images: the run config's `in_channels` (1 for grayscale images
+            kept as one channel, else 3). No default, so that a model for a checkpoint is built as the
+            run built it.
 
     Raises:
         ValueError: an unknown backbone name (the message lists the valid ones).
@@ -145,10 +148,11 @@ def prepare_for_device(model: BagSSLModel, device: torch.device | str, cfg: Mode
     """
     device = torch.device(device)
     if cfg.sync_bn and dist.is_available() and dist.is_initialized():
+        # Both return the converted module: the root itself here, as a BagSSLModel is no BatchNorm.
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = cast(BagSSLModel, nn.SyncBatchNorm.convert_sync_batchnorm(model))
         else:
-            model = convert_global_batchnorm(model)
+            model = cast(BagSSLModel, convert_global_batchnorm(model))
         log.info("BatchNorm layers synchronised across ranks")
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":

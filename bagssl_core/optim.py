@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +30,7 @@ class LARS(torch.optim.Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
@@ -53,7 +55,8 @@ class LARS(torch.optim.Optimizer):
 
 def _split_decay(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, biases-and-norm-params): 1-D parameters are excluded from decay and LARS adaptation."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -66,9 +69,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     lr = cfg.effective_lr()
     decay, no_decay = _split_decay(model)
     if o.name == "lars":
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
-        return LARS(groups, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.lars_eta)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        lars_groups: list[dict[str, Any]] = [
+            {"params": decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        ]
+        return LARS(lars_groups, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, eta=o.lars_eta)
+    groups: list[dict[str, Any]] = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.name == "adamw":

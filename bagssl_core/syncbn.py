@@ -38,7 +38,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 m = self.momentum if self.momentum is not None else 0.1
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
-                self.num_batches_tracked.add_(1)
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bagssl_core import dist
 from bagssl_core.aggregate import extract_features
-from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml
+from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml, validate_config
 from bagssl_core.data import ImageData, collate_images, load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
@@ -241,8 +241,11 @@ def _floats(parts: Mapping[str, Any]) -> dict[str, float]:
 
 
 def eval_variant_config(cfg: TrainConfig, ev: EvalConfig) -> TrainConfig:
-    """cfg with its eval part replaced, re-validated (the grid must still fit the image)."""
-    return TrainConfig.model_validate({**cfg.model_dump(), "eval": ev.model_dump()})
+    """cfg with its eval part replaced, re-validated (the grid must still fit the image).
+
+    Every key is a default here (`validate_config`): a variant may switch off knobs the base uses, such
+    as the base's `eval.grid_stride` in a variant with `eval.patches=random`."""
+    return validate_config({}, defaults={**cfg.model_dump(), "eval": ev.model_dump()})
 
 
 def evaluate(
@@ -466,7 +469,7 @@ def start_run(
     seed_everything(cfg.run.seed + dist.rank())
     device = resolve_device(cfg)
     train_data, eval_data = load_splits(cfg)
-    model: nn.Module = prepare_for_device(build_model(cfg.model), device, cfg.model)
+    model: nn.Module = prepare_for_device(build_model(cfg.model, cfg.in_channels), device, cfg.model)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
     start_epoch, step = _resume(resume_from, model, optimizer) if resume_from is not None else (0, 0)

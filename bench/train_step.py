@@ -101,7 +101,7 @@ def main() -> None:
     patches = batch * args.num
     autocast = use_bf16(cfg, device)
     torch.manual_seed(0)  # the model's initialisation, and torchvision's random transforms
-    model = prepare_for_device(build_model(cfg.model), device, cfg.model)
+    model = prepare_for_device(build_model(cfg.model, cfg.in_channels), device, cfg.model)
     model.train()
     optimizer = build_optimizer(model, cfg)
     loss_fn = build_loss(cfg.loss)

@@ -49,7 +49,10 @@ def init_ray(address: str | None) -> None:
     # auto-detection, which fails while another Ray runs on this machine, so its address is pinned in
     # every worker's environment (docs/operations.md, "The dashboard").
     port = free_port()
+    # address="local": without it, ray.init joins whatever Ray was started last on this machine (a `ray
+    # start` head, a test cluster) and then refuses num_cpus with a traceback (docs/operations.md).
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         resources={"trial_slot": os.cpu_count() or 1},
         include_dashboard=True,
@@ -76,7 +79,7 @@ def placement(spec: SweepSpec) -> Placement:
     if need.get("GPU"):
         fit = min(fit, int(total.get("GPU", 0) // need["GPU"]))
     # A trial's own actor holds a 'trial_slot' (local Ray) so that it takes no CPU from its workers.
-    bundle = (
+    bundle: dict[str, float] = (
         {"CPU": 0, "trial_slot": 1} if total.get("trial_slot") else {"CPU": 0, "memory": _TRIAL_ACTOR_MEMORY}
     )
     return Placement(trials_at_once=max(1, min(fit, spec.max_concurrent or fit)), trial_bundle=bundle)

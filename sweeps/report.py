@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bagssl_core.config import config_to_yaml, merge_overrides, validate_config
-from bagssl_core.metrics import EPOCH, ProbeKey, intervals_overlap, n_images
+from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED, ProbeKey, intervals_overlap, n_images
 from sweeps.space import trial_overrides, variant_values
 from sweeps.spec import Objective, SweepSpec
 
@@ -107,10 +107,25 @@ class Report:
     artifacts: dict[str, str]
 
 
-def trial_status(metrics: Mapping[str, float], failed: bool, epochs: int) -> str:
-    if failed:
+def trial_status(
+    metrics: Mapping[str, Any], params: Mapping[str, Any], failed: bool, base_epochs: int
+) -> str:
+    """FAILED (an error, or the loss diverged), FINISHED (it ran the epochs it planned) or KILLED (the
+    scheduler stopped it before).
+
+    Args:
+        metrics: the trial's last report.
+        params: its sampled parameters (dotted TrainConfig paths).
+        failed: whether it ended in an error.
+        base_epochs: the base config's schedule.epochs.
+
+    The epochs a trial planned: what the trainer reported (`epochs_planned`), else its own
+    `schedule.epochs` when that is searched, else the base's.
+    """
+    if failed or DIVERGED_AT_STEP in metrics:
         return "FAILED"
-    return "FINISHED" if metrics.get(EPOCH, 0) >= epochs else "KILLED"
+    planned = metrics.get(EPOCHS_PLANNED, params.get("schedule.epochs", base_epochs))
+    return "FINISHED" if metrics.get(EPOCH, 0) >= planned else "KILLED"
 
 
 def ranked(trials: Iterable[TrialOutcome], objective: Objective) -> list[tuple[TrialOutcome, Score | None]]:
@@ -121,23 +136,28 @@ def ranked(trials: Iterable[TrialOutcome], objective: Objective) -> list[tuple[T
 
 
 def best_trial(trials: Iterable[TrialOutcome], objective: Objective) -> tuple[TrialOutcome, Score] | None:
-    """The trial whose last report has the best validation objective (failed trials excluded)."""
-    for t, s in ranked(trials, objective):
-        if s is not None and t.status != "FAILED":
-            return t, s
-    return None
+    """The trial whose last report has the best validation objective, among the trials that ran all their
+    epochs when there are any: a pruned trial's score is from fewer epochs, never comparable to a final
+    one. Failed trials are never picked."""
+    scored = [(t, s) for t, s in ranked(trials, objective) if s is not None and t.status != "FAILED"]
+    finished = [ts for ts in scored if ts[0].status == "FINISHED"]
+    pool = finished or scored
+    return pool[0] if pool else None
 
 
 def best_config_yaml(
     spec: SweepSpec, base: Mapping[str, Any], params: Mapping[str, Any], key: ProbeKey | None
 ) -> str:
     """The selected config, for `bagssl_core train --config`: the trial's parameters, the winning evaluation
-    variant's settings, and the winning scheme alone in eval.aggregation."""
-    overrides = trial_overrides(params)
-    if key is not None:
-        overrides.update(trial_overrides(variant_values(spec).get(key.variant, {})))
-        overrides["eval.aggregation"] = [key.scheme]
-    return config_to_yaml(validate_config(merge_overrides(base, overrides), "best trial"))
+    variant's settings, and the winning scheme alone in eval.aggregation. Knobs that scheme ignores (a grid
+    stride for `centre`) are left out, so the file loads back as it is."""
+    tree = merge_overrides(base, trial_overrides(params))
+    if key is None:
+        return config_to_yaml(validate_config(tree, "best trial"))
+    tree = merge_overrides(tree, trial_overrides(variant_values(spec).get(key.variant, {})))
+    return config_to_yaml(
+        validate_config({"eval": {"aggregation": [key.scheme]}}, "best trial", defaults=tree)
+    )
 
 
 def _cell(value: float | None, ci: Interval | None) -> str:

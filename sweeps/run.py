@@ -22,8 +22,17 @@ from sweeps.ray_env import prepare_ray_environment
 from sweeps.refine import describe_refine, run_refine
 from sweeps.report import Refined, TrialOutcome, write_report
 from sweeps.resources import trial_resources
-from sweeps.space import describe_space, eval_variants
-from sweeps.spec import SpecError, SweepSpec, load_spec, resolve_base, spec_to_dict, trial_count
+from sweeps.space import describe_space, variant_overrides
+from sweeps.spec import (
+    SpecError,
+    SweepSpec,
+    asha_max_t,
+    epoch_range,
+    load_spec,
+    resolve_base,
+    spec_to_dict,
+    trial_count,
+)
 
 if TYPE_CHECKING:  # imported where they run (see _main): torch, Ray and MLflow take seconds to import
     from sweeps.tracking import MlflowTracker
@@ -86,6 +95,8 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     print(yaml.safe_dump(spec_to_dict(spec), sort_keys=False).rstrip())
     print("# space")
     print("\n".join(describe_space(spec, base_cfg)))
+    lo, hi = epoch_range(spec, base_cfg.schedule.epochs)
+    epochs = str(lo) if lo == hi else f"{lo}-{hi}"  # a schedule.epochs axis gives a range
     print(
         f"# trials: {trial_count(spec)} ({spec.search.algo}, scheduler {spec.scheduler.name}, objective {spec.mode} {spec.metric})"
     )
@@ -93,8 +104,10 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     print(
         f"# each trial: {r.workers_per_trial} Ray Train worker(s) x ({r.cpus_per_worker:g} CPU{gpu}) = "
         f"{', '.join(f'{v:g} {k}' for k, v in trial_resources(r).items())}"
-        f"; {base_cfg.schedule.epochs} epochs; max concurrent: {spec.max_concurrent or 'from the cluster'}"
+        f"; {epochs} epochs; max concurrent: {spec.max_concurrent or 'from the cluster'}"
     )
+    if spec.scheduler.name == "asha":
+        print(f"# asha: max_t {asha_max_t(spec, base_cfg.schedule.epochs)} (one more than the most epochs)")
     evals = math.prod(len(d.args) for d in spec.eval_axes().values())
     if evals > 1:
         print(
@@ -165,7 +178,7 @@ def _main(args: argparse.Namespace) -> int:
     base_tree = resolve_base(spec, Path(args.spec).parent, args.spec)
     plan = TrialPlan(
         base=base_tree,
-        eval_variants={k: v.model_dump() for k, v in eval_variants(spec, base_cfg).items()},
+        eval_variants=variant_overrides(spec),
         metric=spec.metric,
         mode=spec.mode,
     )

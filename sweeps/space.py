@@ -66,22 +66,36 @@ def variant_values(spec: SweepSpec) -> dict[str, dict[str, Any]]:
     return {_variant_name(values): values for values in combos}
 
 
-def eval_variants(spec: SweepSpec, base: TrainConfig) -> dict[str, EvalConfig]:
-    """name -> EvalConfig for every variant ("" when the spec has no eval axis but aggregation)."""
-    base_eval = base.eval.model_dump()
+def variant_overrides(spec: SweepSpec) -> dict[str, dict[str, Any]]:
+    """name -> the dotted `eval.` overrides of each evaluation variant: the values of the discrete eval
+    axes, and `eval.aggregation` as the union of every value listed for it ("" alone, with no override or
+    only the aggregation, when the spec has no other eval axis)."""
     axes = spec.eval_axes()
+    shared: dict[str, Any] = {}
     if "eval.aggregation" in axes:
         schemes: list[str] = []
         for v in axes["eval.aggregation"].args:
             schemes.extend(s for s in coerce_value("eval.aggregation", v) if s not in schemes)
-        base_eval["aggregation"] = schemes
-    out = {}
-    for name, values in variant_values(spec).items():
-        ev = dict(base_eval)
-        for k, v in values.items():
-            ev[k.removeprefix("eval.")] = coerce_value(k, v)
-        out[name] = EvalConfig.model_validate(ev)
-    return out
+        shared["eval.aggregation"] = schemes
+    return {
+        name: {**shared, **{k: coerce_value(k, v) for k, v in values.items()}}
+        for name, values in variant_values(spec).items()
+    }
+
+
+def apply_variants(cfg: TrainConfig, overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, EvalConfig]:
+    """name -> EvalConfig: cfg.eval with each variant's overrides. cfg is the trial's own config, so an
+    `eval.` value the trial sampled (a continuous axis) reaches every variant's probes."""
+    base_eval = cfg.eval.model_dump()
+    return {
+        name: EvalConfig.model_validate({**base_eval, **{k.removeprefix("eval."): v for k, v in ov.items()}})
+        for name, ov in overrides.items()
+    }
+
+
+def eval_variants(spec: SweepSpec, base: TrainConfig) -> dict[str, EvalConfig]:
+    """name -> EvalConfig for every variant of the spec over the config `base`."""
+    return apply_variants(base, variant_overrides(spec))
 
 
 def describe_space(spec: SweepSpec, base: TrainConfig) -> list[str]:

@@ -371,6 +371,21 @@ def trial_count(spec: SweepSpec) -> int:
     return spec.num_samples * grid
 
 
+def epoch_range(spec: SweepSpec, base_epochs: int) -> tuple[int, int]:
+    """The fewest and the most epochs a trial runs: the bounds of a `schedule.epochs` axis, else the
+    base's count twice."""
+    if "schedule.epochs" not in spec.space:
+        return base_epochs, base_epochs
+    values = [int(v) for v in spec.space["schedule.epochs"].probe_values()]
+    return min(values), max(values)
+
+
+def asha_max_t(spec: SweepSpec, base_epochs: int) -> int:
+    """ASHA's max_t: one epoch more than the longest trial runs, so that trials which run all their
+    epochs end by themselves instead of being stopped at their last report (docs/operations.md, "ASHA")."""
+    return epoch_range(spec, base_epochs)[1] + 1
+
+
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     """The spec as plain YAML-ready data that `load_spec` reads back to the same spec."""
     return spec.model_dump(mode="json", exclude_none=True)

@@ -21,10 +21,13 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.stopper import Stopper
 
 from bagssl_core.config import flatten
+from bagssl_core.metrics import DIVERGED_AT_STEP
 from bagssl_core.probes import format_probe_table
 from bagssl_core.provenance import provenance
+from sweeps.report import trial_status
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 TAG_SWEEP = "bagssl.sweep"  # sweep storage key, on the parent and every child
 TAG_TRIAL = "bagssl.trial_id"
 TAG_ROLE = "bagssl.role"  # "sweep" | "trial" | "refine"
+TAG_FAILURE = "bagssl.failure"  # on a FAILED trial: why, in one line ("diverged at step 12: ...")
 TAG_REFINES = "bagssl.refines"  # on a refine run: the id of the search trial whose config it re-trains
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
+MAX_TAG_LEN = 5000
 
 
 class TrackingError(RuntimeError):
@@ -135,7 +140,7 @@ class MlflowTracker:
         self._log_metrics(self.parent_id, metrics, step=0)
         tags = {f"best.{k}": str(v) for k, v in summary.items() if k not in metrics}
         for k, v in tags.items():
-            self.client.set_tag(self.parent_id, k, v[:5000])
+            self.client.set_tag(self.parent_id, k, v[:MAX_TAG_LEN])
         for file_name, text in artifacts.items():
             self.client.log_text(self.parent_id, text, file_name)
         self.client.set_terminated(self.parent_id, status=status)
@@ -184,12 +189,20 @@ class MlflowTracker:
     def log_epoch(self, trial_id: str, metrics: Mapping[str, float], epoch: int) -> None:
         self._log_metrics(self._children[trial_id], metrics, step=epoch)
 
-    def finish_child(self, trial_id: str, status: str, artifacts: Mapping[str, str] = {}) -> None:
+    def finish_child(
+        self,
+        trial_id: str,
+        status: str,
+        artifacts: Mapping[str, str] = {},
+        tags: Mapping[str, str] = {},
+    ) -> None:
         run_id = self._children.get(trial_id)
         if run_id is None:
             return
         for file_name, text in artifacts.items():
             self.client.log_text(run_id, text, file_name)
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status=status)
 
     # --- helpers --------------------------------------------------------------------------------
@@ -293,14 +306,23 @@ class TrialLogger:
         self.tracker.log_epoch(trial_id, metrics, epoch)
 
     def complete(self, trial_id: str) -> None:
-        """FINISHED when the trial ran every epoch, KILLED when the scheduler stopped it early."""
-        status = "FINISHED" if self.last_epoch.get(trial_id, 0) >= self.epochs else "KILLED"
-        table = format_probe_table(self.last_result.get(trial_id, {}))
+        """A trial that ended without an error: FINISHED when it ran the epochs it planned, KILLED when
+        the scheduler stopped it early, FAILED when its loss diverged (`report.trial_status`)."""
+        last = self.last_result.get(trial_id, {})
+        status = trial_status(last, self.params.get(trial_id, {}), False, self.epochs)
+        if status == "FAILED":
+            self.error(trial_id, f"diverged at step {int(last[DIVERGED_AT_STEP])}: the loss was not finite")
+            return
+        table = format_probe_table(last)
         self.tracker.finish_child(trial_id, status, {"probes.txt": table} if table else {})
         self.statuses[trial_id] = status
 
     def error(self, trial_id: str, message: str) -> None:
-        self.tracker.finish_child(trial_id, "FAILED", {"error.txt": message})
+        """FAILED, with the reason as the `bagssl.failure` tag (its last line) and `error.txt` (all of it)."""
+        lines = [line for line in message.strip().splitlines() if line.strip()] or ["failed"]
+        self.tracker.finish_child(
+            trial_id, "FAILED", {"error.txt": message}, {TAG_FAILURE: lines[-1].strip()[:MAX_TAG_LEN]}
+        )
         self.statuses[trial_id] = "FAILED"
 
 
@@ -328,7 +350,13 @@ class MlflowTuneCallback(Callback):
         self.child_tags = dict(child_tags)
         self.logger: TrialLogger | None = None
 
-    def setup(self, **info: Any) -> None:
+    def setup(
+        self,
+        stop: Stopper | None = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
         uri, experiment, sweep_key, parent_id = self.settings
         tracker = MlflowTracker(uri, experiment, sweep_key)
         tracker.attach_parent(parent_id)

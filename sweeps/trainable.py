@@ -7,6 +7,7 @@ Ray worker loop and `--local` mode both call it, so a trial debugged locally is 
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -15,13 +16,19 @@ from typing import Any, Literal
 
 import ray.train
 from ray import tune
-from ray.train.torch import TorchTrainer
+
+# Train v2's trainer and configs (Ray 2.60's default Train, and the one `controller_failure_limit` belongs
+# to), from their own modules: `ray.train` and `ray.train.torch` export these same classes at runtime but
+# v1's to a type checker.
+from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2.torch.torch_trainer import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten, merge_overrides
+from bagssl_core.metrics import DIVERGED_AT_STEP
 from bagssl_core.train import RunResult, train
 from sweeps.resources import worker_resources
-from sweeps.space import trial_overrides
+from sweeps.space import apply_variants, trial_overrides
 from sweeps.spec import Objective, ResourcesSpec
 
 # metrics, checkpoint directory (rank 0, when one was written this epoch)
@@ -33,7 +40,7 @@ class TrialPlan:
     """Everything a trial needs besides its sampled parameters; plain data, so Ray can ship it."""
 
     base: dict[str, Any]
-    eval_variants: dict[str, dict[str, Any]]
+    eval_variants: dict[str, dict[str, Any]]  # name -> dotted eval overrides (`space.variant_overrides`)
     metric: str
     mode: Literal["max", "min"]
 
@@ -52,8 +59,9 @@ class TrialPlan:
         flat["derived.patch_px"] = cfg.patch_px
         return flat, {"config.yaml": config_to_yaml(cfg)}
 
-    def variants(self) -> dict[str, EvalConfig]:
-        return {k: EvalConfig.model_validate(v) for k, v in self.eval_variants.items()}
+    def variants(self, cfg: TrainConfig) -> dict[str, EvalConfig]:
+        """The evaluation variants of the trial whose config is cfg: built on its own eval settings."""
+        return apply_variants(cfg, self.eval_variants)
 
 
 def with_objective(metrics: dict[str, float], objective: Objective) -> dict[str, float]:
@@ -73,21 +81,34 @@ def run_trial(
     report: TrialReporter,
     resume_from: Path | None = None,
 ) -> RunResult:
-    """Train one trial's config, probing every evaluation variant, and pass each epoch to `report`."""
+    """Train one trial's config, probing every evaluation variant, and pass each epoch to `report`.
+
+    A run whose loss diverged is a result, not an error: it ends with one more report,
+    `{DIVERGED_AT_STEP: the step, plan.metric: NaN}`. That report has no epoch, so the schedulers and the
+    searcher learn nothing from it; it has the objective because Tune requires the objective in every
+    result; and no exception means Ray Train does not retry a run whose exact resume would diverge again.
+    """
     cfg = plan.config(params)
     objective = plan.objective()
 
     def reporter(metrics: dict[str, float], ckpt: Path | None) -> None:
         report(with_objective(metrics, objective), ckpt)
 
-    return train(cfg, out_dir, reporter=reporter, resume_from=resume_from, eval_variants=plan.variants())
+    result = train(cfg, out_dir, reporter=reporter, resume_from=resume_from, eval_variants=plan.variants(cfg))
+    if result.status == "diverged":
+        report({DIVERGED_AT_STEP: result.metrics[DIVERGED_AT_STEP], plan.metric: math.nan}, None)
+    return result
 
 
 # --- Ray -------------------------------------------------------------------------------------------
 
 
 def worker_loop(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function: the process group is already initialised by TorchTrainer."""
+    """Ray Train's per-worker function: the process group is already initialised by TorchTrainer.
+
+    It returns normally when the loss diverged too (see `run_trial`): only an exception, an
+    infrastructure fault, makes Train restart the workers.
+    """
     plan: TrialPlan = config["plan"]
     params: dict[str, Any] = config["params"]
 
@@ -100,9 +121,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         _restored_checkpoint(ray.train.get_checkpoint()) as resume,
         tempfile.TemporaryDirectory(prefix="bagssl_") as d,
     ):
-        result = run_trial(plan, params, Path(d), report, resume)
-    if result.status != "finished":
-        raise RuntimeError(f"trial {result.status}: {result.metrics.get('diverged_at_step', '')}")
+        run_trial(plan, params, Path(d), report, resume)
 
 
 @contextlib.contextmanager
@@ -123,19 +142,20 @@ def make_trial_fn(
         plan: what every trial of the sweep shares.
         storage_path: where the trials' Train runs live.
         resources: each trial's workers and what each one holds.
-        max_failures: times a failed Train run restarts from its last checkpoint.
+        max_failures: times a Train run restarts from its last checkpoint after an error (a worker or
+            node lost...); a diverged run is not an error and never restarts.
     """
 
     def trial_fn(params: dict[str, Any]) -> None:
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"plan": plan, "params": params},
-            scaling_config=ray.train.ScalingConfig(
+            scaling_config=ScalingConfig(
                 num_workers=resources.workers_per_trial,
                 use_gpu=resources.gpus_per_worker > 0,
                 resources_per_worker=worker_resources(resources),
             ),
-            run_config=ray.train.RunConfig(
+            run_config=RunConfig(
                 # The trial id and no timestamp: a restored trial finds its Train run, and its
                 # checkpoints, by this name (docs/operations.md, "Resuming").
                 name=f"train_{tune.get_context().get_trial_id()}",
@@ -143,8 +163,8 @@ def make_trial_fn(
                 callbacks=[TuneReportCallback()],
                 # A finite controller_failure_limit: Ray's default retries a worker group that never
                 # starts forever (docs/operations.md, "Resources").
-                failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=3),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
         trainer.fit()

@@ -14,12 +14,13 @@ import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
-from ray.tune.search.optuna import OptunaSearch
 
+from bagssl_core.metrics import EPOCH
 from sweeps.cluster import Placement
 from sweeps.report import TrialOutcome, trial_status
+from sweeps.searcher import FidelitySearch, journal_storage
 from sweeps.space import param_space
-from sweeps.spec import SweepSpec, trial_count
+from sweeps.spec import SweepSpec, asha_max_t, trial_count
 from sweeps.tracking import MlflowTuneCallback, trainer_metrics
 from sweeps.trainable import TrialPlan, make_trial_fn
 
@@ -49,13 +50,12 @@ def run_with_ray(
     if grid.num_terminated + grid.num_errors < trial_count(spec):
         return None
     out = []
-    for res in grid:
+    for res in (grid[i] for i in range(len(grid))):  # ResultGrid indexes but does not declare __iter__
         metrics = trainer_metrics(res.metrics or {})
         tid = (res.metrics or {}).get("trial_id") or Path(res.path).name
+        params = dict(res.config or {})
         out.append(
-            TrialOutcome(
-                tid, dict(res.config or {}), trial_status(metrics, res.error is not None, epochs), metrics
-            )
+            TrialOutcome(tid, params, trial_status(metrics, params, res.error is not None, epochs), metrics)
         )
     return out
 
@@ -68,19 +68,19 @@ def build_tuner(
     epochs: int,
     callback: MlflowTuneCallback,
 ) -> tune.Tuner:
-    """A fresh Tune experiment at exp_dir (its storage path / its name)."""
+    """A fresh Tune experiment at exp_dir (its storage path / its name); `epochs` is the base's."""
     storage, name = exp_dir.rsplit("/", 1)
     tune_config = tune.TuneConfig(
         metric=spec.metric,
         mode=spec.mode,
-        search_alg=_search_algorithm(spec, trials_at_once),
+        search_alg=_search_algorithm(spec, trials_at_once, exp_dir, epochs),
         scheduler=_scheduler(spec, epochs),
         num_samples=spec.num_samples,
     )
     # The live table: the objective and the searched parameters of every trial, best first.
     reporter = tune.CLIReporter(
         metric_columns={
-            "epoch": "epoch",
+            EPOCH: "epoch",
             spec.metric: spec.metric,
             "train/loss": "loss",
             "patches_per_s": "patches/s",
@@ -101,7 +101,9 @@ def build_tuner(
     )
 
 
-def _search_algorithm(spec: SweepSpec, trials_at_once: int) -> SearchAlgorithm | Searcher:
+def _search_algorithm(
+    spec: SweepSpec, trials_at_once: int, exp_dir: str, epochs: int
+) -> SearchAlgorithm | Searcher:
     """The spec's searcher, limited to `trials_at_once` live trials.
 
     The limit lives here and not in `TuneConfig.max_concurrent_trials`: Tune applies that one by wrapping a
@@ -110,13 +112,12 @@ def _search_algorithm(spec: SweepSpec, trials_at_once: int) -> SearchAlgorithm |
     both searchers here is the one way that covers both.
     """
     if spec.search.algo == "optuna":
-        return ConcurrencyLimiter(_optuna(spec), max_concurrent=trials_at_once)
+        return ConcurrencyLimiter(_optuna(spec, exp_dir, epochs), max_concurrent=trials_at_once)
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=trials_at_once)
 
 
-def _optuna(spec: SweepSpec) -> OptunaSearch:
-    # Known limitation: a trial the scheduler stopped reaches Optuna as COMPLETE with its last value
-    # (docs/operations.md, "Optuna and stopped trials").
+def _optuna(spec: SweepSpec, exp_dir: str, epochs: int) -> FidelitySearch:
+    """Optuna with the spec's seeded sampler; its study, named after the sweep, in the experiment directory."""
     s = spec.search
     samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),
@@ -124,20 +125,19 @@ def _optuna(spec: SweepSpec) -> OptunaSearch:
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=s.seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
     }
-    return OptunaSearch(sampler=samplers[s.sampler](), seed=s.seed)
+    return FidelitySearch(samplers[s.sampler](), journal_storage(exp_dir), spec.name, epochs)
 
 
 def _scheduler(spec: SweepSpec, epochs: int) -> TrialScheduler:
-    # "epoch", not Tune's training_iteration: that one counts from 1 again after a resume
+    # The trainer's epoch, not Tune's training_iteration: that one counts from 1 again after a resume
     # (docs/operations.md, "ASHA").
     if spec.scheduler.name == "asha":
-        # max_t above the epoch count: trials that run all epochs end by themselves.
         return ASHAScheduler(
-            time_attr="epoch",
-            max_t=epochs + 1,
+            time_attr=EPOCH,
+            max_t=asha_max_t(spec, epochs),
             grace_period=spec.scheduler.grace_period,
             reduction_factor=spec.scheduler.reduction_factor,
         )
     if spec.scheduler.name == "median":
-        return MedianStoppingRule(time_attr="epoch", grace_period=spec.scheduler.grace_period)
+        return MedianStoppingRule(time_attr=EPOCH, grace_period=spec.scheduler.grace_period)
     return FIFOScheduler()

@@ -11,7 +11,7 @@ from torch import nn
 from bagssl_core import crops as C
 from bagssl_core import patches as P
 from bagssl_core.aggregate import SCHEMES, extract_features
-from bagssl_core.config import NATIVE_IMAGE_SIZE, TrainConfig, load_config
+from bagssl_core.config import NATIVE_IMAGE_SIZE, TrainConfig, load_config, validate_config
 from bagssl_core.data import FASHION_MNIST_SYSTEM_DIR, load_split
 from bagssl_core.models import BagSSLModel, build_model
 
@@ -42,7 +42,7 @@ def cfg(request: pytest.FixtureRequest) -> TrainConfig:
         [
             f"data.name={request.param}",
             "data.test_subset=8",
-            "data.synthetic_test=8",
+            *(["data.synthetic_test=8"] if request.param == "synthetic" else []),
             "patch.size=12",
             "patch.input_size=16",
             "model.projector=[16, 16]",
@@ -55,7 +55,8 @@ def cfg(request: pytest.FixtureRequest) -> TrainConfig:
 @pytest.fixture(scope="module")
 def model() -> BagSSLModel:
     torch.manual_seed(0)
-    return build_model(load_config(None, ["model.projector=[16, 16]"]).model).eval()
+    cfg = load_config(None, ["model.projector=[16, 16]"])
+    return build_model(cfg.model, cfg.in_channels).eval()
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +158,7 @@ def test_schemes_sharing_a_view_share_one_forward_pass(
 def test_random_eval_patches_are_deterministic(
     model: BagSSLModel, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig
 ) -> None:
-    rnd = TrainConfig.model_validate(
-        {**cfg.model_dump(), "eval": {**cfg.eval.model_dump(), "patches": "random", "num_patches": 5}}
-    )
+    rnd = validate_config({"eval": {"patches": "random", "num_patches": 5}}, defaults=cfg.model_dump())
     sizes: list[int] = []
     hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
     try:

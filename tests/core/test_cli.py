@@ -1,6 +1,7 @@
 """`python -m bagssl_core` as a user runs it: bad input is one message on stderr and exit 2 (no traceback);
-a tiny real run writes its run directory and prints validation and test accuracies side by side, and
-`eval` reproduces both from the checkpoint.
+a tiny real run writes its run directory and prints validation and test accuracies side by side, `eval`
+reproduces both from the checkpoint, and `--resume` continues a run from its own config (refusing a
+different one) or reports a run that has ended.
 
 Every subprocess pays ~5 s of imports, so the module trains once, then runs every other command at the
 same time (a few at once) and each test checks one of the results.
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import yaml
@@ -30,7 +33,6 @@ TINY = [
     "patch.input_size=16",
     "model.projector=[32,32]",
     "eval.probes=[knn]",
-    "eval.linear_epochs=1",
     "run.threads=1",
     "schedule.epochs=1",
 ]
@@ -57,6 +59,20 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         ["train", "--out", "run", "--quiet", "--preset", "none", *TINY],
         r"^error: run: already holds a run; pass --resume to continue it, or another --out$",
     ),
+    "resume_nothing": (
+        ["train", "--out", "nothing", "--resume"],
+        r"^error: --resume: nothing/config\.yaml: no such file; expected the directory of a run to continue$",
+    ),
+}
+# Resuming the finished tiny run: name -> arguments.
+RESUME = {
+    # nothing but the run directory: the run's own config
+    "resume_ended": ["train", "--out", "run", "--resume"],
+    # the run's own config again, on another number of threads (a key of the run's environment)
+    "resume_same_config": ["train", "--out", "run", "--resume", "--preset", "none", *TINY, "run.threads=2"],
+    # a config that builds the same model but is not the run's: refused, every differing key named
+    "resume_other_config": ["train", "--out", "run", "--resume", "--preset", "none", *TINY, "eval.knn_k=5"],
+    "resume_overrides": ["train", "--out", "run", "--resume", "patch.size=8", "optim.name=adamw"],
 }
 
 
@@ -72,6 +88,18 @@ def files_of(directory: Path) -> dict[str, bytes]:
     }
 
 
+def mtimes_of(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime_ns for p in sorted(directory.rglob("*"))}
+
+
+class Trained(NamedTuple):
+    """The tiny run in `work/run`: its `train` process, and the bytes and times of what it left there."""
+
+    proc: subprocess.CompletedProcess[str]
+    files: dict[str, bytes]
+    mtimes: dict[str, int]
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("cli")
@@ -83,17 +111,14 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(work: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, bytes]]:
-    """The real tiny training run in `work/run`, and the bytes of every file it left there."""
+def trained(work: Path) -> Trained:
     proc = cli(["train", "--out", "run", "--quiet", "--preset", "none", *TINY], work)
-    return proc, files_of(work / "run")
+    return Trained(proc, files_of(work / "run"), mtimes_of(work / "run"))
 
 
 @pytest.fixture(scope="module")
-def results(
-    work: Path, trained: tuple[subprocess.CompletedProcess[str], dict[str, bytes]]
-) -> dict[str, subprocess.CompletedProcess[str]]:
-    commands = {name: args for name, (args, _) in BAD_INPUT.items()}
+def results(work: Path, trained: Trained) -> dict[str, subprocess.CompletedProcess[str]]:
+    commands = {name: args for name, (args, _) in BAD_INPUT.items()} | RESUME
     commands["eval_checkpoint"] = ["eval", "run", "--out", "eval.json"]
     commands["eval_random_init"] = ["eval", "--random-init", "--config", "tiny.yaml", "--out", "random.json"]
     commands["eval_random_init_overrides"] = ["eval", "--random-init", "--out", "random2.json", *TINY]
@@ -115,18 +140,16 @@ def test_bad_input_is_one_message_and_exit_2(
 
 
 def test_a_run_directory_is_never_overwritten(
-    work: Path,
-    trained: tuple[subprocess.CompletedProcess[str], dict[str, bytes]],
-    results: dict[str, subprocess.CompletedProcess[str]],
+    work: Path, trained: Trained, results: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
+    """Neither a new run nor any `--resume` of the ended run (refused or not) changes a file there."""
     assert results["run_dir_taken"].returncode == 2
-    assert files_of(work / "run") == trained[1]
+    assert files_of(work / "run") == trained.files
+    assert mtimes_of(work / "run") == trained.mtimes
 
 
-def test_train_writes_a_complete_run_directory(
-    work: Path, trained: tuple[subprocess.CompletedProcess[str], dict[str, bytes]]
-) -> None:
-    proc, files = trained
+def test_train_writes_a_complete_run_directory(work: Path, trained: Trained) -> None:
+    proc, files, _ = trained
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert {
@@ -165,14 +188,12 @@ def assert_probe_table(stdout: str, metrics: dict[str, float]) -> None:
 
 
 def test_eval_reproduces_the_runs_probe(
-    work: Path,
-    trained: tuple[subprocess.CompletedProcess[str], dict[str, bytes]],
-    results: dict[str, subprocess.CompletedProcess[str]],
+    work: Path, trained: Trained, results: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
     proc = results["eval_checkpoint"]
     assert proc.returncode == 0, proc.stderr
     report = json.loads((work / "eval.json").read_text())
-    summary = json.loads(trained[1]["summary.json"])
+    summary = json.loads(trained.files["summary.json"])
     assert (report["checkpoint"], report["epoch"]) == ("run", 1)
     probes = {k: v for k, v in summary.items() if "/" in k and not k.startswith("train/")}
     assert len(probes) == 2 * (2 * 3 + 1)  # val and test: knn top1, top5 with their bounds, n_images
@@ -200,3 +221,77 @@ def test_eval_random_init_with_overrides(
     assert {"val/knn_top1/mean_emb", "test/knn_top1/mean_emb"} <= set(
         json.loads((work / "random2.json").read_text())
     )
+
+
+# --- --resume ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["resume_ended", "resume_same_config"])
+def test_resuming_an_ended_run_prints_its_results(
+    case: str, trained: Trained, results: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    """It changes no file (test_a_run_directory_is_never_overwritten), whatever config the run had."""
+    proc = results[case]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "run: the run has already ended; nothing to resume, nothing changed" in proc.stderr
+    assert proc.stdout == trained.proc.stdout  # the same probe table and status line as at the end
+
+
+@pytest.mark.parametrize(
+    ("case", "differences"),
+    [
+        ("resume_other_config", ["eval.knn_k: run has 20, given 5"]),
+        (
+            "resume_overrides",
+            [
+                "patch.size: run has 16, given 8",
+                "optim.name: run has lars, given adamw",
+                "optim.momentum: run has 0.9, given (not used)",
+                "optim.lars_eta: run has 0.02, given (not used)",
+                "optim.betas: run has (not used), given [0.9, 0.999]",
+            ],
+        ),
+    ],
+)
+def test_resume_refuses_a_config_that_is_not_the_runs(
+    case: str, differences: list[str], results: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    proc = results[case]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    first, *listed = proc.stderr.strip().splitlines()
+    assert first.startswith("error: --resume: the given config differs from the run's (run/config.yaml)")
+    assert "only data.num_workers, data.root, run.device, run.out_dir, run.threads may change" in first
+    assert sorted(line.strip() for line in listed) == sorted(differences)
+
+
+# Wall-clock measurements: the only metrics two runs of the same config may disagree on.
+TIMING_KEYS = {"patches_per_s", "epoch_seconds"}
+
+
+def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+def test_resume_continues_an_interrupted_run_from_its_own_config(work: Path) -> None:
+    """A 2-epoch run cut back to the state a crash after epoch 1 leaves, then `--resume` with nothing but
+    the directory: it trains epoch 2 from the run's config.yaml (not the quick preset's) and ends exactly
+    where the uninterrupted run ended."""
+    out = work / "cut"
+    whole = cli(["train", "--out", "cut", "--quiet", "--preset", "none", *TINY, "schedule.epochs=2"], work)
+    assert whole.returncode == 0, whole.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "epoch_0002")
+    (out / "metrics.jsonl").write_text(epochs[0] + "\n")
+
+    proc = cli(["train", "--out", "cut", "--resume", "--quiet"], work)
+    assert proc.returncode == 0, proc.stderr
+    assert "status: finished after 2 epochs; run directory: cut" in proc.stdout
+    assert without_timing(json.loads((out / "summary.json").read_text())) == without_timing(summary)
+    resumed = (out / "metrics.jsonl").read_text().splitlines()
+    assert [without_timing(json.loads(line)) for line in resumed] == [
+        without_timing(json.loads(line)) for line in epochs
+    ]

@@ -1,5 +1,6 @@
 """TrainConfig: YAML files and dotted overrides, the errors that name the key (and file and line), the
-cross-field checks, the YAML round trip and the derived values."""
+cross-field checks, one config per loss, knobs the chosen options ignore, the YAML round trip and the
+derived values."""
 
 from __future__ import annotations
 
@@ -8,22 +9,32 @@ from pathlib import Path
 
 import pytest
 
+from bagssl_core.aggregate import SCHEMES
 from bagssl_core.config import (
+    BAG_SCHEMES,
+    KNOB_RULES,
+    PRESETS,
+    BagVICRegConfig,
     ConfigError,
+    KnobRule,
     TrainConfig,
     config_defaults,
+    config_reference,
     config_to_yaml,
+    flatten,
     load_config,
     parse_overrides,
     parse_value,
     set_dotted,
+    show_value,
+    validate_config,
 )
 
 
-def config_error(overrides: list[str], path: Path | None = None) -> str:
-    """The message of the ConfigError that loading `path` with `overrides` must raise."""
+def config_error(overrides: list[str], path: Path | None = None, preset: str | None = None) -> str:
+    """The message of the ConfigError that loading `path` with `overrides` (over `preset`) must raise."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_config(path, overrides, preset)
     return str(info.value)
 
 
@@ -159,6 +170,8 @@ def test_a_file_section_over_a_preset_keeps_the_presets_other_keys(tmp_path: Pat
 
 # --- cross-field checks ----------------------------------------------------------------------------
 
+MULTISCALE = "eval.aggregation=[multiscale]"
+
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
@@ -172,9 +185,12 @@ def test_a_file_section_over_a_preset_keeps_the_presets_other_keys(tmp_path: Pat
         (["loss.name=vicreg", "patch.num=3"], r"patch\.num: two-view vicreg uses exactly 2 views"),
         (["eval.grid_size=40"], r"eval\.grid_size: a 40-px grid patch does not fit a 28-px image"),
         (["eval.grid_size=0.0"], r"eval\.grid_size: expected pixels"),
-        (["eval.multiscale_sizes=[0.5,40]"], r"eval\.multiscale_sizes: 40 does not fit a 28-px image"),
-        (["eval.multiscale_sizes=[1.5]"], r"eval\.multiscale_sizes: 1\.5 does not fit"),
-        (["eval.multiscale_sizes=[0]"], r"eval\.multiscale_sizes: 0 does not fit"),
+        (
+            [MULTISCALE, "eval.multiscale_sizes=[0.5,40]"],
+            r"eval\.multiscale_sizes: 40 does not fit a 28-px image",
+        ),
+        ([MULTISCALE, "eval.multiscale_sizes=[1.5]"], r"eval\.multiscale_sizes: 1\.5 does not fit"),
+        ([MULTISCALE, "eval.multiscale_sizes=[0]"], r"eval\.multiscale_sizes: 0 does not fit"),
     ],
 )
 def test_cross_field_checks(overrides: list[str], expected: str) -> None:
@@ -186,7 +202,7 @@ def test_cross_field_checks_accept_the_edges() -> None:
     load_config(None, ["patch.size=1.0"])  # the whole side as a fraction
     load_config(None, ["loss.name=vicreg", "patch.num=2"])
     load_config(None, ["loss.name=tcr", "patch.num=2"])
-    load_config(None, ["eval.multiscale_sizes=[1, 28, 0.1]"])
+    load_config(None, [MULTISCALE, "eval.multiscale_sizes=[1, 28, 0.1]"])
 
 
 # --- files -------------------------------------------------------------------------------------------
@@ -259,10 +275,9 @@ def test_input_size_eval_patches_and_stride() -> None:
     cfg = load_config(None, ["patch.size=12"])
     assert cfg.input_size == 28  # None = the image size
     assert (cfg.eval_patch_px, cfg.eval_stride, cfg.eval_num_patches) == (12, 6, 16)
-    cfg = load_config(
-        None, ["patch.input_size=32", "eval.grid_size=0.5", "eval.grid_stride=5", "eval.num_patches=4"]
-    )
-    assert (cfg.input_size, cfg.eval_patch_px, cfg.eval_stride, cfg.eval_num_patches) == (32, 14, 5, 4)
+    cfg = load_config(None, ["patch.input_size=32", "eval.grid_size=0.5", "eval.grid_stride=5"])
+    assert (cfg.input_size, cfg.eval_patch_px, cfg.eval_stride) == (32, 14, 5)
+    assert load_config(None, ["eval.patches=random", "eval.num_patches=4"]).eval_num_patches == 4
     assert load_config(None, ["patch.size=1"]).eval_stride == 1  # half of 1 px rounds up to a 1-px step
 
 
@@ -293,3 +308,146 @@ def test_config_defaults_are_the_dotted_leaves() -> None:
     for path in paths:  # every leaf is a key a YAML file or an override may set
         section, *rest = path.split(".")
         assert section in TrainConfig.model_fields and rest
+
+
+def test_config_defaults_know_the_knobs_of_every_loss() -> None:
+    paths = config_defaults()
+    assert (paths["loss.name"], paths["loss.inv_weight"], paths["loss.eps"]) == ("bag_vicreg", 25.0, 0.2)
+    assert {"loss.coding_rate_weight", "loss.similarity_weight", "loss.gather_distributed"} <= paths.keys()
+    assert not any(p.startswith("loss.tcr_") for p in paths)
+
+
+# --- the loss: one config per loss, each with its own knobs --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["loss.name=tcr", "patch.num=2", "loss.inv_weight=3"],
+            "overrides: loss.inv_weight: not a knob of loss 'tcr' "
+            "(its knobs: eps, coding_rate_weight, similarity_weight, gather_distributed)",
+        ),
+        (
+            ["loss.eps=0.3"],
+            "overrides: loss.eps: not a knob of loss 'bag_vicreg' "
+            "(its knobs: inv_weight, var_weight, cov_weight, gather_distributed)",
+        ),
+        (
+            ["loss.name=simclr"],
+            "overrides: loss.name: expected one of 'bag_vicreg', 'tcr', 'vicreg' (got 'simclr')",
+        ),
+        (["loss.name=tcr", "loss.eps=0"], "overrides: loss.eps: expected greater than 0 (got 0)"),
+    ],
+)
+def test_a_knob_of_another_loss_is_an_error_naming_the_loss_and_its_knobs(
+    overrides: list[str], expected: str
+) -> None:
+    assert config_error(overrides) == expected
+
+
+def test_a_loss_section_without_a_name_configures_the_default_loss(tmp_path: Path) -> None:
+    cfg = load_config(None, ["loss.inv_weight=10"])
+    assert (cfg.loss.name, cfg.loss) == ("bag_vicreg", BagVICRegConfig(inv_weight=10))
+    path = tmp_path / "tcr.yaml"
+    path.write_text("patch: {num: 4}\nloss:\n  name: tcr\n  eps: 0.5\n  var_weight: 2\n")
+    assert config_error([], path) == (
+        f"{path}:5: loss.var_weight: not a knob of loss 'tcr' "
+        "(its knobs: eps, coding_rate_weight, similarity_weight, gather_distributed)"
+    )
+
+
+# --- knobs the chosen options ignore -----------------------------------------------------------------
+
+# Configs that switch options; every rule of KNOB_RULES must find one of them that ignores its knob.
+OPTION_SETS = [
+    [],
+    ["optim.name=adamw"],
+    ["optim.name=sgd"],
+    ["loss.name=tcr", "patch.num=2"],
+    ["data.name=synthetic"],
+    ["data.name=cifar10"],
+    ["data.name=imagefolder"],
+    ["data.to_rgb=false"],
+    ["eval.patches=random"],
+    ["eval.aggregation=[whole]"],
+    ["eval.probes=[knn]"],
+    ["eval.probes=[linear]"],
+]
+
+
+@pytest.mark.parametrize("rule", KNOB_RULES, ids=lambda r: r.knob)
+def test_a_knob_set_while_its_options_ignore_it_is_an_error(rule: KnobRule) -> None:
+    """Even set to its default value: the config would claim a setting the run does not have."""
+    ignoring = [o for o in OPTION_SETS if rule.knob in load_config(None, o).ignored_knobs()]
+    assert ignoring, f"no config of OPTION_SETS ignores {rule.knob}"
+    using = [o for o in OPTION_SETS if rule.knob not in load_config(None, o).ignored_knobs()]
+    setting = f"{rule.knob}={show_value(config_defaults()[rule.knob])}"
+    for options in ignoring:
+        msg = config_error([*options, setting])
+        assert msg.startswith(f"overrides: {rule.knob}: ignored with "), msg
+        assert all(f"{o}=" in msg for o in rule.options), msg
+        assert msg.endswith(f"; it is used only {rule.when}"), msg
+    for options in using:
+        load_config(None, [*options, setting])
+
+
+def test_every_ignored_knob_is_named_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "adamw.yaml"
+    path.write_text("optim:\n  name: adamw\n  momentum: 0.9\n  lars_eta: 0.02\n")
+    assert config_error([], path).splitlines() == [
+        f"{path}:3: optim.momentum: ignored with optim.name=adamw; it is used only with optim.name=lars or sgd",
+        f"{path}:4: optim.lars_eta: ignored with optim.name=adamw; it is used only with optim.name=lars",
+    ]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: " ".join(o) or "defaults")
+def test_a_dump_leaves_out_the_ignored_knobs_and_loads_back(options: list[str], tmp_path: Path) -> None:
+    cfg = load_config(None, options)
+    dumped = flatten(cfg.model_dump(mode="json"))
+    assert cfg.ignored_knobs() and not set(cfg.ignored_knobs()) & set(dumped)
+    assert validate_config(cfg.model_dump()) == cfg
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_a_preset_is_a_layer_of_defaults() -> None:
+    """The quick preset's eval.grid_stride is not the user's choice: switching the grid off drops it."""
+    for name in PRESETS:
+        load_config(preset=name)
+    cfg = load_config(None, ["eval.patches=random"], preset="quick")
+    assert (cfg.eval.patches, cfg.eval.grid_stride) == ("random", None)
+    assert cfg.eval.linear_epochs == 10  # the preset's knobs the config uses stay
+    assert config_error(["eval.patches=random", "eval.grid_stride=7"], preset="quick").startswith(
+        "overrides: eval.grid_stride: ignored with eval.patches=random"
+    )
+
+
+def test_a_stored_config_is_a_layer_of_defaults_under_new_overrides() -> None:
+    stored = load_config(None, ["eval.grid_stride=4", "optim.name=sgd", "optim.momentum=0.8"]).model_dump()
+    cfg = validate_config({"eval": {"patches": "random"}, "optim": {"name": "adamw"}}, defaults=stored)
+    assert (cfg.eval.grid_stride, cfg.optim.momentum) == (None, 0.9)  # dropped: defaults again
+    with pytest.raises(ConfigError, match=r"eval\.grid_stride: ignored with eval\.patches=random"):
+        validate_config({"eval": {"patches": "random", "grid_stride": 4}}, defaults=stored)
+
+
+def test_bag_schemes_are_the_schemes_that_read_the_evaluation_bag() -> None:
+    assert set(BAG_SCHEMES) == {name for name, s in SCHEMES.items() if s.view == "bag"}
+
+
+def test_the_reference_says_which_loss_and_option_use_a_knob() -> None:
+    ref = config_reference()
+    assert (
+        "| `loss.eps` | `0.2` | Distortion eps^2 of the coding rate (EMP-SSL --eps). Used only with loss.name=tcr. |"
+        in ref
+    )
+    assert (
+        "| `loss.inv_weight` | `25.0` | lambda: invariance weight. Used only with loss.name=bag_vicreg or vicreg. |"
+        in ref
+    )
+    assert (
+        "| `optim.betas` | `[0.9, 0.999]` | Adam betas (beta1, beta2). Used only with optim.name=adamw. |"
+        in ref
+    )
+    assert [line.split("`")[1] for line in ref.splitlines()[2:]] == list(config_defaults())

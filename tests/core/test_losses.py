@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from bagssl_core.config import LossConfig
+from bagssl_core.config import BagVICRegConfig, TCRConfig, VICRegConfig, load_config
 from bagssl_core.losses import (
     BagVICRegLoss,
     LossOutput,
@@ -282,15 +282,29 @@ def test_bad_shapes_raise(call, message: str) -> None:
 
 
 def test_build_loss_from_config() -> None:
-    bag = build_loss(LossConfig(inv_weight=3.0, var_weight=4.0, cov_weight=5.0, gather_distributed=False))
+    bag = build_loss(
+        BagVICRegConfig(inv_weight=3.0, var_weight=4.0, cov_weight=5.0, gather_distributed=False)
+    )
     assert isinstance(bag, BagVICRegLoss)
     assert (bag.inv_weight, bag.var_weight, bag.cov_weight, bag.gather_distributed) == (3.0, 4.0, 5.0, False)
-    assert isinstance(build_loss(LossConfig(name="vicreg")), VICRegLoss)
-    tcr = build_loss(LossConfig(name="tcr", tcr_eps=0.5, tcr_weight=2.0, tcr_inv_weight=7.0))
+    assert isinstance(build_loss(VICRegConfig()), VICRegLoss)
+    tcr = build_loss(TCRConfig(eps=0.5, coding_rate_weight=2.0, similarity_weight=7.0))
     assert isinstance(tcr, TCRLoss)
-    assert (tcr.eps, tcr.tcr_weight, tcr.inv_weight, tcr.gather_distributed) == (0.5, 2.0, 7.0, True)
-    with pytest.raises(ValueError, match="unknown loss"):
-        build_loss(LossConfig.model_construct(name="simclr"))
+    assert (tcr.eps, tcr.coding_rate_weight, tcr.similarity_weight, tcr.gather_distributed) == (
+        0.5,
+        2.0,
+        7.0,
+        True,
+    )
+
+
+def test_each_loss_of_a_train_config_gets_its_own_knobs() -> None:
+    """`loss.name` picks the loss config, so the loss built from a run config is the one it names."""
+    tcr = build_loss(load_config(None, ["loss.name=tcr", "loss.eps=0.3", "patch.num=2"]).loss)
+    assert isinstance(tcr, TCRLoss) and tcr.eps == 0.3
+    assert isinstance(build_loss(load_config(None, ["loss.inv_weight=5"]).loss), BagVICRegLoss)
+    vicreg = build_loss(load_config(None, ["loss.name=vicreg", "loss.cov_weight=2", "patch.num=2"]).loss)
+    assert isinstance(vicreg, VICRegLoss) and vicreg.cov_weight == 2.0
 
 
 # --- distributed -------------------------------------------------------------------------------------------

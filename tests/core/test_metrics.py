@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from pydantic import TypeAdapter
 
 from bagssl_core.config import EvalConfig, LossConfig, TrainConfig
 from bagssl_core.losses import LOSSES, build_loss, loss_parts
@@ -144,7 +145,8 @@ def test_metric_names_are_the_keys_string_forms() -> None:
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_each_loss_returns_the_parts_it_names(name: str) -> None:
     z = torch.randn(8, 2, 16, generator=torch.Generator().manual_seed(0))
-    assert tuple(build_loss(LossConfig(name=name, gather_distributed=False))(z).parts) == loss_parts(name)
+    cfg = TypeAdapter(LossConfig).validate_python({"name": name, "gather_distributed": False})
+    assert tuple(build_loss(cfg)(z).parts) == loss_parts(name)
 
 
 def test_expected_metrics_of_a_config() -> None:

@@ -1,4 +1,5 @@
-"""bagssl_core.models: backbone shapes and stems, projector structure, device preparation."""
+"""bagssl_core.models: backbone shapes and stems, input channels from the data, projector structure, device
+preparation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bagssl_core.config import ModelConfig
+from bagssl_core.config import ModelConfig, load_config
+from bagssl_core.data import load_split
 from bagssl_core.models import BACKBONES, BagSSLModel, Projector, build_model, prepare_for_device
 from bagssl_core.syncbn import GlobalBatchNorm
 
@@ -19,7 +21,7 @@ from bagssl_core.syncbn import GlobalBatchNorm
 )
 def test_output_shapes(backbone: str, side: int, dim: int) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, projector=[64, 32]))
+    model = build_model(ModelConfig(backbone=backbone, projector=[64, 32]), 3)
     assert isinstance(model, BagSSLModel) and (model.embed_dim, model.proj_dim) == (dim, 32)
     h, z = model(torch.randn(2, 3, side, side))
     assert h.shape == (2, dim) and z.shape == (2, 32)
@@ -34,6 +36,20 @@ def test_registry_dims_and_grayscale_input() -> None:
     assert model.backbone.conv1.in_channels == 1
     h, z = model.eval()(torch.randn(2, 1, 8, 8))
     assert h.shape == (2, 512) and z.shape == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "channels"),
+    [([], 3), (["data.to_rgb=false"], 1), (["data.name=synthetic"], 3)],
+    ids=["fashion_mnist_rgb", "fashion_mnist_gray", "synthetic"],
+)
+def test_the_model_takes_the_channels_the_data_gives(overrides: list[str], channels: int) -> None:
+    cfg = load_config(None, [*overrides, "data.test_subset=4", "model.projector=[16]"])
+    data = load_split(cfg.data, "test", cfg.run.seed)
+    assert data.channels == cfg.in_channels == channels
+    images = torch.stack([data[i][0] for i in range(4)]).float() / 255
+    h, z = build_model(cfg.model, cfg.in_channels).eval()(images)
+    assert h.shape == (4, 512) and z.shape == (4, 16)
 
 
 def test_resnet18_cifar_stem() -> None:
@@ -65,12 +81,12 @@ def test_projector_structure() -> None:
 def test_unknown_backbone_lists_valid_names() -> None:
     cfg = ModelConfig.model_construct(backbone="vit_tiny", projector=[8], sync_bn=False, channels_last=True)
     with pytest.raises(ValueError, match=r"vit_tiny.*resnet18.*resnet18_cifar.*resnet50"):
-        build_model(cfg)
+        build_model(cfg, 3)
 
 
 def test_prepare_for_device_on_cpu_keeps_layout_and_bn() -> None:
     cfg = ModelConfig(projector=[16], sync_bn=True, channels_last=True)
-    model = prepare_for_device(build_model(cfg), "cpu", cfg)
+    model = prepare_for_device(build_model(cfg, 3), "cpu", cfg)
     # Not distributed: plain BatchNorm stays; CPU: no channels_last.
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
     assert model.backbone.conv1.weight.is_contiguous()
@@ -81,11 +97,11 @@ def test_sync_bn_on_cpu_under_distributed_uses_global_batchnorm(tmp_path: Path) 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         cfg = ModelConfig(projector=[16], sync_bn=True)
-        model = prepare_for_device(build_model(cfg), "cpu", cfg)
+        model = prepare_for_device(build_model(cfg, 3), "cpu", cfg)
         assert any(isinstance(m, GlobalBatchNorm) for m in model.modules())
         assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
         off = ModelConfig(projector=[16], sync_bn=False)
-        model = prepare_for_device(build_model(off), "cpu", off)
+        model = prepare_for_device(build_model(off, 3), "cpu", off)
         assert not any(isinstance(m, GlobalBatchNorm) for m in model.modules())
     finally:
         dist.destroy_process_group()
@@ -94,7 +110,7 @@ def test_sync_bn_on_cpu_under_distributed_uses_global_batchnorm(tmp_path: Path) 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_prepare_for_device_on_cuda_uses_channels_last() -> None:
     cfg = ModelConfig(projector=[16], channels_last=True)
-    model = prepare_for_device(build_model(cfg), "cuda", cfg)
+    model = prepare_for_device(build_model(cfg, 3), "cuda", cfg)
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     h, z = model(torch.randn(4, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last))
     assert h.shape == (4, 512) and z.shape == (4, 16)

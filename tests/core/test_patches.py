@@ -113,10 +113,11 @@ def test_crop_resize_boxes_is_exact_for_unscaled_boxes() -> None:
 
 def test_two_views_shape_range_and_seed() -> None:
     images = rand_images(b=3, side=16)
-    v = C.sample_two_views(images, (0.08, 1.0), 12, gen(5))
+    cfg = small_cfg(loss__name="vicreg", patch__num=2, patch__aug={"normalize": False})
+    v = P.train_batch(images, cfg, gen(5))
     assert v.shape == (3, 2, 3, 12, 12) and v.min() >= 0 and v.max() <= 1
-    assert torch.equal(v, C.sample_two_views(images, (0.08, 1.0), 12, gen(5)))
-    assert not torch.equal(v, C.sample_two_views(images, (0.08, 1.0), 12, gen(6)))
+    assert torch.equal(v, P.train_batch(images, cfg, gen(5)))
+    assert not torch.equal(v, P.train_batch(images, cfg, gen(6)))
 
 
 # --- evaluation grid, centre, whole -----------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bagssl_core.config import EvalConfig, LossConfig, TrainConfig, load_config
+from bagssl_core.config import BagVICRegConfig, EvalConfig, TrainConfig, load_config
 from bagssl_core.data import load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
@@ -47,7 +47,6 @@ TINY = [
     "patch.input_size=16",
     "model.projector=[32, 32]",
     "eval.probes=[knn]",
-    "eval.linear_epochs=1",
     "run.threads=1",
 ]
 # Wall-clock measurements: the only metrics two runs of the same config may disagree on.
@@ -187,6 +186,42 @@ def test_non_finite_loss_stops_the_run_as_diverged(tmp_path: Path) -> None:
     assert not (tmp_path / "checkpoints").exists()  # no checkpoint of a broken model
 
 
+# --- grayscale images kept as one channel ----------------------------------------------------------------
+
+
+def test_grayscale_kept_as_one_channel_trains_probes_and_reloads(tmp_path: Path) -> None:
+    """data.to_rgb=false on real Fashion-MNIST: a 1-channel backbone trains and probes, and the checkpoint's
+    config builds the same model back (what `python -m bagssl_core eval` does)."""
+    cfg = load_config(
+        None,
+        [
+            "data.to_rgb=false",
+            "data.train_subset=64",
+            "data.test_subset=32",
+            "data.batch_size=16",
+            "patch.num=2",
+            "patch.size=14",
+            "patch.input_size=14",
+            "model.projector=[32, 32]",
+            "eval.probes=[knn]",
+            "run.threads=1",
+            "schedule.epochs=1",
+        ],
+    )
+    result = train(cfg, tmp_path)
+    assert (result.status, result.epochs) == ("finished", 1)
+    assert 0.0 <= result.metrics["knn_top1/mean_emb"] <= 100.0
+    state = load_checkpoint(tmp_path)
+    stored = TrainConfig.model_validate(state["config"])
+    assert stored == cfg and stored.in_channels == 1
+    model = build_model(stored.model, stored.in_channels)
+    model.load_state_dict(state["model"])
+    assert model.backbone.conv1.in_channels == 1
+    data = [load_split(stored.data, split, stored.run.seed) for split in ("train", "test")]
+    again = evaluate(model, stored, *data, torch.device("cpu"))
+    assert again["knn_top1/mean_emb"] == result.metrics["knn_top1/mean_emb"]
+
+
 # --- learning-rate schedule ----------------------------------------------------------------------------
 
 
@@ -222,7 +257,7 @@ def test_lr_schedule_with_fractional_and_no_warm_up() -> None:
 
 def test_biases_and_norm_parameters_are_excluded_from_decay_and_lars() -> None:
     cfg = tiny("optim.weight_decay=0.05")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.in_channels)
     names = {id(p): n for n, p in model.named_parameters()}
     norm_params = {
         id(p)
@@ -285,7 +320,7 @@ def test_evaluate_names_metrics_by_split_scheme_and_variant() -> None:
     cfg = tiny("data.synthetic_train=48", "data.synthetic_test=16", "eval.grid_stride=16")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.in_channels)
     train_data, val_data, test_data = (
         load_split(cfg.data, s, cfg.run.seed) for s in ("train", "val", "test")
     )
@@ -364,9 +399,9 @@ def _step_parts(optim: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer
         }
     )
     torch.manual_seed(0)
-    model = prepare_for_device(build_model(cfg.model), "cpu", cfg.model)
+    model = prepare_for_device(build_model(cfg.model, cfg.in_channels), "cpu", cfg.model)
     optimizer = build_optimizer(model, cfg)
-    return model, build_loss(LossConfig(gather_distributed=True)), optimizer, cfg.effective_lr()
+    return model, build_loss(BagVICRegConfig(gather_distributed=True)), optimizer, cfg.effective_lr()
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:

@@ -8,9 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from sweeps.searcher import journal_storage
 from tests.sweeps.conftest import sweep_cmd, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -80,6 +82,11 @@ def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(
     from bagssl_core.config import load_config
 
     assert load_config(best).patch.size in (10, 14)
+    # Optuna learnt what MLflow shows: a stopped trial is PRUNED with its one epoch, not COMPLETE.
+    study = optuna.load_study(study_name="e2e", storage=journal_storage(str(tmp_path / "storage" / "e2e")))
+    assert sorted((t.state.name, sorted(t.intermediate_values)) for t in study.trials) == sorted(
+        ("COMPLETE", [1, 2]) if s == "FINISHED" else ("PRUNED", [1]) for s in statuses
+    )
 
 
 def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:

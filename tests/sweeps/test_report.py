@@ -90,6 +90,14 @@ def test_best_trial_ignores_failed() -> None:
     assert s.test_ci == pytest.approx(wilson_interval(78.0, N_VAL))
 
 
+def test_best_trial_prefers_a_finished_trial_to_a_pruned_one_with_a_higher_score() -> None:
+    pruned = outcome("p", "KILLED", 21, probe("mean_emb", "grid_stride-4", 95.0), epoch=1.0)
+    best, s = best_trial([*TRIALS, pruned], BEST_LINEAR)
+    assert (best.trial_id, s.val) == ("c", 80.0)
+    only_pruned, s = best_trial([pruned, TRIALS[4]], BEST_LINEAR)
+    assert (only_pruned.trial_id, s.val) == ("p", 95.0)
+
+
 def test_best_trial_honours_mode() -> None:
     best, s = best_trial(TRIALS, Objective.of("val/linear_top1", "min"))
     assert (best.trial_id, s.key, s.val) == ("a", key("mean_emb", "grid_stride-4"), 60.0)
@@ -115,9 +123,9 @@ def test_best_pick_ignores_test_values_that_would_rank_differently() -> None:
 
 
 def test_trial_status() -> None:
-    assert trial_status({"epoch": 10.0}, failed=False, epochs=10) == "FINISHED"
-    assert trial_status({"epoch": 3.0}, failed=False, epochs=10) == "KILLED"
-    assert trial_status({"epoch": 10.0}, failed=True, epochs=10) == "FAILED"
+    assert trial_status({"epoch": 10.0}, {}, failed=False, base_epochs=10) == "FINISHED"
+    assert trial_status({"epoch": 3.0}, {}, failed=False, base_epochs=10) == "KILLED"
+    assert trial_status({"epoch": 10.0}, {}, failed=True, base_epochs=10) == "FAILED"
 
 
 def test_score_of_an_epoch_metric_has_no_key_interval_or_test() -> None:
@@ -127,13 +135,18 @@ def test_score_of_an_epoch_metric_has_no_key_interval_or_test() -> None:
 
 def test_best_config_carries_the_winning_scheme_and_variant_as_fields(aggregation, tmp_path: Path) -> None:
     spec, base = aggregation
-    text = best_config_yaml(spec, base, {"patch.size": 14}, key("centre", "grid_stride-7"))
+    text = best_config_yaml(spec, base, {"patch.size": 14}, key("mean_emb", "grid_stride-7"))
     path = tmp_path / "best.yaml"
     path.write_text(text)
     cfg = load_config(path)
     assert cfg.patch.size == 14  # the trial's sampled value
     assert cfg.eval.grid_stride == 7  # the winning evaluation variant's setting
-    assert cfg.eval.aggregation == ["centre"]  # the winning scheme
+    assert cfg.eval.aggregation == ["mean_emb"]  # the winning scheme
+    # A scheme that ignores the variant's knob: the knob is left out, and the file still loads.
+    centre = tmp_path / "centre.yaml"
+    centre.write_text(best_config_yaml(spec, base, {"patch.size": 14}, key("centre", "grid_stride-7")))
+    assert load_config(centre).eval.aggregation == ["centre"]
+    assert "grid_stride" not in yaml.safe_load(centre.read_text())["eval"]
     # The base of the spec is kept.
     assert (cfg.data.name, cfg.patch.num, cfg.model.projector, cfg.schedule.epochs) == (
         "fashion_mnist",

@@ -14,8 +14,16 @@ from ray.tune.search import sample
 from bagssl_core.config import TrainConfig
 from bagssl_core.metrics import ProbeKey
 from sweeps.run import main
-from sweeps.space import eval_variants, param_space, trial_overrides, tune_domain, variant_values
+from sweeps.space import (
+    eval_variants,
+    param_space,
+    trial_overrides,
+    tune_domain,
+    variant_overrides,
+    variant_values,
+)
 from sweeps.spec import Distribution, Objective, SweepSpec, coerce_value, load_spec, trial_count
+from sweeps.trainable import TrialPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 # Characters MLflow accepts in a metric name.
@@ -169,10 +177,29 @@ def test_variant_names_are_mlflow_safe_and_distinct() -> None:
 
 
 def test_no_eval_axis_gives_one_unnamed_variant() -> None:
-    base = TrainConfig.model_validate({"eval": {"aggregation": ["centre"], "grid_stride": 3}})
+    base = TrainConfig.model_validate({"eval": {"aggregation": ["centre", "mean_emb"], "grid_stride": 3}})
     variants = eval_variants(make_spec({"patch.size": {"choice": [8, 12]}}), base)
     assert list(variants) == [""]
     assert variants[""] == base.eval
+
+
+def test_a_sampled_eval_value_reaches_every_variant_of_its_trial() -> None:
+    # eval.knn_k is continuous, so Tune samples it per trial; eval.grid_stride is enumerated inside it.
+    spec = make_spec({"eval.knn_k": {"randint": [5, 50]}, "eval.grid_stride": {"grid": [4, 7]}})
+    plan = TrialPlan(
+        base={"eval": {"knn_k": 20, "knn_temperature": 0.1}},
+        eval_variants=variant_overrides(spec),
+        metric="knn_top1",
+        mode="max",
+    )
+    assert set(param_space(spec)) == {"eval.knn_k"}
+    cfg = plan.config({"eval.knn_k": 7})
+    variants = plan.variants(cfg)  # what run_trial hands the trainer's probes
+    assert {name: (ev.grid_stride, ev.knn_k) for name, ev in variants.items()} == {
+        "grid_stride-4": (4, 7),
+        "grid_stride-7": (7, 7),
+    }
+    assert all(ev.knn_temperature == 0.1 for ev in variants.values())  # the rest from the base
 
 
 def test_coerce_value_wraps_scalars_for_list_fields() -> None:

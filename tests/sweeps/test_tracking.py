@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 from pathlib import Path
@@ -11,8 +12,10 @@ from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
 from bagssl_core.config import flatten
+from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCHS_PLANNED
 from sweeps.tracking import (
     PARENT_TAG,
+    TAG_FAILURE,
     TAG_REFINES,
     TAG_ROLE,
     TAG_TRIAL,
@@ -167,6 +170,46 @@ def test_error_is_failed(tracker: MlflowTracker) -> None:
     assert status_of(tracker, "t1") == "FAILED"
     run_id = run_of(tracker, "t1")
     assert "error.txt" in {f.path for f in tracker.client.list_artifacts(run_id)}
+
+
+def test_error_tag_is_the_last_line_of_the_message(tracker: MlflowTracker) -> None:
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.error("t1", "Failure # 1\nTraceback (most recent call last):\n  ...\nRuntimeError: boom\n")
+    assert tracker.client.get_run(run_of(tracker, "t1")).data.tags[TAG_FAILURE] == "RuntimeError: boom"
+
+
+def test_diverged_trial_is_failed_with_its_step(tracker: MlflowTracker) -> None:
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", {"patch.size": 8})
+    trials.result("t1", epoch_result(1, 40.0))
+    # What run_trial reports after the trainer's RunResult(status="diverged"): the step, no epoch.
+    trials.result("t1", {DIVERGED_AT_STEP: 7, PLAN.metric: math.nan, "training_iteration": 2})
+    trials.complete("t1")  # the trial ended normally: no Train retry, no Tune error
+    run = tracker.client.get_run(run_of(tracker, "t1"))
+    assert run.info.status == "FAILED" and trials.statuses == {"t1": "FAILED"}
+    assert run.data.tags[TAG_FAILURE] == "diverged at step 7: the loss was not finite"
+    # The NaN stands in for the objective only for Tune; MLflow keeps the epochs that were measured.
+    assert history(tracker.client, run.info.run_id, "knn_top1/mean_emb") == [(1, 40.0)]
+
+
+@pytest.mark.parametrize(
+    ("params", "result", "status"),
+    [
+        ({"schedule.epochs": 1}, epoch_result(1, 40.0), "FINISHED"),  # its own epoch count, not the base's
+        ({"schedule.epochs": 3}, epoch_result(2, 40.0), "KILLED"),
+        ({}, epoch_result(1, 40.0, **{EPOCHS_PLANNED: 1}), "FINISHED"),  # what the trainer says it planned
+        ({"schedule.epochs": 1}, epoch_result(1, 40.0, **{EPOCHS_PLANNED: 2}), "KILLED"),
+    ],
+)
+def test_status_counts_the_trials_own_epochs(
+    tracker: MlflowTracker, params: dict, result: dict, status: str
+) -> None:
+    trials = TrialLogger(tracker, EPOCHS, PLAN.describe)
+    trials.start("t1", "trial", params)
+    trials.result("t1", result)
+    trials.complete("t1")
+    assert status_of(tracker, "t1") == status
 
 
 def test_re_reported_epoch_is_logged_once(tracker: MlflowTracker) -> None:
