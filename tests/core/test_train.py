@@ -210,16 +210,19 @@ def test_grayscale_kept_as_one_channel_trains_probes_and_reloads(tmp_path: Path)
     )
     result = train(cfg, tmp_path)
     assert (result.status, result.epochs) == ("finished", 1)
-    assert 0.0 <= result.metrics["knn_top1/mean_emb"] <= 100.0
+    keys = [ProbeKey(split, "knn", "top1", "mean_emb") for split in ("val", "test")]
+    assert all(0.0 <= result.metrics[str(k)] <= 100.0 for k in keys)
     state = load_checkpoint(tmp_path)
     stored = TrainConfig.model_validate(state["config"])
     assert stored == cfg and stored.in_channels == 1
     model = build_model(stored.model, stored.in_channels)
     model.load_state_dict(state["model"])
     assert model.backbone.conv1.in_channels == 1
-    data = [load_split(stored.data, split, stored.run.seed) for split in ("train", "test")]
-    again = evaluate(model, stored, *data, torch.device("cpu"))
-    assert again["knn_top1/mean_emb"] == result.metrics["knn_top1/mean_emb"]
+    train_data, val_data, test_data = (
+        load_split(stored.data, split, stored.run.seed) for split in ("train", "val", "test")
+    )
+    again = evaluate(model, stored, train_data, {"val": val_data, "test": test_data}, torch.device("cpu"))
+    assert [again[k] for k in keys] == [result.metrics[str(k)] for k in keys]
 
 
 # --- learning-rate schedule ----------------------------------------------------------------------------
