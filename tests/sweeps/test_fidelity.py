@@ -26,7 +26,7 @@ from sweeps.spec import SweepSpec, asha_max_t, epoch_range
 from tests.sweeps.conftest import sweep_cmd, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-METRIC = "knn_top1/mean_emb"
+METRIC = "val/knn_top1/mean_emb"
 SPEC = SweepSpec.model_validate({"name": "t", "metric": METRIC, "space": {"patch.size": {"choice": [8, 12]}}})
 
 

@@ -190,7 +190,7 @@ def test_diverged_trial_is_failed_with_its_step(tracker: MlflowTracker) -> None:
     assert run.info.status == "FAILED" and trials.statuses == {"t1": "FAILED"}
     assert run.data.tags[TAG_FAILURE] == "diverged at step 7: the loss was not finite"
     # The NaN stands in for the objective only for Tune; MLflow keeps the epochs that were measured.
-    assert history(tracker.client, run.info.run_id, "knn_top1/mean_emb") == [(1, 40.0)]
+    assert history(tracker.client, run.info.run_id, "val/knn_top1/mean_emb") == [(1, 40.0)]
 
 
 @pytest.mark.parametrize(
