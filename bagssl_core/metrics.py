@@ -27,8 +27,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, NamedTuple, cast, get_args
 
-from bagssl_core.losses import loss_parts
-
 if TYPE_CHECKING:
     from bagssl_core.config import EvalConfig, TrainConfig
 
@@ -233,6 +231,9 @@ def expected_metrics(cfg: TrainConfig, variants: Mapping[str, EvalConfig] | None
             `{"": cfg.eval}` (the base evaluation, no variant suffix).
     """
     variants = {"": cfg.eval} if variants is None else variants
+    # Imported here: losses imports torch (seconds), and sweep-spec validation must answer at once.
+    from bagssl_core.losses import loss_parts
+
     epoch = {*EPOCH_METRICS, *(train_part(p) for p in loss_parts(cfg.loss.name))}
 
     def probes(split: Split) -> set[str]:
