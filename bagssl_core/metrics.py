@@ -140,15 +140,19 @@ class ProbeQuery:
         self, metrics: Mapping[str, float], mode: Literal["max", "min"] = "max"
     ) -> tuple[ProbeKey, float] | None:
         """The best matching value in one report, and its key; ties go to the key that sorts first."""
-        found = [
-            (k, float(v))
-            for k, v in ((ProbeKey.parse(n), v) for n, v in metrics.items())
-            if k and self.matches(k)
-        ]
+        parsed = ((ProbeKey.parse(n), v) for n, v in metrics.items())
+        found = {k: float(v) for k, v in parsed if k and self.matches(k)}
         if not found:
             return None
-        sign = 1.0 if mode == "max" else -1.0
-        return max(sorted(found, key=lambda kv: str(kv[0])), key=lambda kv: sign * kv[1])
+        key = best_key(found, mode)
+        return key, found[key]
+
+
+def best_key(values: Mapping[ProbeKey, float], mode: Literal["max", "min"]) -> ProbeKey:
+    """The key of the best value (the largest for max, the smallest for min); ties go to the key whose
+    name sorts first, so a pick never depends on the order results arrived in."""
+    sign = 1.0 if mode == "max" else -1.0
+    return max(sorted(values, key=str), key=lambda k: sign * values[k])
 
 
 def _known(m: re.Match[str]) -> bool:

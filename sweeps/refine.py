@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from bagssl_core.config import TrainConfig, merge_overrides
-from bagssl_core.metrics import ProbeKey
+from bagssl_core.metrics import ProbeKey, best_key
 from sweeps.report import Refined, TrialOutcome, ranked
 from sweeps.space import trial_overrides
 from sweeps.spec import Distribution, Objective, SchedulerSpec, SearchSpec, SweepSpec
@@ -107,8 +107,7 @@ def summarize(
     if not common:
         return Refined(trial, seeds, runs, None, None, None, 0)
     means = {k: statistics.fmean(r.metrics[str(k)] for r in done) for k in common}
-    sign = 1.0 if objective.mode == "max" else -1.0
-    key = max(sorted(common, key=str), key=lambda k: sign * means[k])
+    key = best_key(means, objective.mode)
     return Refined(
         trial,
         seeds,

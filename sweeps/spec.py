@@ -27,7 +27,7 @@ from bagssl_core.config import (
     validate_config,
     yaml_location,
 )
-from bagssl_core.metrics import ProbeKey, ProbeQuery, expected_metrics
+from bagssl_core.metrics import ProbeKey, ProbeQuery, best_key, expected_metrics
 
 DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 
@@ -200,7 +200,11 @@ class Objective:
         """The objective in one report: the key that gave it (None for an epoch metric) and its value."""
         if self.query is None:
             return (None, float(metrics[self.name])) if self.name in metrics else None
-        return self.query.best({str(k): metrics[str(k)] for k in self.keys(metrics)}, self.mode)
+        values = {k: float(metrics[str(k)]) for k in self.keys(metrics)}
+        if not values:
+            return None
+        key = best_key(values, self.mode)
+        return key, values[key]
 
 
 class SweepSpec(_Strict):
