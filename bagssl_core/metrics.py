@@ -205,6 +205,28 @@ def with_intervals(accuracies: Mapping[ProbeKey, float], n: int) -> dict[ProbeKe
     return out
 
 
+# Reference points scored with the same probes on the same splits as a trained model (see
+# bagssl_core.baselines): `baseline/{name}/{probe key}`, e.g. `baseline/raw_pixels/val/knn_top1/pixels`
+# or `baseline/random_init/val/knn_top1/mean_emb`.
+BASELINE_PREFIX = "baseline/"
+
+
+def baseline_name(baseline: str, key: ProbeKey) -> str:
+    """The metric name of one baseline's probe result."""
+    if not baseline or "/" in baseline:
+        raise ValueError(f"baseline: expected a name without '/', got {baseline!r}")
+    return f"{BASELINE_PREFIX}{baseline}/{key}"
+
+
+def parse_baseline(name: str) -> tuple[str, ProbeKey] | None:
+    """(baseline, probe key) of a baseline metric name; None for any other name."""
+    if not name.startswith(BASELINE_PREFIX):
+        return None
+    baseline, _, rest = name.removeprefix(BASELINE_PREFIX).partition("/")
+    key = ProbeKey.parse(rest)
+    return None if not baseline or key is None else (baseline, key)
+
+
 MetricKey = ProbeKey | str  # a probe result, or one of the plain names above
 
 

@@ -172,3 +172,16 @@ def test_expected_metrics_of_a_config() -> None:
         "val/knn_top5_hi/whole:small",
     }
     assert len(with_variant.at_end - at_end) == 6
+
+
+def test_baseline_names_round_trip_and_reject_other_names() -> None:
+    from bagssl_core.metrics import baseline_name, parse_baseline
+
+    key = ProbeKey("val", "knn", "top1", "pixels")
+    name = baseline_name("raw_pixels", key)
+    assert name == "baseline/raw_pixels/val/knn_top1/pixels"
+    assert parse_baseline(name) == ("raw_pixels", key)
+    assert parse_baseline(str(key)) is None
+    assert parse_baseline("baseline/raw_pixels/lr") is None
+    with pytest.raises(ValueError, match="baseline"):
+        baseline_name("a/b", key)
