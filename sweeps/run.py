@@ -1,8 +1,10 @@
-"""`python -m sweeps.run SPEC.yaml [--address ADDR] [--local] [--dry-run] [--resume] [--set key=value ...]`
+"""`python -m sweeps.run SPEC.yaml [--address ADDR] [--local] [--dry-run] [--resume [NAME]] [--set key=value ...]`
 
 Runs a sweep: Ray Tune + Optuna over Ray Train trials of the BagSSL trainer, every probe in MLflow.
-Joins the cluster at --address / RAY_ADDRESS, else starts a local Ray. Exit 0: all trials done;
-1: some trials failed; 2: bad input (one message, no traceback).
+Joins the cluster at --address / RAY_ADDRESS, else starts a local Ray. Each run of a spec is a new sweep
+(storage_path/NAME, NAME the spec's name, then NAME-2, NAME-3, ...); --resume continues the latest one,
+--resume NAME a named one (`python -m sweeps.status` lists them). Exit 0: all trials done; 1: some
+trials failed; 2: bad input (one message, no traceback); 130: interrupted.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ import argparse
 import contextlib
 import logging
 import math
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from bagssl_core.config import ConfigError, TrainConfig, flatten
+from sweeps import lifecycle
+from sweeps.lifecycle import STATE_FILE, SweepNotFound, SweepState
 from sweeps.ray_env import prepare_ray_environment
 from sweeps.refine import describe_refine, run_refine
 from sweeps.report import Refined, TrialOutcome, write_report
@@ -54,7 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan (spec, space, trials, resources) and exit"
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted sweep from its storage path"
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="continue the spec's latest sweep, or the sweep NAME (python -m sweeps.status lists them), "
+        "instead of starting a new one",
     )
     p.add_argument(
         "--set",
@@ -70,13 +82,20 @@ def _parser() -> argparse.ArgumentParser:
 # --- the plan --------------------------------------------------------------------------------------
 
 
-def experiment_dir(spec: SweepSpec, local: bool = False) -> str:
-    """Where the sweep lives: storage_path/name (an absolute local path, or a URI as given); `--local`
-    runs use name_local, so they never collide with a Ray sweep's Tune state."""
-    name = spec.name + ("_local" if local else "")
+def storage_root(spec: SweepSpec) -> str:
+    """Where the spec's sweeps live: storage_path as an absolute local path, or a URI as given."""
     if "://" in spec.storage_path:
-        return spec.storage_path.rstrip("/") + "/" + name
-    return str(Path(spec.storage_path).expanduser().resolve() / name)
+        return spec.storage_path.rstrip("/")
+    return str(Path(spec.storage_path).expanduser().resolve())
+
+
+def planned_sweep(spec: SweepSpec, local: bool) -> str:
+    """`--dry-run`: where a new sweep of the spec would go (nothing is created)."""
+    root = storage_root(spec)
+    if "://" in root:
+        return f"{root}/{lifecycle.sweep_base(spec.name, local)}[-N] (numbered after the sweeps MLflow lists)"
+    taken = [p.name for p in Path(root).iterdir()] if Path(root).is_dir() else []
+    return f"{root}/{lifecycle.next_sweep_name(taken, spec.name, local)}"
 
 
 def check_probe_every_epoch(spec: SweepSpec, epochs_every: int, source: str) -> None:
@@ -116,10 +135,37 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
         )
     for line in describe_refine(spec, base_cfg):
         print(line)
-    print(f"# storage: {experiment_dir(spec)}")
+    print(f"# storage: {planned_sweep(spec, local=False)} (a new sweep; --resume continues the latest)")
 
 
 # --- main --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Driver:
+    """The sweep this process drives, once it has chosen one: `main` records in its `sweep.json` how the
+    run ended, whichever way it ends (sweeps.lifecycle)."""
+
+    sweep_dir: Path | None = None  # None: remote storage, which holds no state file
+    state: SweepState | None = None
+    created: bool = False  # a new sweep (not a resumed one)
+    resume_hint: str = "--resume"
+
+    def record(self, **changes: Any) -> None:
+        if self.sweep_dir is not None and self.state is not None:
+            self.state = lifecycle.write_state(self.sweep_dir, self.state, **changes)
+
+    def end(self, state: lifecycle.State, exit_code: int | None, reason: str | None = None) -> None:
+        self.record(state=state, exit_code=exit_code, reason=reason)
+
+    def discard(self) -> None:
+        """Bad input found after the sweep's directory was made: remove it if the sweep wrote nothing
+        else, so a sweep that never started leaves nothing to list or resume."""
+        d = self.sweep_dir
+        if self.created and d is not None and {p.name for p in d.iterdir()} <= {STATE_FILE}:
+            shutil.rmtree(d)
+        else:
+            self.end("interrupted", EXIT_BAD_INPUT, "bad input")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,19 +173,32 @@ def main(argv: list[str] | None = None) -> int:
     if not args.local and not args.dry_run:
         prepare_ray_environment(args.address)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    driver = Driver()
     try:
-        return _main(args)
-    except (SpecError, ConfigError) as err:
+        code = _main(args, driver)
+    except (SpecError, ConfigError, SweepNotFound) as err:
+        driver.discard()
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        driver.end("interrupted", EXIT_INTERRUPTED, "Ctrl-C or SIGTERM")
+        print(f"interrupted; continue with {driver.resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BaseException as err:  # a crash of the driver: the sweep can still be resumed
+        driver.end("interrupted", None, f"the driver failed: {type(err).__name__}: {err}")
+        raise
+    driver.end("interrupted" if code == EXIT_INTERRUPTED else "finished", code)
+    return code
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, driver: Driver) -> int:
     spec, base_cfg = load_spec(args.spec, args.overrides)
     check_probe_every_epoch(spec, base_cfg.eval.every, args.spec)
+    if args.local and spec.search.warm_start:
+        raise SpecError(
+            f"{args.spec}: search.warm_start: --local samples at random without Optuna, so it cannot "
+            "start from earlier trials; run on Ray, or set search.warm_start: false"
+        )
     if args.dry_run:
         print_plan(spec, base_cfg, args.spec)
         return EXIT_OK
@@ -150,20 +209,13 @@ def _main(args: argparse.Namespace) -> int:
     from sweeps.tracking import TrackingError, check_reachable, resolve_uri
     from sweeps.trainable import TrialPlan
 
-    exp_dir = experiment_dir(spec, local=args.local)
-    local_exp = "://" not in exp_dir
-    if local_exp and not args.local:
-        exists = Path(exp_dir).exists()
-        if args.resume and not exists:
-            raise SpecError(
-                f"{args.spec}: --resume: nothing to resume at {exp_dir}; run without --resume to "
-                "start the sweep"
-            )
-        if exists and not args.resume:
-            raise SpecError(
-                f"{args.spec}: storage_path: {exp_dir} already holds a sweep named "
-                f"{spec.name!r}; pass --resume to continue it, or change name/storage_path"
-            )
+    root = storage_root(spec)
+    local_exp = "://" not in root
+    resume_dir = (
+        lifecycle.sweep_to_resume(Path(root), spec.name, args.local, args.resume or None, args.spec)
+        if local_exp and args.resume is not None
+        else None
+    )
     uri = resolve_uri(spec.tracking.uri)
     try:
         check_reachable(uri)
@@ -174,6 +226,7 @@ def _main(args: argparse.Namespace) -> int:
         load_split(base_cfg.data, "test", base_cfg.run.seed)
     except DataError as err:
         raise SpecError(f"{args.spec}: base.data: {err}") from None
+    exp_dir = _start_sweep(args, spec, root, resume_dir, uri, driver)
 
     base_tree = resolve_base(spec, Path(args.spec).parent, args.spec)
     plan = TrialPlan(
@@ -182,10 +235,10 @@ def _main(args: argparse.Namespace) -> int:
         metric=spec.metric,
         mode=spec.mode,
     )
-    tracker, parent, trials, refined = _run(args, spec, plan, exp_dir, uri)
+    tracker, parent, trials, refined = _run(args, spec, plan, exp_dir, uri, base_cfg, driver)
     if trials is None or (spec.refine is not None and refined is None):
         tracker.client.set_terminated(parent, status="KILLED")
-        print(f"interrupted; continue with: python -m sweeps.run {args.spec} --resume", file=sys.stderr)
+        print(f"interrupted; continue with: {driver.resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent, refined)
     tracker.finish_parent("FINISHED", flatten(report.summary), report.artifacts)
@@ -195,8 +248,70 @@ def _main(args: argparse.Namespace) -> int:
     return EXIT_TRIALS_FAILED if failed or not trials else EXIT_OK
 
 
+def _start_sweep(
+    args: argparse.Namespace, spec: SweepSpec, root: str, resume_dir: Path | None, uri: str, driver: Driver
+) -> str:
+    """The sweep this run drives, as its directory (or URI): the one to resume, else a new one, whose
+    `sweep.json` now says `running` with this process's pid (sweeps.lifecycle)."""
+    from sweeps.tracking import absolute_uri
+
+    resuming = args.resume is not None
+    if "://" in root:
+        name = _remote_sweep_name(args, spec, root, uri)
+        exp_dir = f"{root}/{name}"
+    else:
+        d = resume_dir or lifecycle.new_sweep_dir(Path(root), spec.name, args.local)
+        previous = lifecycle.read_state(d)
+        state = SweepState(
+            name=d.name,
+            spec=spec.name,
+            local=args.local,
+            state="running",
+            trials_total=trial_count(spec),
+            metric=spec.metric,
+            mode=spec.mode,
+            tracking_uri=absolute_uri(uri),
+            experiment=spec.tracking.experiment,
+            parent_run_id=previous.parent_run_id if previous else None,
+        )
+        if previous is not None:
+            state.started = previous.started
+        driver.sweep_dir, driver.created = d, resume_dir is None
+        driver.state = lifecycle.write_state(d, state)
+        name, exp_dir = d.name, str(d)
+    local = "--local " if args.local else ""
+    driver.resume_hint = f"python -m sweeps.run {args.spec} {local}--resume {name}"
+    print(f"sweep {name}: {'resuming' if resuming else 'new'}, at {exp_dir}", flush=True)
+    return exp_dir
+
+
+def _remote_sweep_name(args: argparse.Namespace, spec: SweepSpec, root: str, uri: str) -> str:
+    """On remote storage (s3://...) no directory can be listed or claimed here: the sweeps are those
+    MLflow's parent runs name (their sweep keys), and a new one takes the number after them."""
+    from sweeps.tracking import MlflowTracker
+
+    base = lifecycle.sweep_base(spec.name, args.local)
+    keys = MlflowTracker(uri, spec.tracking.experiment, sweep_key="").sweep_keys(f"{root}/{base}")
+    taken = {k.removeprefix(root + "/") for k in keys}
+    if args.resume is None:
+        return lifecycle.next_sweep_name(taken, spec.name, args.local)
+    name = args.resume or lifecycle.latest_sweep_name(taken, spec.name, args.local)
+    if name is None or name not in taken:
+        raise SweepNotFound(
+            f"{args.spec}: --resume {args.resume}: no such sweep of {spec.name!r} at {root} in MLflow's "
+            f"experiment {spec.tracking.experiment!r}; expected one of: {', '.join(sorted(taken)) or 'none'}"
+        )
+    return name
+
+
 def _run(
-    args: argparse.Namespace, spec: SweepSpec, plan: TrialPlan, exp_dir: str, uri: str
+    args: argparse.Namespace,
+    spec: SweepSpec,
+    plan: TrialPlan,
+    exp_dir: str,
+    uri: str,
+    base_cfg: TrainConfig,
+    driver: Driver,
 ) -> tuple[MlflowTracker, str, list[TrialOutcome] | None, list[Refined] | None]:
     """The search, then the refine step if the spec has one, each run on Ray (or `--local`) and logged to
     MLflow: the tracker, the parent run, the search's trials and the refined configs; trials (or, with a
@@ -205,17 +320,48 @@ def _run(
 
     from sweeps.cluster import ray_cluster
     from sweeps.local import run_local
-    from sweeps.tracking import MlflowTracker, MlflowTuneCallback, TrialLogger, refine_tags, sweep_params
+    from sweeps.searcher import warm_start_trials
+    from sweeps.tracking import (
+        TAG_BASE_HASH,
+        TAG_SPACE_HASH,
+        TAG_SPEC,
+        MlflowTracker,
+        MlflowTuneCallback,
+        TrialLogger,
+        refine_tags,
+        sweep_params,
+    )
     from sweeps.tuner import run_with_ray
 
+    resuming = args.resume is not None
     with contextlib.ExitStack() as stack:
         # Ray first: a trial that can never be placed is an error before anything is written to MLflow.
         placement = None if args.local else stack.enter_context(ray_cluster(spec, args.address))
         tracker = MlflowTracker(uri, spec.tracking.experiment, sweep_key=exp_dir)
         spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+        hashes = {TAG_SPACE_HASH: lifecycle.space_hash(spec), TAG_BASE_HASH: lifecycle.base_hash(base_cfg)}
         parent = tracker.start_parent(
-            spec.name, sweep_params(spec), {"spec.yaml": spec_yaml}, resume=args.resume
+            exp_dir.rsplit("/", 1)[1],
+            sweep_params(spec),
+            {"spec.yaml": spec_yaml},
+            resume=resuming,
+            tags={TAG_SPEC: spec.name, **hashes},
         )
+        driver.record(parent_run_id=parent)
+        view = spec.name
+        tracker.set_runs_view(view, spec.metric, spec.train_axes())
+        print(f"MLflow: {tracker.runs_url(_ui_address(uri), view)}", flush=True)
+        warm = None
+        if spec.search.warm_start and not (resuming and tune.Tuner.can_restore(exp_dir)):
+            earlier = tracker.earlier_finished_trials(hashes[TAG_SPACE_HASH], hashes[TAG_BASE_HASH])
+            warm = warm_start_trials(spec, earlier)
+            sweeps_from = sorted({key.rsplit("/", 1)[1] for key, _, _ in earlier})
+            print(
+                f"warm start: {len(warm)} finished trial(s) of {len(sweeps_from)} earlier sweep(s) with this "
+                f"space and base ({', '.join(sweeps_from) or 'none'})",
+                flush=True,
+            )
+            tracker.client.set_tag(parent, "bagssl.warm_start.trials", str(len(warm)))
         epochs = plan.config({}).schedule.epochs
 
         def experiment(
@@ -227,22 +373,31 @@ def _run(
             callback = MlflowTuneCallback(
                 uri, spec.tracking.experiment, exp_dir, parent, epochs, xplan.describe, tags
             )
-            return run_with_ray(xspec, xplan, xdir, placement, callback, resume)
+            return run_with_ray(
+                xspec, xplan, xdir, placement, callback, resume, warm if xdir == exp_dir else None
+            )
 
         def refine(rspec: SweepSpec, rplan: TrialPlan, t: TrialOutcome) -> list[TrialOutcome] | None:
             rdir = f"{exp_dir}/refine/{t.trial_id}"  # inside the sweep's own directory
-            resume = args.resume and not args.local and tune.Tuner.can_restore(rdir)
+            resume = resuming and not args.local and tune.Tuner.can_restore(rdir)
             return experiment(rspec, rplan, rdir, resume, refine_tags(t.trial_id), f"refine_{t.trial_id}")
 
         refined = None
         try:
-            trials = experiment(spec, plan, exp_dir, args.resume, {}, "local")
+            # A sweep interrupted before Tune saved its state has none to restore: it starts afresh.
+            restore = resuming and not args.local and tune.Tuner.can_restore(exp_dir)
+            trials = experiment(spec, plan, exp_dir, restore, {}, "local")
             if trials is not None and spec.refine is not None:
                 refined = run_refine(spec, plan, trials, refine)
         except BaseException:
             tracker.client.set_terminated(parent, status="KILLED")
             raise
     return tracker, parent, trials, refined
+
+
+def _ui_address(uri: str) -> str:
+    """Where the MLflow UI of the store answers: the server itself, else `mlflow ui`'s default address."""
+    return uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 if __name__ == "__main__":

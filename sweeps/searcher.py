@@ -11,12 +11,20 @@ trials"). `FidelitySearch` reports each value at the trainer's epoch and ends a 
     FAIL      an error, or the loss diverged (`DIVERGED_AT_STEP` in its last result)
 
 The study lives in a journal file in the experiment directory, so it can be read after the sweep.
+
+Warm start (`search.warm_start: true`): the study starts with the FINISHED trials of earlier sweeps in
+the same MLflow experiment that ran the same space over the same base (`sweeps.lifecycle.space_hash`,
+`base_hash`), each added as a COMPLETE trial with its validation objective. Ray's `OptunaSearch` does
+the adding itself from `points_to_evaluate` + `evaluated_rewards` (`add_evaluated_point`:
+`optuna.trial.create_trial` over the distributions it converted from Tune's param space, then
+`study.add_trial`), so the trials carry exactly the distributions the sampler searches.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,9 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from bagssl_core.metrics import EPOCH
-from sweeps.report import trial_status
+from sweeps.report import score, trial_status
+from sweeps.spec import Distribution, SweepSpec
+from sweeps.tracking import param_text
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,8 @@ class FidelitySearch(OptunaSearch):
         study_name: the study's name in that storage.
         base_epochs: the base config's schedule.epochs, for a trial whose results do not say how many
             epochs it planned and which does not search schedule.epochs itself.
+        warm_start: earlier trials to add to the new study before it samples: (params, validation
+            objective) each (`warm_start_trials`).
     """
 
     def __init__(
@@ -64,8 +76,15 @@ class FidelitySearch(OptunaSearch):
         storage: optuna.storages.BaseStorage | None,
         study_name: str,
         base_epochs: int,
+        warm_start: list[tuple[dict[str, Any], float]] | None = None,
     ):
-        super().__init__(sampler=sampler, storage=storage, study_name=study_name)
+        super().__init__(
+            sampler=sampler,
+            storage=storage,
+            study_name=study_name,
+            points_to_evaluate=[p for p, _ in warm_start or []] or None,
+            evaluated_rewards=[v for _, v in warm_start or []] or None,
+        )
         self.base_epochs = base_epochs
         self._last_epoch: dict[str, int] = {}  # trial id -> the last epoch reported to Optuna
 
@@ -111,3 +130,44 @@ class FidelitySearch(OptunaSearch):
 def _finite(value: Any) -> float | None:
     """A reported value as a float, or None when it is missing or not finite (a diverged run's NaN)."""
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+def warm_start_trials(
+    spec: SweepSpec, earlier: Iterable[tuple[str, Mapping[str, str], Mapping[str, float]]]
+) -> list[tuple[dict[str, Any], float]]:
+    """Earlier finished trials (sweep key, MLflow params, last metrics) as (Tune params, validation
+    objective) for `FidelitySearch(warm_start=...)`.
+
+    A trial's sampled values are its `trial.<axis>` params, strings in MLflow: each is read back to the
+    value of its axis (a choice is matched to the listed value it was written from). The objective is
+    the spec's, read from the trial's validation metrics only (`report.score`). A trial missing either,
+    or with a value outside the axis, is left out.
+    """
+    axes = spec.train_axes()
+    objective = spec.objective()
+    out = []
+    for _, params, metrics in earlier:
+        s = score(metrics, objective)
+        point = {k: _read_value(d, params.get(f"trial.{k}")) for k, d in axes.items()}
+        if s is None or not math.isfinite(s.val) or any(v is None for v in point.values()):
+            continue
+        out.append((point, s.val))
+    return out
+
+
+def _read_value(d: Distribution, text: str | None) -> Any:
+    """The axis value an MLflow param string was written from (`tracking.param_text`), or None."""
+    if text is None:
+        return None
+    if d.discrete:
+        for v in d.args:
+            if param_text(v) == text:
+                return v
+        return None
+    try:
+        v = int(text) if d.kind == "randint" else float(text)
+    except ValueError:
+        return None
+    lo, hi = d.args[0], d.args[1]
+    inside = lo <= v < hi if d.kind == "randint" else lo <= v <= hi  # randint's high is exclusive, as in Tune
+    return v if inside else None

@@ -94,6 +94,19 @@ class SearchSpec(_Strict):
     sampler: Literal["tpe", "random", "cmaes", "gp"] = Field("tpe", description="optuna only")
     seed: int = 0
     n_startup_trials: int = Field(4, ge=0, description="optuna tpe: random trials before TPE takes over")
+    warm_start: bool = Field(
+        False,
+        description="optuna only: start the study with the finished trials of earlier sweeps in the same "
+        "MLflow experiment with the same space and base config (sweeps.searcher)",
+    )
+
+    @model_validator(mode="after")
+    def _warm_start_needs_optuna(self) -> SearchSpec:
+        if self.warm_start and self.algo != "optuna":
+            raise ValueError(
+                f"warm_start: true needs algo: optuna (Optuna's study holds the earlier trials); got {self.algo}"
+            )
+        return self
 
 
 class SchedulerSpec(_Strict):

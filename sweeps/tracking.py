@@ -14,7 +14,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from bagssl_core.config import flatten
-from bagssl_core.metrics import DIVERGED_AT_STEP
+from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH
 from bagssl_core.probes import format_probe_table
 from bagssl_core.provenance import provenance
 from sweeps.report import trial_status
@@ -38,7 +38,19 @@ TAG_TRIAL = "bagssl.trial_id"
 TAG_ROLE = "bagssl.role"  # "sweep" | "trial" | "refine"
 TAG_FAILURE = "bagssl.failure"  # on a FAILED trial: why, in one line ("diverged at step 12: ...")
 TAG_REFINES = "bagssl.refines"  # on a refine run: the id of the search trial whose config it re-trains
+TAG_SPEC = "bagssl.spec"  # on the parent: the spec's name (its sweeps are <name>, <name>-2, ...)
+TAG_SPACE_HASH = "bagssl.space_hash"  # on the parent: lifecycle.space_hash, matched by a warm start
+TAG_BASE_HASH = "bagssl.base_hash"  # on the parent: lifecycle.base_hash, matched by a warm start
 PARENT_TAG = "mlflow.parentRunId"
+
+# What MLflow 3.17's UI reads to open an experiment on its runs (docs/operations.md, "What the MLflow UI
+# opens on"). The kind tag is what the UI's experiment-kind selector writes for "Machine learning"; the
+# 3.17 UI decides the view by its workflow type instead (the `workflowType=machine_learning` query of
+# `runs_url`), and earlier 3.x UIs by this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"  # the runs page's charts start from it
+SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: a runs-table view that a URL can open
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
 
@@ -50,6 +62,14 @@ class TrackingError(RuntimeError):
 def resolve_uri(uri: str | None) -> str:
     """The spec's URI, else MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def absolute_uri(uri: str) -> str:
+    """The URI with a relative sqlite path made absolute: `sqlite:///mlflow.db` means the working
+    directory of the process that opens it, and `sweep.json` is read from anywhere."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -77,7 +97,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
-def _param_value(v: Any) -> str:
+def param_text(v: Any) -> str:
+    """A param's value as MLflow stores it: lists and mappings as JSON, anything else as str()."""
     s = json.dumps(v) if isinstance(v, list | dict) else str(v)
     return s[:MAX_PARAM_LEN]
 
@@ -106,16 +127,29 @@ class MlflowTracker:
     def __init__(self, uri: str, experiment: str, sweep_key: str):
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        else:
+            self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # created by an older version of this code
+                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.sweep_key = sweep_key
         self.parent_id: str | None = None
         self._children: dict[str, str] = {}
 
     # --- parent -------------------------------------------------------------------------------
     def start_parent(
-        self, name: str, params: Mapping[str, Any], artifacts: Mapping[str, str], resume: bool = False
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        artifacts: Mapping[str, str],
+        resume: bool = False,
+        tags: Mapping[str, str] = {},
     ) -> str:
-        """Open the sweep's parent run; on resume, reopen the newest one of this sweep with its children."""
+        """Open the sweep's parent run; on resume, reopen the newest one of this sweep with its children.
+        `tags` go on a new parent besides the role and the sweep key (e.g. `TAG_SPACE_HASH`)."""
         found = (
             self._search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep_key}'")
             if resume
@@ -126,7 +160,7 @@ class MlflowTracker:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={TAG_ROLE: "sweep", TAG_SWEEP: self.sweep_key}
+            self.experiment_id, run_name=name, tags={TAG_ROLE: "sweep", TAG_SWEEP: self.sweep_key, **tags}
         )
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
@@ -150,6 +184,59 @@ class MlflowTracker:
         self.parent_id = parent_id
         for child in self._search(f"tags.`{PARENT_TAG}` = '{parent_id}'"):
             self._children[child.data.tags.get(TAG_TRIAL, "")] = child.info.run_id
+
+    # --- what the UI opens on, and the experiment's other sweeps -----------------------------------
+    def set_runs_view(self, key: str, metric: str, axes: Iterable[str]) -> None:
+        """A saved runs-table view that `runs_url(key)` opens: the objective, the epoch it came from, the
+        loss and the throughput as columns beside the searched parameters; and the objective as the
+        experiment's primary metric, the first of the UI's charts. The view keeps the UI's default order
+        (newest first), the one order in which the UI nests each trial under its sweep's parent run.
+
+        MLflow's default view shows no metric column at all (docs/operations.md, "What the MLflow UI opens
+        on"); the view is the UI's own shared-view format, an experiment tag read when the URL names it.
+        """
+
+        def column(kind: str, name: str) -> str:
+            return f"{kind}.`{name}`"
+
+        view = {
+            "selectedColumns": [column("attributes", "Duration")]
+            + [column("metrics", m) for m in (metric, "best_val", EPOCH, "train/loss", "patches_per_s")]
+            + [column("params", a) for a in axes],
+        }
+        self.client.set_experiment_tag(self.experiment_id, PRIMARY_METRIC_TAG, metric)
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, json.dumps(view))
+
+    def runs_url(self, server: str, key: str | None = None) -> str:
+        """The experiment's runs table in the UI at `server`, as a model-training experiment, in the view
+        `set_runs_view(key)` saved."""
+        query = "workflowType=machine_learning" + (f"&viewStateShareKey={key}" if key else "")
+        return f"{server.rstrip('/')}/#/experiments/{self.experiment_id}/runs?{query}"
+
+    def sweep_keys(self, prefix: str) -> list[str]:
+        """The sweep keys starting with `prefix` of the parent runs in this experiment (newest first)."""
+        found = self._search(f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` LIKE '{prefix}%'")
+        return [r.data.tags[TAG_SWEEP] for r in found]
+
+    def earlier_finished_trials(
+        self, space: str, base: str
+    ) -> list[tuple[str, dict[str, str], dict[str, float]]]:
+        """The FINISHED search trials of the other sweeps in this experiment whose parent has space hash
+        `space` and base hash `base`: (sweep key, params, last metrics) each, for a warm start."""
+        parents = self._search(
+            f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SPACE_HASH}` = '{space}' "
+            f"and tags.`{TAG_BASE_HASH}` = '{base}'"
+        )
+        out = []
+        for p in parents:
+            if p.data.tags.get(TAG_SWEEP) == self.sweep_key:
+                continue
+            children = self._search(
+                f"tags.`{PARENT_TAG}` = '{p.info.run_id}' and tags.`{TAG_ROLE}` = 'trial' "
+                "and attributes.status = 'FINISHED'"
+            )
+            out += [(p.data.tags[TAG_SWEEP], dict(c.data.params), dict(c.data.metrics)) for c in children]
+        return out
 
     # --- children -----------------------------------------------------------------------------
     def child(
@@ -218,7 +305,7 @@ class MlflowTracker:
 
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
-        items = [Param(k, _param_value(v)) for k, v in sorted(flat.items())]
+        items = [Param(k, param_text(v)) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=items[i : i + 100])
 

@@ -34,8 +34,10 @@ def run_with_ray(
     placement: Placement,
     callback: MlflowTuneCallback,
     resume: bool,
+    warm_start: list[tuple[dict[str, Any], float]] | None = None,
 ) -> list[TrialOutcome] | None:
-    """Run (or restore) the Tune experiment at exp_dir; the trials' outcomes, or None when it was interrupted."""
+    """Run (or restore) the Tune experiment at exp_dir; the trials' outcomes, or None when it was interrupted.
+    `warm_start`: earlier trials for a fresh Optuna study (a restored one has them already)."""
     epochs = plan.config({}).schedule.epochs
     trial_fn = make_trial_fn(plan, exp_dir + "/train_runs", spec.resources, spec.failure.max_retries)
     trainable = tune.with_resources(trial_fn, placement.trial_bundle)
@@ -44,7 +46,7 @@ def run_with_ray(
         # one only (docs/operations.md, "The MLflow callback").
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
     else:
-        tuner = build_tuner(spec, trainable, exp_dir, placement.trials_at_once, epochs, callback)
+        tuner = build_tuner(spec, trainable, exp_dir, placement.trials_at_once, epochs, callback, warm_start)
     log.info("running up to %d trial(s) at once", placement.trials_at_once)
     grid = tuner.fit()
     if grid.num_terminated + grid.num_errors < trial_count(spec):
@@ -67,13 +69,14 @@ def build_tuner(
     trials_at_once: int,
     epochs: int,
     callback: MlflowTuneCallback,
+    warm_start: list[tuple[dict[str, Any], float]] | None = None,
 ) -> tune.Tuner:
     """A fresh Tune experiment at exp_dir (its storage path / its name); `epochs` is the base's."""
     storage, name = exp_dir.rsplit("/", 1)
     tune_config = tune.TuneConfig(
         metric=spec.metric,
         mode=spec.mode,
-        search_alg=_search_algorithm(spec, trials_at_once, exp_dir, epochs),
+        search_alg=search_algorithm(spec, trials_at_once, exp_dir, epochs, warm_start),
         scheduler=_scheduler(spec, epochs),
         num_samples=spec.num_samples,
     )
@@ -101,8 +104,12 @@ def build_tuner(
     )
 
 
-def _search_algorithm(
-    spec: SweepSpec, trials_at_once: int, exp_dir: str, epochs: int
+def search_algorithm(
+    spec: SweepSpec,
+    trials_at_once: int,
+    exp_dir: str,
+    epochs: int,
+    warm_start: list[tuple[dict[str, Any], float]] | None = None,
 ) -> SearchAlgorithm | Searcher:
     """The spec's searcher, limited to `trials_at_once` live trials.
 
@@ -112,12 +119,15 @@ def _search_algorithm(
     both searchers here is the one way that covers both.
     """
     if spec.search.algo == "optuna":
-        return ConcurrencyLimiter(_optuna(spec, exp_dir, epochs), max_concurrent=trials_at_once)
+        return ConcurrencyLimiter(_optuna(spec, exp_dir, epochs, warm_start), max_concurrent=trials_at_once)
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=trials_at_once)
 
 
-def _optuna(spec: SweepSpec, exp_dir: str, epochs: int) -> FidelitySearch:
-    """Optuna with the spec's seeded sampler; its study, named after the sweep, in the experiment directory."""
+def _optuna(
+    spec: SweepSpec, exp_dir: str, epochs: int, warm_start: list[tuple[dict[str, Any], float]] | None
+) -> FidelitySearch:
+    """Optuna with the spec's seeded sampler; its study, named after the spec, in the sweep's directory;
+    seeded with `warm_start`'s earlier trials."""
     s = spec.search
     samplers: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials),
@@ -125,7 +135,7 @@ def _optuna(spec: SweepSpec, exp_dir: str, epochs: int) -> FidelitySearch:
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=s.seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=s.seed),
     }
-    return FidelitySearch(samplers[s.sampler](), journal_storage(exp_dir), spec.name, epochs)
+    return FidelitySearch(samplers[s.sampler](), journal_storage(exp_dir), spec.name, epochs, warm_start)
 
 
 def _scheduler(spec: SweepSpec, epochs: int) -> TrialScheduler:
