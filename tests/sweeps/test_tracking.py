@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import time
@@ -14,6 +15,8 @@ from ray.tune.experiment import Trial
 from bagssl_core.config import flatten
 from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCHS_PLANNED
 from sweeps.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     PARENT_TAG,
     TAG_FAILURE,
     TAG_REFINES,
@@ -294,6 +297,41 @@ def test_resume_without_parent_starts_one(uri: str) -> None:
     parent = t.start_parent("sweep", {"metric": "x"}, {}, resume=True)
     assert t.client.get_run(parent).data.tags["bagssl.role"] == "sweep"
     assert not t.has_child("t1")
+
+
+# --- what the MLflow UI opens on (docs/operations.md, "What the MLflow UI opens on") ------------------
+
+
+def test_experiment_is_created_as_a_model_training_experiment(tracker: MlflowTracker) -> None:
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+
+
+def test_an_experiment_made_by_older_code_gets_the_kind_tag(uri: str) -> None:
+    client = MlflowClient(uri)
+    old = client.create_experiment("exp-made-before-the-tag")
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    MlflowTracker(uri, "exp-made-before-the-tag", sweep_key="/sweeps/later")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    # A kind the user chose in the UI stays theirs.
+    client.set_experiment_tag(old, EXPERIMENT_KIND_TAG, "genai_development")
+    MlflowTracker(uri, "exp-made-before-the-tag", sweep_key="/sweeps/later")
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_runs_view_shows_the_objective_and_the_axes_and_the_url_opens_it(tracker: MlflowTracker) -> None:
+    tracker.set_runs_view("smoke", "val/knn_top1/mean_emb", ["patch.size", "loss.inv_weight"])
+    tags = tracker.client.get_experiment(tracker.experiment_id).tags
+    assert tags["mlflow.experiment.primaryMetric.name"] == "val/knn_top1/mean_emb"
+    view = json.loads(tags["mlflow.sharedViewState.smoke"])
+    assert "metrics.`val/knn_top1/mean_emb`" in view["selectedColumns"]
+    assert "params.`patch.size`" in view["selectedColumns"]
+    assert "orderByKey" not in view  # the default order: the only one in which the UI nests children
+    url = tracker.runs_url("http://127.0.0.1:5000", "smoke")
+    assert url == (
+        f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs"
+        "?workflowType=machine_learning&viewStateShareKey=smoke"
+    )
 
 
 # --- the Tune callback -----------------------------------------------------------------------------------
