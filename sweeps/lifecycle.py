@@ -195,9 +195,10 @@ def sweep_to_resume(storage: Path, spec_name: str, local: bool, name: str | None
     if name is None:
         sweeps = spec_sweeps(storage, spec_name, local)
         if not sweeps:
+            base = sweep_base(spec_name, local)
             raise SweepNotFound(
-                f"{source}: --resume: no {mode}sweep of {spec_name!r} under {storage}; run without --resume "
-                "to start one"
+                f"{source}: --resume: nothing to resume: no {mode}sweep of {spec_name!r} under {storage} "
+                f"(expected {storage / base} or {base}-N); run without --resume to start one"
             )
         path = sweeps[-1]
     else:

@@ -341,7 +341,7 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def test_existing_sweep_needs_resume_and_is_left_alone(
+def test_an_existing_sweep_is_left_alone_and_the_next_run_is_a_new_sweep(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     exp = tmp_path / "store" / "t"
@@ -350,10 +350,8 @@ def test_existing_sweep_needs_resume_and_is_left_alone(
     (exp / "trial_0" / "result.json").write_text('{"epoch": 1}\n')
     before = snapshot(tmp_path / "store")
     path = write(tmp_path, runnable(tmp_path))
-    rc = main([str(path)])
-    assert_bad_input(
-        rc, capsys.readouterr().err, path, "storage_path:", str(exp), "already holds", "--resume"
-    )
+    assert main([str(path), "--dry-run"]) == 0
+    assert f"# storage: {tmp_path / 'store' / 't-2'} (a new sweep" in capsys.readouterr().out
     assert snapshot(tmp_path / "store") == before
     assert not (tmp_path / "mlflow.db").exists()
 
