@@ -325,7 +325,8 @@ def test_report_of_a_real_sweep_rebuilt_from_mlflow_renders_in_chromium(tmp_path
 
     spec = tiny_spec(tmp_path, "report_e2e", num_samples=3, scheduler={"name": "none"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run(sweep_cmd(spec, "--local"), tmp_path)
+    # One epoch: the learning curves need only a history, and 2 cores shared by other work are slow.
+    proc = run(sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"), tmp_path, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The sweep's own report, built from MLflow at its end.
     line = next(x for x in proc.stdout.splitlines() if x.startswith("sweep report: "))
