@@ -357,14 +357,19 @@ def importance_figure(importance: Importance) -> Figure | None:
     return fig
 
 
+def contour_values(trials: Iterable[optuna.trial.FrozenTrial], axis: str) -> set[str]:
+    """The distinct values one parameter took in the trials."""
+    return {repr(t.params[axis]) for t in trials if axis in t.params}
+
+
 def contour_figure(study: optuna.Study, axes: Sequence[str], spec: SweepSpec) -> Figure | None:
     """The objective over the two most important axes: Optuna's own contour plot of the completed trials
     (log axes for log-uniform ones), with every trial as a point. None without two axes or three trials."""
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if len(axes) < 2 or len(done) < 3:
-        return None
+    if len(axes) < 2 or len(done) < 3 or not all(len(contour_values(done, a)) > 1 for a in axes[:2]):
+        return None  # Optuna draws empty axes when a parameter took a single value
     import warnings
 
     from optuna.visualization.matplotlib import plot_contour
@@ -405,7 +410,7 @@ def heatmap_figure(
         grid[i, j] = est.value
         ci = f"\n[{est.interval[0]:.1f}, {est.interval[1]:.1f}]" if est.interval else ""
         text[i, j] = f"{est.value:.1f}{ci}" + (f"\nn={est.n}" if est.n > 1 else "")
-    fig, ax = _figure(1.6 + 1.3 * len(cols), 1.2 + 0.55 * len(rows) + 0.6)
+    fig, ax = _figure(max(5.5, 1.6 + 1.3 * len(cols)), 1.2 + 0.55 * len(rows) + 0.6)
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
     ax.grid(False)
     finite = grid[np.isfinite(grid)]

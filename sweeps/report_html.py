@@ -303,7 +303,11 @@ def _importance(ctx: _Context, imp: Importance) -> Section:
         ctx.w.add(sec, importance_figure(imp), "importance", "Parameter importance.", "")
     pair = top_axes(imp, spec)
     fig = contour_figure(build_study(spec, ctx.search()), pair, spec) if len(pair) == 2 else None
-    why = "fewer than two training axes" if len(pair) < 2 else "fewer than three completed trials"
+    why = (
+        "fewer than two training axes"
+        if len(pair) < 2
+        else "fewer than three completed trials, or one of the two axes took a single value in them"
+    )
     order = (
         "the two most important axes"
         if imp.values

@@ -22,6 +22,7 @@ from sweeps.importance import build_study, param_importance
 from sweeps.plots import (
     axis_figure,
     baseline_scores,
+    contour_figure,
     cost_figure,
     heatmap_figure,
     learning_curves_figure,
@@ -135,6 +136,15 @@ def test_study_holds_the_spec_distributions_and_states() -> None:
     dist = study.trials[0].distributions
     assert dist["loss.inv_weight"].log and dist["patch.size"].choices == (8, 12, 16)
     assert "eval.aggregation" not in dist  # an evaluation-only axis is never a trial parameter
+
+
+def test_contour_needs_two_values_of_each_axis() -> None:
+    spec = make_spec()
+    trials = [t.outcome for t in synthetic_trials(10)]
+    fig = contour_figure(build_study(spec, trials), ["patch.size", "loss.inv_weight"], spec)
+    assert fig is not None and fig.axes[0].get_xscale() == "log"  # loss.inv_weight, log-uniform, on x
+    same = [TrialOutcome(t.trial_id, {**t.params, "patch.size": 12}, t.status, t.metrics) for t in trials]
+    assert contour_figure(build_study(spec, same), ["patch.size", "loss.inv_weight"], spec) is None
 
 
 def test_pareto_front() -> None:
