@@ -7,6 +7,7 @@ storage or the trainer's files, only the tracking store (`sweeps.tracking` wrote
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -99,12 +100,20 @@ class SweepResults:
 
 
 def parse_param(text: str) -> Any:
-    """A param value as MLflow stores it (str, or JSON for lists) back to the value the sweep set: numbers,
-    booleans, lists; anything YAML cannot read stays the string."""
+    """A param value as MLflow stores it (`str(value)`, JSON for lists) back to the value the sweep set.
+
+    JSON first: PyYAML reads `1e-05` (how Python writes a small float) as a string. Then YAML, for
+    Python's `True`/`False`/`None`; anything neither reads stays the string.
+    """
     try:
-        return yaml.safe_load(text)
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return None if text == "None" else value
 
 
 def open_store(uri: str) -> MlflowClient:

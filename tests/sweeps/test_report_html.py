@@ -30,7 +30,7 @@ from sweeps.plots import (
 )
 from sweeps.report import TrialOutcome, key_score
 from sweeps.report_html import build_report, heatmap_cells
-from sweeps.results import SweepResults, TrialRecord, baselines
+from sweeps.results import SweepResults, TrialRecord, baselines, parse_param
 from sweeps.spec import SweepSpec
 
 N_VAL = 500
@@ -145,6 +145,12 @@ def test_contour_needs_two_values_of_each_axis() -> None:
     assert fig is not None and fig.axes[0].get_xscale() == "log"  # loss.inv_weight, log-uniform, on x
     same = [TrialOutcome(t.trial_id, {**t.params, "patch.size": 12}, t.status, t.metrics) for t in trials]
     assert contour_figure(build_study(spec, same), ["patch.size", "loss.inv_weight"], spec) is None
+
+
+def test_params_read_back_from_mlflow_strings_are_the_values_the_sweep_set() -> None:
+    for value in (10, 1e-05, 0.3, 37.207821878117365, True, None, "mean_emb", ["mean_emb", "centre"]):
+        text = json.dumps(value) if isinstance(value, list) else str(value)  # as sweeps.tracking logs it
+        assert parse_param(text) == value and type(parse_param(text)) is type(value), text
 
 
 def test_pareto_front() -> None:
@@ -333,7 +339,10 @@ def log_analyses_and_baselines(uri: str, experiment: str) -> tuple[str, str]:
 def test_report_of_a_real_sweep_rebuilt_from_mlflow_renders_in_chromium(tmp_path: Path) -> None:
     from tests.sweeps.conftest import sweep_cmd, tiny_spec
 
-    spec = tiny_spec(tmp_path, "report_e2e", num_samples=3, scheduler={"name": "none"})
+    # search.seed 1 draws patch sizes 10, 14, 10 (`sweeps.local.local_trials`): both axes vary, so the
+    # contour and the heat map's two columns are drawn.
+    search = {"algo": "optuna", "seed": 1, "n_startup_trials": 2}
+    spec = tiny_spec(tmp_path, "report_e2e", num_samples=3, scheduler={"name": "none"}, search=search)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # One epoch: the learning curves need only a history, and 2 cores shared by other work are slow.
     proc = run(sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"), tmp_path, timeout=1800)
