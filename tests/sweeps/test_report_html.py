@@ -383,7 +383,7 @@ def test_report_of_a_real_sweep_rebuilt_from_mlflow_renders_in_chromium(tmp_path
     assert {"heatmap_scheme_patch.png", "learning_curves.png", "cost.png"} <= files
     assert data["analyses"][data["trials"][0]["trial"]] or any(a["images"] for a in data["analyses"].values())
     images = [i for a in data["analyses"].values() for i in a["images"]]
-    assert images == ["analyses/local_00000/analyses/bag_curve.png"]
+    assert images == ["analyses/local_00000/bag_curve.png"]
     for png in [*files, *images]:
         img = mpimg.imread(out / png)
         assert img.ndim == 3 and img.shape[0] > 50 and img.std() > 0.01, png
