@@ -491,7 +491,7 @@ def baselines_figure(
     if not baselines:
         return None
     entries = ([(f"best trial {best[0]}", best[1])] if best else []) + [(n, s) for n, s in baselines.items()]
-    fig, ax = _figure(1.8 + 1.4 * len(entries), 4.0)
+    fig, ax = _figure(max(5.5, 1.8 + 1.4 * len(entries)), 4.0)
     width = 0.38
     for i, (_, s) in enumerate(entries):
         colour = (
