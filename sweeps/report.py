@@ -51,8 +51,15 @@ def score(metrics: Mapping[str, float], objective: Objective) -> Score | None:
     key, val = found
     if key is None:
         return Score(None, val)
+    return key_score(metrics, key)
+
+
+def key_score(metrics: Mapping[str, float], key: ProbeKey) -> Score:
+    """The validation value at one key of a report with its interval, and the test value at the same key."""
     test = key.in_split("test")
-    return Score(key, val, _interval(metrics, key), metrics.get(str(test)), _interval(metrics, test))
+    return Score(
+        key, metrics[str(key)], _interval(metrics, key), metrics.get(str(test)), _interval(metrics, test)
+    )
 
 
 def _interval(metrics: Mapping[str, float], key: ProbeKey) -> Interval | None:
@@ -285,7 +292,7 @@ def write_report(
     summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
     details: dict[str, Any] = {
         "trials": [
-            {"trial": t.trial_id, "status": t.status, "params": t.params, **_score_fields(s)}
+            {"trial": t.trial_id, "status": t.status, "params": t.params, **score_fields(s)}
             for t, s in ranked(trials, objective)
         ]
     }
@@ -296,7 +303,7 @@ def write_report(
     else:
         t, s = best
         lines += _best_lines(t, s, trials, objective)
-        summary.update({"best_trial": t.trial_id, **_score_fields(s, prefix="best_")})
+        summary.update({"best_trial": t.trial_id, **score_fields(s, prefix="best_")})
         summary["within_noise"] = _noise_count(t, s, trials, objective)
         selected = (t, s.key, f"best trial {t.trial_id}")
     if refined:
@@ -343,7 +350,7 @@ def _selection(key: ProbeKey) -> dict[str, str]:
     return {"scheme": key.scheme, "variant": key.variant, "metric_key": str(key)}
 
 
-def _score_fields(s: Score | None, prefix: str = "") -> dict[str, Any]:
+def score_fields(s: Score | None, prefix: str = "") -> dict[str, Any]:
     """A score as flat JSON fields: `val`, `val_lo`, `val_hi`, `test`, `test_lo`, `test_hi`, `key`."""
     if s is None:
         return {}
@@ -395,3 +402,63 @@ def _best_lines(t: TrialOutcome, s: Score, trials: list[TrialOutcome], objective
             f"distinguishable on {on}"
         )
     return lines
+
+
+# --- `python -m sweeps.report`: the report rebuilt from MLflow alone -------------------------------------
+
+
+def default_out_dir(experiment: str, parent_id: str) -> Path:
+    return Path("sweep_reports") / f"{experiment}_{parent_id[:8]}"
+
+
+def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir: Path | None) -> Path:
+    """Read the sweep from the store, write report.html, its PNGs and report.json under out_dir (default
+    `sweep_reports/<experiment>_<parent run id[:8]>`), log them under `report/` on the parent run, and
+    return the path of report.html. Raises `sweeps.results.ResultsError` naming what was expected."""
+    # Imported here: MLflow and matplotlib take seconds to import, and the sweep's own modules import this one.
+    from sweeps.report_html import publish
+    from sweeps.results import load_sweep
+
+    results = load_sweep(uri, experiment, parent_id)
+    built = publish(results, out_dir or default_out_dir(experiment, results.parent_id))
+    return built.html.resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m sweeps.report",
+        description="Rebuild a sweep's report (report.html, PNGs, report.json) from MLflow alone and log it "
+        "on the sweep's parent run under report/.",
+    )
+    p.add_argument(
+        "--experiment", required=True, help="the MLflow experiment of the sweep (spec tracking.experiment)"
+    )
+    p.add_argument(
+        "--parent", default=None, help="the sweep's parent run id (default: the experiment's latest sweep)"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: sweep_reports/<experiment>_<run id>)"
+    )
+    args = p.parse_args(argv)
+    from sweeps.results import ResultsError
+    from sweeps.tracking import resolve_uri
+
+    try:
+        path = build_from_mlflow(resolve_uri(args.tracking_uri), args.experiment, args.parent, args.out)
+    except ResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -243,6 +243,12 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
     report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent, refined)
     tracker.finish_parent("FINISHED", flatten(report.summary), report.artifacts)
     print(report.text)
+    # The figures and importance, rebuilt from MLflow alone as `python -m sweeps.report` does.
+    from sweeps.report import build_from_mlflow
+
+    out = Path(exp_dir) / "report" if local_exp else None
+    html = build_from_mlflow(uri, spec.tracking.experiment, parent, out)
+    print(f"sweep report: {html}  (logged on the parent run under report/)")
     runs = trials + [r for c in refined or [] for r in c.runs]
     failed = [t for t in runs if t.status == "FAILED"]
     return EXIT_TRIALS_FAILED if failed or not trials else EXIT_OK
