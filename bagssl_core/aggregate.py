@@ -2,13 +2,13 @@
 
 Aggregation is an evaluation-time choice. Feature extraction (`extract_features`) embeds every distinct
 patch the asked-for schemes read once, whatever the number of schemes: `mean_emb`, `mean_proj` and
-`max_emb` reduce the same evaluation bag, the centre patch is usually one of the grid's patches, and the
+`max_emb` reduce the same evaluation bag, the centre patch is often one of the grid's patches, and the
 multiscale bag's scale equal to the grid's patch size is the grid itself. Probing all six schemes thus
 costs the distinct patches they read (`patches_per_image`), not the sum of each scheme's patches.
 
-Memory is bounded by `cfg.eval_patch_chunk`: patches are cut from the images, resized and forwarded that
-many at a time, and each scheme's reduction (a sum or a running max) is accumulated chunk by chunk, so
-neither the patches of a batch nor their embeddings are ever held at once. This is what keeps a dense
+Memory is bounded by `cfg.eval_patch_chunk` (eval.patch_chunk): patches are cut from the images, resized
+and forwarded that many at a time, and each scheme's reduction (a sum or a running max) is accumulated
+chunk by chunk, so neither the patches of a batch nor their embeddings are ever held at once. This is what keeps a dense
 grid on large images (961 patches an image for 14-px patches at stride 7 on 224 px) from exhausting
 memory.
 """
@@ -217,10 +217,12 @@ def _embed_group(
     cfg: TrainConfig,
     mean_std: MeanStd,
     autocast: bool,
-    chunk: int,
+    chunk: int | None,
 ) -> Iterator[tuple[int, int, int, int, torch.Tensor, torch.Tensor]]:
-    """Embed a group's patches at most `chunk` at a time: (i0, i1, g0, g1, h, z), h of shape
-    (i1 - i0, g1 - g0, D_h). Only the chunk's patches are ever cut out (`crop_patches` indexes a view)."""
+    """Embed a group's patches at most `chunk` (default `cfg.eval_patch_chunk`) at a time: (i0, i1, g0, g1,
+    h, z), h of shape (i1 - i0, g1 - g0, D_h). Only the chunk's patches are ever cut out (`crop_patches`
+    indexes a view of the images)."""
+    chunk = chunk or cfg.eval_patch_chunk(group.px)
     mean, std = mean_std
     size = cfg.input_size
     n_img, n_patch = images.shape[0], group.boxes.shape[-2]
@@ -252,11 +254,10 @@ def embed_views(
     `view_patches`' order.
 
     For analyses that need each patch's embedding. The patches are forwarded at most `chunk` at a time
-    (default `cfg.eval_patch_chunk`), but the B * P embeddings returned are held at once: to probe
+    (default `cfg.eval_patch_chunk(side)`), but the B * P embeddings returned are held at once: to probe
     schemes, `extract_features` reduces chunk by chunk instead.
     """
     check_images(images)
-    chunk = chunk or cfg.eval_patch_chunk
     b, _, h, w = images.shape
     out = {}
     for view in dict.fromkeys(views):
@@ -359,7 +360,7 @@ def reduce_batch(
     """Every scheme's features (B, D) of one image batch (B, C, H, W), on the images' device.
 
     Each distinct patch of the plan (built from the schemes' views when not given) is embedded once,
-    `cfg.eval_patch_chunk` patches at a time, and folded into every view that reads it.
+    `cfg.eval_patch_chunk(side)` patches at a time, and folded into every view that reads it.
     """
     check_images(images)
     check_schemes(schemes)
@@ -372,10 +373,9 @@ def reduce_batch(
         stats = {SCHEMES[s].stat for s in schemes if SCHEMES[s].view == view}
         total = float(sum(g.weights[v].sum() for g in groups))
         reductions.append(_Reduction(stats, total, b))
-    chunk = cfg.eval_patch_chunk
     for group in groups:
         weights = group.weights.to(images.device)
-        for i0, i1, g0, g1, gh, gz in _embed_group(model, images, group, cfg, mean_std, autocast, chunk):
+        for i0, i1, g0, g1, gh, gz in _embed_group(model, images, group, cfg, mean_std, autocast, None):
             for v, red in enumerate(reductions):
                 red.add(i0, i1, gh, gz, weights[v, g0:g1])
     return {s: reductions[plan.views.index(SCHEMES[s].view)].result(SCHEMES[s].stat) for s in schemes}
@@ -394,7 +394,7 @@ def extract_features(
     """Features of every image in `loader` under every scheme, on the CPU.
 
     Each distinct patch the schemes read is embedded once (`reduce_batch`), at most
-    `cfg.eval_patch_chunk` at a time.
+    `cfg.eval_patch_chunk(side)` at a time.
 
     Returns:
         ({scheme: (N, D)}, labels (N,)). Random evaluation patches are drawn from a generator seeded by
