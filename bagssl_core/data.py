@@ -253,7 +253,7 @@ def _load_in_memory(cfg: DataConfig, source: Source, seed: int) -> TensorImageDa
     """A whole split of an in-memory dataset, at its native size (synthetic: drawn at the asked size)."""
     if cfg.name == "synthetic":
         n = cfg.synthetic_train if source == "train" else cfg.synthetic_test
-        size = cfg.image_size or NATIVE_IMAGE_SIZE["synthetic"] or 32
+        size = cfg.image_size or NATIVE_IMAGE_SIZE["synthetic"] or 32  # the table types imagefolder's None
         images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, source)
         return TensorImageData("synthetic", source, images, labels, cfg.synthetic_classes)
     images, labels, num_classes = _LOADERS[cfg.name](cfg, source)
