@@ -34,15 +34,24 @@ BackboneName = Literal["resnet18_cifar", "resnet18", "resnet50"]
 SchemeName = Literal["mean_emb", "mean_proj", "max_emb", "centre", "whole", "multiscale"]
 ProbeName = Literal["knn", "linear"]
 
-# Side length (pixels) of the images each dataset provides, before any `data.image_size` resize.
-NATIVE_IMAGE_SIZE: dict[str, int] = {
+# Side length (pixels) of the images each dataset provides, before any `data.image_size` resize. None:
+# the files' own size, known only once they are read (imagefolder: `bagssl_core.data.resolve_image_size`).
+NATIVE_IMAGE_SIZE: dict[str, int | None] = {
     "fashion_mnist": 28,
     "cifar10": 32,
     "cifar100": 32,
     "stl10": 96,
-    "imagefolder": 224,
+    "imagefolder": None,
     "synthetic": 32,
 }
+# A patch given in pixels that covers less than this fraction of the image's area is warned about
+# (`warn_tiny_patches`): a 14-px patch, sensible on 28-px images, is 0.4% of a 224-px image, and its
+# dense evaluation grid (961 patches an image at stride 7) is what ran out of memory in issue 9.
+TINY_PATCH_AREA = 0.01
+# eval.patch_chunk=null cuts out and forwards as many patches at once as make this many pixels per
+# channel, at the larger of their cut-out and input sides: extraction memory then stays bounded whatever
+# the image size and the backbone's input size (about 70 MB per ResNet activation at 14 px).
+EVAL_CHUNK_PIXELS = 2**18
 # Datasets whose images have one channel (replicated to 3 unless data.to_rgb is false).
 GRAYSCALE_DATASETS = frozenset({"fashion_mnist"})
 # Datasets torchvision can download into data.root (fashion_mnist only when Debian's copy is missing).
@@ -76,7 +85,10 @@ class DataConfig(_Part):
     )
     download: bool = Field(False, description="Allow torchvision to download the dataset into data.root.")
     image_size: int | None = Field(
-        None, ge=8, description="Resize images to this side; None = the dataset's native size."
+        None,
+        ge=8,
+        description="Resize images to this side; None = the dataset's native size. imagefolder: None keeps "
+        "the files' own size when they all share one square size, and is an error otherwise.",
     )
     to_rgb: bool = Field(
         True,
@@ -296,6 +308,13 @@ class EvalConfig(_Part):
     linear_batch_size: int = Field(256, ge=1, description="Linear probe: batch size.")
     every: int = Field(0, ge=0, description="Probe every k epochs; 0 = only after the last epoch.")
     batch_size: int = Field(256, ge=1, description="Images per feature-extraction batch.")
+    patch_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="Most patches cut out and forwarded at once in feature extraction, whatever the image "
+        f"size, grid or schemes (bounds its memory); None = as many as make {EVAL_CHUNK_PIXELS} pixels "
+        "at the larger of their cut-out and input sides (1337 patches of 14 px, 256 of 32 px).",
+    )
 
     @field_validator("aggregation", "probes")
     @classmethod
@@ -332,6 +351,29 @@ def patch_pixels(size: int | float, image_size: int) -> int:
     return int(size)
 
 
+def tiny_patches(cfg: TrainConfig) -> list[str]:
+    """One line for each patch side given in pixels that covers less than TINY_PATCH_AREA of the image.
+
+    Pixels are meant for one image size; on a larger image (an ImageFolder at 224 px for a setting made
+    for 28 px) such a patch sees almost nothing and its evaluation grid grows with the square of the side.
+    Fractions scale with the image and are never reported.
+    """
+    img = cfg.image_size
+    sides = {"patch.size": cfg.patch.size}
+    if cfg.eval.grid_size is not None:
+        sides["eval.grid_size"] = cfg.eval.grid_size
+    out = []
+    for key, px in sides.items():
+        area = (px / img) ** 2 if isinstance(px, int) else 1.0
+        if area < TINY_PATCH_AREA:
+            out.append(
+                f"{key}: a {px}-px patch covers {area:.2%} of a {img}-px image (less than "
+                f"{TINY_PATCH_AREA:.0%}); give it as a fraction of the side (e.g. {key}={px / img:.3g}) or "
+                "check data.image_size"
+            )
+    return out
+
+
 class TrainConfig(_Part):
     data: DataConfig = Field(default_factory=DataConfig)
     patch: PatchConfig = Field(default_factory=PatchConfig)
@@ -347,12 +389,25 @@ class TrainConfig(_Part):
 
     # --- derived values (never stored, always recomputed from the fields) -------------------------
     @property
+    def image_size_known(self) -> bool:
+        """False for imagefolder without data.image_size until `bagssl_core.data.resolve_image_size`."""
+        return (self.data.image_size or NATIVE_IMAGE_SIZE[self.data.name]) is not None
+
+    @property
     def image_size(self) -> int:
-        return self.data.image_size or NATIVE_IMAGE_SIZE[self.data.name]
+        size = self.data.image_size or NATIVE_IMAGE_SIZE[self.data.name]
+        if size is None:
+            raise ConfigError(
+                f"data.image_size: {self.data.name} images keep their own size, which is known once the "
+                "files are read (bagssl_core.data.resolve_image_size); set data.image_size to fix it"
+            )
+        return size
 
     @property
     def patch_px(self) -> int:
-        return patch_pixels(self.patch.size, self.image_size)
+        # Pixels need no image size: an imagefolder config knows them before its files are read.
+        size = self.patch.size
+        return size if isinstance(size, int) else patch_pixels(size, self.image_size)
 
     @property
     def in_channels(self) -> int:
@@ -365,9 +420,8 @@ class TrainConfig(_Part):
 
     @property
     def eval_patch_px(self) -> int:
-        return patch_pixels(
-            self.eval.grid_size if self.eval.grid_size is not None else self.patch.size, self.image_size
-        )
+        size = self.eval.grid_size if self.eval.grid_size is not None else self.patch.size
+        return size if isinstance(size, int) else patch_pixels(size, self.image_size)
 
     @property
     def eval_stride(self) -> int:
@@ -376,6 +430,11 @@ class TrainConfig(_Part):
     @property
     def eval_num_patches(self) -> int:
         return self.eval.num_patches or self.patch.num
+
+    def eval_patch_chunk(self, patch_px: int) -> int:
+        """Most `patch_px`-px patches per forward in feature extraction: eval.patch_chunk, else as many as
+        make EVAL_CHUNK_PIXELS pixels at the larger of their cut-out and input sides."""
+        return self.eval.patch_chunk or max(1, EVAL_CHUNK_PIXELS // max(patch_px, self.input_size) ** 2)
 
     def effective_lr(self) -> float:
         """lr actually used at the schedule's peak: base_lr * global batch / 256."""
@@ -420,24 +479,29 @@ class TrainConfig(_Part):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
-        img = self.image_size
-        if self.patch_px > img:
-            raise ValueError(
-                f"patch.size: a {self.patch_px}-px patch does not fit a {img}-px image ({self.data.name}); "
-                f"expected at most {img} pixels or a fraction <= 1"
-            )
         if self.loss.name in BAG_LOSSES and self.patch.num < 2:
             raise ValueError(
                 f"patch.num: loss {self.loss.name!r} pulls patches to their bag mean; expected >= 2 patches"
             )
         if self.loss.name == "vicreg" and self.patch.num != 2:
             raise ValueError("patch.num: two-view vicreg uses exactly 2 views; expected 2")
+        bad = [s for s in self.eval.multiscale_sizes if not _is_size(s)]
+        if bad:
+            raise ValueError(f"eval.multiscale_sizes: {bad[0]!r}: {_SIZE_EXPECTED}")
+        if not self.image_size_known:
+            return self  # checked again once the size is resolved (bagssl_core.data.resolve_image_size)
+        img = self.image_size
+        if self.patch_px > img:
+            raise ValueError(
+                f"patch.size: a {self.patch_px}-px patch does not fit a {img}-px image ({self.data.name}); "
+                f"expected at most {img} pixels or a fraction <= 1"
+            )
         if self.eval_patch_px > img:
             raise ValueError(
                 f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image"
             )
         for s in self.eval.multiscale_sizes:
-            if not _is_size(s) or patch_pixels(s, img) > img:
+            if patch_pixels(s, img) > img:
                 raise ValueError(
                     f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]"
                 )

@@ -5,7 +5,8 @@
 rest, so that model selection never looks at the test split. In-memory datasets (fashion_mnist, cifar10, cifar100,
 stl10, synthetic) are decoded once, resized once when `data.image_size` asks for it, and served in whole
 batches through `__getitems__`, which torch's DataLoader calls instead of one `__getitem__` per image.
-imagefolder decodes lazily, per image, so the work happens in DataLoader workers.
+imagefolder decodes lazily, per image, so the work happens in DataLoader workers; without
+`data.image_size` it keeps the files' own size, which they must all share (`imagefolder_size`).
 
 Every missing file or failed download surfaces as a `DataError`: one line that says what is missing and
 what to do about it.
@@ -28,10 +29,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from bagssl_core.config import NATIVE_IMAGE_SIZE, ConfigError, DataConfig
+from bagssl_core.config import NATIVE_IMAGE_SIZE, ConfigError, DataConfig, TrainConfig, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,8 @@ class TensorImageData(ImageData):
 class ImageFolderData(ImageData):
     """A `root/<split dir>/<class>/<image>` tree, decoded to RGB and resized per image on access.
 
-    Each image's shorter side is resized to `image_size` (bilinear, antialiased), then centre-cropped.
+    Each image's shorter side is resized to `image_size` (bilinear, antialiased), then centre-cropped; an
+    image already `image_size` square is used as it is.
     """
 
     def __init__(
@@ -166,6 +169,8 @@ class ImageFolderData(ImageData):
             img = decode_image(str(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as err:
             raise DataError(f"imagefolder: cannot decode {path}: {str(err).splitlines()[0]}") from None
+        if img.shape[-2:] == (self.image_size, self.image_size):
+            return img
         img = TF.resize(img, [self.image_size], antialias=True)
         return TF.center_crop(img, [self.image_size, self.image_size])
 
@@ -213,16 +218,10 @@ def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
         raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     start = time.perf_counter()
     source: Source = "test" if split == "test" else "train"
-    size = cfg.image_size or NATIVE_IMAGE_SIZE[cfg.name]
     if cfg.name == "imagefolder":
-        data: ImageData = _load_imagefolder(Path(cfg.root), source, size)
-    elif cfg.name == "synthetic":
-        n = cfg.synthetic_train if source == "train" else cfg.synthetic_test
-        images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, source)
-        data = TensorImageData("synthetic", source, images, labels, cfg.synthetic_classes)
+        data: ImageData = _load_imagefolder(Path(cfg.root), source, cfg.image_size)
     else:
-        images, labels, num_classes = _LOADERS[cfg.name](cfg, source)
-        data = TensorImageData(cfg.name, source, images, labels, num_classes)
+        data = _load_in_memory(cfg, source, seed)
     subset = cfg.train_subset if source == "train" else cfg.test_subset
     if subset is not None:
         key = f"data.{source}_subset"
@@ -240,6 +239,7 @@ def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
     if isinstance(data, TensorImageData):
         # Resize after subsetting (fewer images) and before replicating channels (fewer pixels).
         images = data.images
+        size = cfg.image_size or images.shape[-1]
         if images.shape[-1] != size:
             images = resize_images(images, size)
         if cfg.to_rgb and images.shape[1] == 1:
@@ -247,6 +247,17 @@ def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
         data = TensorImageData(data.name, split, images, data.labels, data.num_classes)
     log.info("%r loaded in %.2f s", data, time.perf_counter() - start)
     return data
+
+
+def _load_in_memory(cfg: DataConfig, source: Source, seed: int) -> TensorImageData:
+    """A whole split of an in-memory dataset, at its native size (synthetic: drawn at the asked size)."""
+    if cfg.name == "synthetic":
+        n = cfg.synthetic_train if source == "train" else cfg.synthetic_test
+        size = cfg.image_size or NATIVE_IMAGE_SIZE["synthetic"] or 32  # the table types imagefolder's None
+        images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, source)
+        return TensorImageData("synthetic", source, images, labels, cfg.synthetic_classes)
+    images, labels, num_classes = _LOADERS[cfg.name](cfg, source)
+    return TensorImageData(cfg.name, source, images, labels, num_classes)
 
 
 def validation_size(cfg: DataConfig, num_train: int) -> int:
@@ -496,7 +507,62 @@ def _list_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def _load_imagefolder(root: Path, split: Source, image_size: int) -> ImageFolderData:
+def imagefolder_size(files: Sequence[Path], where: str | Path) -> int:
+    """The side S of the images in `files` when they are all S x S (read from the file headers only).
+
+    Raises:
+        ConfigError: naming data.image_size and the sizes found, when the images are not all one square
+            size (the scan stops at the third size found).
+        DataError: a file whose header cannot be read.
+    """
+    found: dict[tuple[int, int], tuple[int, Path]] = {}  # (width, height) -> (files, first file)
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                wh = img.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"imagefolder: cannot read {path}: {str(err).splitlines()[0]}") from None
+        count, first = found.get(wh, (0, path))
+        found[wh] = (count + 1, first)
+        if len(found) == 3:
+            break
+    if not found:
+        raise DataError(f"imagefolder: no images under {where}")
+    (w, h), _ = next(iter(found.items()))
+    if len(found) == 1 and w == h:
+        return w
+    sizes = ", ".join(f"{w}x{h} ({first})" for (w, h), (_, first) in found.items())
+    more = " and more" if len(found) == 3 else ""
+    raise ConfigError(
+        f"data.image_size: not set, and the images under {where} do not share one square size (found "
+        f"{sizes}{more}); set data.image_size=S to resize each image's shorter side to S and centre-crop it"
+    )
+
+
+def resolve_image_size(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `data.image_size` set to the images' own side when it was left to the files (imagefolder
+    without data.image_size: every image of train/ and val/ (or test/) must be the same square size);
+    `cfg` itself when the size is known. The returned config is validated again, so a patch that does not
+    fit the images is an error here."""
+    if cfg.image_size_known:
+        return cfg
+    root = Path(cfg.data.root)
+    files = [f for source in ("train", "test") for f in _imagefolder_files(root, source)[0]]
+    size = imagefolder_size(files, root)
+    log.info("imagefolder: every image under %s is %dx%d: data.image_size=%d", root, size, size, size)
+    return validate_config({"data": {"image_size": size}}, defaults=cfg.model_dump())
+
+
+def _load_imagefolder(root: Path, split: Source, image_size: int | None) -> ImageFolderData:
+    """The split's images at `image_size`, or (None) at the files' own size (`imagefolder_size`)."""
+    files, labels, classes, split_dir = _imagefolder_files(root, split)
+    if image_size is None:
+        image_size = imagefolder_size(files, split_dir)
+    return ImageFolderData(split, files, labels, classes, image_size)
+
+
+def _imagefolder_files(root: Path, split: Source) -> tuple[list[Path], torch.Tensor, list[str], Path]:
+    """The split's image files, their labels, the class names (from train/) and the split's directory."""
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(
@@ -531,7 +597,7 @@ def _load_imagefolder(root: Path, split: Source, image_size: int) -> ImageFolder
         raise DataError(
             f"imagefolder: no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) under {split_dir}/<class>/"
         )
-    return ImageFolderData(split, files, torch.tensor(labels, dtype=torch.int64), classes, image_size)
+    return files, torch.tensor(labels, dtype=torch.int64), classes, split_dir
 
 
 # --- synthetic ----------------------------------------------------------------------------------------

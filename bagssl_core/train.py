@@ -29,8 +29,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bagssl_core import dist
 from bagssl_core.aggregate import extract_features
-from bagssl_core.config import ConfigError, EvalConfig, TrainConfig, config_to_yaml, validate_config
-from bagssl_core.data import ImageData, collate_images, load_split
+from bagssl_core.config import (
+    ConfigError,
+    EvalConfig,
+    TrainConfig,
+    config_to_yaml,
+    tiny_patches,
+    validate_config,
+)
+from bagssl_core.data import ImageData, collate_images, load_split, resolve_image_size
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
     DIVERGED_AT_STEP,
@@ -267,6 +274,7 @@ def evaluate(
         `ProbeKey(split, probe, stat, scheme, variant)` -> accuracy (%) with its Wilson interval bounds (see
         `run_probes`), and `n_images(split)` -> the number of images each split's accuracies are over.
     """
+    cfg = resolve_image_size(cfg)  # a no-op unless imagefolder's size is left to its files
     variants = {"": cfg.eval} if variants is None else variants
     mean_std = channel_stats(cfg.data.name, train_data.channels)
     autocast = use_bf16(cfg, device)
@@ -463,7 +471,15 @@ def start_run(
     eval_variants: Mapping[str, EvalConfig] | None = None,
 ) -> Run:
     """Seed, load the data, build the model, optimizer, lr schedule and loss, restore `resume_from` (weights,
-    optimizer, step and random state) and, on rank 0, write `out/config.yaml`."""
+    optimizer, step and random state) and, on rank 0, write `out/config.yaml`.
+
+    `out/config.yaml` is `cfg` as given; the run (and its checkpoints' config) uses it with imagefolder's
+    image size resolved from the files (`resolve_image_size`), so that `--resume` compares like with like.
+    """
+    given, cfg = cfg, resolve_image_size(cfg)
+    if dist.is_main():
+        for line in tiny_patches(cfg):
+            log.warning(line)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed + dist.rank())
@@ -477,7 +493,7 @@ def start_run(
     model.train()
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        (out / "config.yaml").write_text(config_to_yaml(given))
     return Run(
         cfg=cfg,
         out=out,

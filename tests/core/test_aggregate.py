@@ -1,6 +1,6 @@
 """Aggregation schemes on a real (random-init) ResNet-18 and real images: shapes, each scheme against the
-embeddings computed patch by patch, one forward pass per batch for the schemes sharing the bag view,
-deterministic random evaluation patches."""
+embeddings computed patch by patch, chunked extraction against the whole-batch one, each distinct patch
+embedded once, deterministic random evaluation patches."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from bagssl_core import crops as C
 from bagssl_core import patches as P
-from bagssl_core.aggregate import SCHEMES, extract_features
+from bagssl_core.aggregate import SCHEMES, embed_views, extract_features, patches_per_image, view_patches
 from bagssl_core.config import NATIVE_IMAGE_SIZE, TrainConfig, load_config, validate_config
 from bagssl_core.data import FASHION_MNIST_SYSTEM_DIR, load_split
 from bagssl_core.models import BagSSLModel, build_model
@@ -138,7 +138,7 @@ def test_single_patch_and_multiscale_schemes(
     torch.testing.assert_close(feats["multiscale"], embed_one_by_one(model, bag, cfg)[0].mean(1), **TOL)
 
 
-def test_schemes_sharing_a_view_share_one_forward_pass(
+def test_each_distinct_patch_is_embedded_once(
     model: BagSSLModel, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig
 ) -> None:
     sizes: list[int] = []
@@ -149,10 +149,75 @@ def test_schemes_sharing_a_view_share_one_forward_pass(
         assert sizes == [4 * grid, 4 * grid]  # one pass per batch for mean_emb, mean_proj and max_emb
         sizes.clear()
         features(model, batches, cfg, ALL)
-        assert len(sizes) == 2 * 4  # per batch: bag, centre, whole, multiscale
-        assert sorted(sizes[:4]) == sorted([4 * grid, 4, 4, 4 * 10])
+        # The multiscale bag (sizes 0.5 and 1.0) shares its 1.0 scale with the whole image; the centre
+        # patch (at 8 on 28 px, 10 on 32 px) is off the grid (starts 0, 6, 12, 16 or 0, 6, 12, 18, 20).
+        assert patches_per_image(cfg, ALL) == grid + 1 + 1 + 10 - 1
+        assert sum(sizes) == 8 * patches_per_image(cfg, ALL)
     finally:
         hook.remove()
+
+
+@torch.no_grad()
+def unchunked_features(
+    model: BagSSLModel, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator | None
+) -> dict[str, torch.Tensor]:
+    """Extraction as it was before chunking: every patch of a view at once, one forward per view."""
+    mean, std = P.channel_stats(cfg.data.name, 3)
+    out = {}
+    for view in dict.fromkeys(SCHEMES[s].view for s in ALL):
+        x = view_patches(images, view, cfg, gen)
+        h, z = model(P.normalize(x.flatten(0, 1), mean, std))
+        for s in ALL:
+            if SCHEMES[s].view == view:
+                out[s] = SCHEMES[s].reduce(h.view(*x.shape[:2], -1), z.view(*x.shape[:2], -1))
+    return out
+
+
+@pytest.mark.parametrize(("patches", "chunk"), [("grid", 1), ("grid", 7), ("random", 5)])
+def test_chunked_extraction_equals_the_whole_batch_at_once(
+    model: BagSSLModel,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    chunk: int,
+    patches: str,
+) -> None:
+    """Whatever eval.patch_chunk, every scheme's features are those of the unchunked extraction, and no
+    forward (hence no cut-out batch of patches) is larger than the chunk. One batch of 4 images."""
+    batches = batches[:1]
+    update = {"eval": {"patch_chunk": chunk, "patches": patches, "multiscale_sizes": [0.5, 1.0, 12]}}
+    ccfg = validate_config(update, defaults=cfg.model_dump())
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    try:
+        feats, _ = features(model, batches, ccfg, ALL)
+    finally:
+        hook.remove()
+    assert max(sizes) <= chunk
+    gen = torch.Generator().manual_seed(ccfg.run.seed + 7919) if patches == "random" else None
+    expected = [unchunked_features(model, x, ccfg, gen) for x, _ in batches]
+    for s in ALL:
+        torch.testing.assert_close(feats[s], torch.cat([e[s] for e in expected]), **TOL, msg=s)
+
+
+def test_embed_views_gives_every_patch_in_view_order(
+    model: BagSSLModel, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig
+) -> None:
+    images = batches[0][0]
+    mean_std = P.channel_stats(cfg.data.name, 3)
+    h, z = embed_views(model, images, cfg, ["multiscale"], mean_std, chunk=3)["multiscale"]
+    bag = view_patches(images, "multiscale", cfg, None)
+    h1, z1 = embed_one_by_one(model, bag, cfg)
+    torch.testing.assert_close(h, h1, **TOL)
+    torch.testing.assert_close(z, z1, **TOL)
+
+
+def test_six_schemes_read_the_quick_presets_patches_once() -> None:
+    """The quick preset (14-px patches, stride 7, on 28 px): the multiscale bag holds most of the patches
+    (its 7-px scale alone is an 8x8 grid); its 14-px scale is the grid and the centre patch lies on it."""
+    cfg = load_config(None, [f"eval.aggregation={ALL}"], preset="quick")
+    alone = {s: patches_per_image(cfg, [s]) for s in ALL}
+    assert alone == {"mean_emb": 9, "mean_proj": 9, "max_emb": 9, "centre": 1, "whole": 1, "multiscale": 77}
+    assert patches_per_image(cfg, ALL) == 9 + 1 + 64 + 4  # grid (with centre), whole, 7 px and 21 px
 
 
 def test_random_eval_patches_are_deterministic(

@@ -12,8 +12,10 @@ import pytest
 from bagssl_core.aggregate import SCHEMES
 from bagssl_core.config import (
     BAG_SCHEMES,
+    EVAL_CHUNK_PIXELS,
     KNOB_RULES,
     PRESETS,
+    TINY_PATCH_AREA,
     BagVICRegConfig,
     ConfigError,
     KnobRule,
@@ -27,6 +29,7 @@ from bagssl_core.config import (
     parse_value,
     set_dotted,
     show_value,
+    tiny_patches,
     validate_config,
 )
 
@@ -261,6 +264,41 @@ def test_image_size_follows_the_dataset_unless_resized() -> None:
     assert load_config(None, ["data.name=cifar10"]).image_size == 32
     assert load_config(None, ["data.name=stl10"]).image_size == 96
     assert load_config(None, ["data.name=stl10", "data.image_size=64"]).image_size == 64
+
+
+def test_imagefolder_size_is_left_to_its_files_until_resolved() -> None:
+    """Without data.image_size an imagefolder config is valid before its files are read (a sweep's driver
+    may not see them); what needs the size says which key to set (bagssl_core.data resolves it)."""
+    cfg = load_config(None, ["data.name=imagefolder", "patch.size=0.5", "eval.grid_size=12"])
+    assert not cfg.image_size_known and cfg.eval_patch_px == 12
+    with pytest.raises(ConfigError, match=r"data\.image_size: imagefolder images keep their own size"):
+        _ = cfg.patch_px  # a fraction of an unknown side
+    sized = load_config(None, ["data.name=imagefolder", "data.image_size=64", "patch.size=0.5"])
+    assert sized.image_size_known and sized.patch_px == 32
+
+
+def test_tiny_pixel_patches_are_reported() -> None:
+    """A pixel patch under TINY_PATCH_AREA (1%) of the image's area: issue 9's quick preset (14-px
+    patches) on 224-px images is 0.39%. One line per key, naming it, the image size and the fraction."""
+    assert TINY_PATCH_AREA == 0.01
+    big = load_config(None, ["data.image_size=224"], preset="quick")
+    (line,) = tiny_patches(big)
+    assert line.startswith("patch.size: a 14-px patch covers 0.39% of a 224-px image (less than 1%)")
+    assert "patch.size=0.0625" in line
+    assert tiny_patches(load_config(None, [], preset="quick")) == []  # 14 px of 28 px: 25%
+    assert tiny_patches(load_config(None, ["data.image_size=224", "patch.size=0.0625"])) == []  # a fraction
+    both = load_config(None, ["data.name=stl10", "patch.size=8", "eval.grid_size=9"])  # 0.69% and 0.88%
+    assert [x.split(":")[0] for x in tiny_patches(both)] == ["patch.size", "eval.grid_size"]
+    assert tiny_patches(load_config(None, ["data.name=stl10", "patch.size=10"])) == []  # 1.09%
+
+
+def test_eval_patch_chunk_bounds_pixels_per_forward() -> None:
+    cfg = load_config(None, [], preset="quick")  # 14-px input
+    assert cfg.eval.patch_chunk is None and EVAL_CHUNK_PIXELS == 2**18
+    assert cfg.eval_patch_chunk(7) == 1337 and cfg.eval_patch_chunk(21) == 594  # 2**18 // 21**2
+    assert load_config(None, ["data.image_size=224"]).eval_patch_chunk(16) == 5  # input = the image
+    assert load_config(None, ["eval.patch_chunk=64"]).eval_patch_chunk(100) == 64
+    assert "eval.patch_chunk: expected greater than or equal to 1" in config_error(["eval.patch_chunk=0"])
 
 
 def test_patch_px_for_pixels_and_fractions() -> None:

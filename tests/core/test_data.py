@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import write_png
 
 from bagssl_core import data
-from bagssl_core.config import ConfigError, DataConfig
+from bagssl_core.config import ConfigError, DataConfig, load_config
 from bagssl_core.data import (
     DataError,
     ImageData,
@@ -241,15 +241,74 @@ def test_imagefolder_validation_comes_from_train_and_test_from_val(tmp_path: Pat
     assert images.shape == (2, 3, 16, 16) and torch.equal(labels, val.labels)
 
 
-def test_imagefolder_native_size_and_errors(tmp_path: Path) -> None:
+def test_imagefolder_errors(tmp_path: Path) -> None:
     _write_tree(tmp_path)
-    ds = load_split(DataConfig(name="imagefolder", root=str(tmp_path)), "train", seed=0)
-    assert ds[0][0].shape == (3, 224, 224)
     with pytest.raises(DataError, match=r"imagefolder: .*train not found"):
         load_split(DataConfig(name="imagefolder", root=str(tmp_path / "nowhere")), "train", seed=0)
     (tmp_path / "val" / "cow").mkdir()
     with pytest.raises(DataError, match="class 'cow'"):
-        load_split(DataConfig(name="imagefolder", root=str(tmp_path)), "test", seed=0)
+        load_split(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16), "test", seed=0)
+
+
+def _write_fmnist_tree(root: Path, fmnist: ImageData, per_class: int) -> dict[Path, torch.Tensor]:
+    """train/ and val/ of real Fashion-MNIST images as 28-px RGB PNGs; returns each file's pixels."""
+    written = {}
+    for split, offset in (("train", 0), ("val", per_class)):
+        for c in range(2):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            idx = (fmnist.labels == c).nonzero().flatten()[offset : offset + per_class]
+            for i in idx.tolist():
+                img = fmnist[i][0].expand(3, -1, -1).contiguous()
+                write_png(img, str(d / f"{i}.png"))
+                written[d / f"{i}.png"] = img
+    return written
+
+
+@needs_fmnist
+def test_imagefolder_keeps_the_files_own_size(tmp_path: Path, fmnist_test: ImageData) -> None:
+    """28-px PNGs (issue 9: resized to 224 by default, evaluation then ran out of memory) stay 28 px,
+    pixel for pixel, and a run's config resolves to that size."""
+    written = _write_fmnist_tree(tmp_path, fmnist_test, per_class=3)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), val_size=2, batch_size=2)
+    train, test = load_split(cfg, "train", seed=0), load_split(cfg, "test", seed=0)
+    assert (train.image_size, test.image_size, len(train), len(test)) == (28, 28, 4, 6)
+    assert isinstance(test, data.ImageFolderData)
+    for i, f in enumerate(test.files):
+        assert torch.equal(test[i][0], written[f])
+    run = load_config(None, {"data.name": "imagefolder", "data.root": str(tmp_path), "patch.size": 0.5})
+    assert not run.image_size_known
+    resolved = data.resolve_image_size(run)
+    assert (resolved.image_size, resolved.patch_px, resolved.data.image_size) == (28, 14, 28)
+    assert data.resolve_image_size(resolved) is resolved
+    too_big = load_config(None, {"data.name": "imagefolder", "data.root": str(tmp_path), "patch.size": 40})
+    with pytest.raises(ConfigError, match=r"patch\.size: a 40-px patch does not fit a 28-px image"):
+        data.resolve_image_size(too_big)
+
+
+@needs_fmnist
+def test_imagefolder_of_mixed_sizes_needs_data_image_size(tmp_path: Path, fmnist_test: ImageData) -> None:
+    _write_fmnist_tree(tmp_path, fmnist_test, per_class=2)
+    # One real image upsampled to 56 px among the 28-px ones.
+    odd = tmp_path / "val" / "class1" / "big.png"
+    write_png(data.resize_images(fmnist_test[0][0].expand(3, -1, -1)[None], 56)[0], str(odd))
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), val_size=1, batch_size=2)
+    assert load_split(cfg, "train", seed=0).image_size == 28  # train/ alone shares one size
+    with pytest.raises(
+        ConfigError, match=r"data\.image_size: not set.*found 28x28 \(.*\), 56x56 \(.*big\.png\)"
+    ):
+        load_split(cfg, "test", seed=0)
+    run = load_config(None, {"data.name": "imagefolder", "data.root": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"data\.image_size: not set.*found 28x28 .* 56x56"):
+        data.resolve_image_size(run)
+    test = load_split(cfg.model_copy(update={"image_size": 32}), "test", seed=0)
+    images, _ = test.__getitems__(range(len(test)))
+    assert images.shape == (5, 3, 32, 32)
+    # Non-square files of one size are not one square size either.
+    (tmp_path / "val" / "class1" / "big.png").unlink()
+    _write_tree(tmp_path / "rect")
+    with pytest.raises(ConfigError, match=r"data\.image_size: not set"):
+        load_split(DataConfig(name="imagefolder", root=str(tmp_path / "rect")), "train", seed=0)
 
 
 # --- synthetic ----------------------------------------------------------------------------------------
