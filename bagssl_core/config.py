@@ -391,12 +391,16 @@ class TrainConfig(_Part):
 
     def ignored_knobs(self) -> dict[str, str]:
         """Every knob this config's options ignore (set or not), dotted key -> why, from `KNOB_RULES`."""
-        out = {}
-        for rule in KNOB_RULES:
-            if not rule.used(self):
-                chosen = ", ".join(f"{o}={show_value(_get_dotted(self, o))}" for o in rule.options)
-                out[rule.knob] = f"ignored with {chosen}; it is used only {rule.when}"
-        return out
+        return {rule.knob: self._why_ignored(rule) for rule in self._ignoring_rules()}
+
+    def _ignoring_rules(self) -> list[KnobRule]:
+        # Without the reasons: writing them (YAML for each option's value) costs ten times the rest of a
+        # validation, and a sweep spec's check validates thousands of configs (sweeps.spec).
+        return [rule for rule in KNOB_RULES if not rule.used(self)]
+
+    def _why_ignored(self, rule: KnobRule) -> str:
+        chosen = ", ".join(f"{o}={show_value(_get_dotted(self, o))}" for o in rule.options)
+        return f"ignored with {chosen}; it is used only {rule.when}"
 
     @model_validator(mode="after")
     def _no_ignored_knob_set(self, info: ValidationInfo) -> TrainConfig:
@@ -404,7 +408,9 @@ class TrainConfig(_Part):
         the chosen options ignore it is an error: the run would silently not do what the config says."""
         if info.context and info.context.get(_ALLOW_IGNORED):
             return self
-        problems = [f"{k}: {why}" for k, why in self.ignored_knobs().items() if _is_set(self, k)]
+        problems = [
+            f"{r.knob}: {self._why_ignored(r)}" for r in self._ignoring_rules() if _is_set(self, r.knob)
+        ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -414,8 +420,8 @@ class TrainConfig(_Part):
         """Every dump (`model_dump`, `config_to_yaml`, a checkpoint's config) leaves out the knobs the
         config's options ignore: they play no part in the run, and a dump must load back as it is."""
         data = handler(self)
-        for knob in self.ignored_knobs():
-            _pop_dotted(data, knob)
+        for rule in self._ignoring_rules():
+            _pop_dotted(data, rule.knob)
         return data
 
     @model_validator(mode="after")
@@ -821,9 +827,9 @@ def validate_config(
     # First pass: which knobs does the resulting config ignore? Those that only `defaults` set go.
     resolved = _validate(merged, source, lines, {_ALLOW_IGNORED: True})
     given = flatten(tree)
-    for knob in resolved.ignored_knobs():
-        if knob not in given:
-            _pop_dotted(merged, knob)
+    for rule in resolved._ignoring_rules():
+        if rule.knob not in given:
+            _pop_dotted(merged, rule.knob)
     return _validate(merged, source, lines)
 
 
