@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bagssl_core.config import (
+    RENAMED_KNOBS,
     ConfigError,
     TrainConfig,
     config_defaults,
@@ -125,6 +126,8 @@ class FailureSpec(_Strict):
 
 def _config_path(key: str) -> str:
     """A space key: a dotted TrainConfig path, with a hint when only its last part is right."""
+    if key in RENAMED_KNOBS:
+        raise ValueError(f"renamed; expected {RENAMED_KNOBS[key]}")
     if key not in config_defaults():
         close = sorted(p for p in config_defaults() if p.split(".")[-1] == key.split(".")[-1])
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
