@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,3 +185,56 @@ def test_a_trial_that_can_never_be_placed_is_an_error_at_start(tmp_path: Path, r
     assert "resources" in proc.stderr and "can never be placed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.time() - t0 < 120
+
+
+# A driver that joins the cluster at argv[1] and prints its nodes as JSON: [id, alive, CPU, trial_slot].
+_NODES = """
+import json, sys
+from sweeps.ray_env import prepare_ray_environment
+prepare_ray_environment(sys.argv[1])
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+nodes = [[n["NodeID"], n["Alive"], n["Resources"].get("CPU"), n["Resources"].get("trial_slot")] for n in ray.nodes()]
+ray.shutdown()
+print(json.dumps(sorted(nodes)))
+"""
+
+
+def _cluster_nodes(address: str) -> list[list[object]]:
+    proc = _run([sys.executable, "-c", _NODES, address], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_sweep_without_address_starts_its_own_ray_beside_a_running_cluster(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """With another Ray running on the machine (the session's cluster), a sweep given no --address starts
+    a Ray of its own (sweeps.cluster: address="local"), instead of joining the other one and refusing its
+    num_cpus, and leaves the other cluster as it found it: the same node, alive, with the same resources."""
+    before = _cluster_nodes(ray_address)
+    assert len(before) == 1 and before[0][1:] == [True, 2.0, 2.0]
+    spec = tiny_spec(
+        tmp_path,
+        "own_ray",
+        num_samples=1,
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        sweep_cmd(spec, "--set", "base.schedule.epochs=1"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr
+    assert "Connecting to existing Ray cluster" not in proc.stderr
+    parents, children = _runs(tmp_path, "own_ray")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert [c.info.status for c in children] == ["FINISHED"]
+    assert "val/knn_top1/mean_emb" in children[0].data.metrics
+    assert _cluster_nodes(ray_address) == before
