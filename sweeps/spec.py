@@ -461,15 +461,22 @@ def _check_evaluation_variants(spec: SweepSpec, base_tree: dict[str, Any], at: C
 
 
 def reported_metrics(spec: SweepSpec, base_tree: Mapping[str, Any], base_cfg: TrainConfig) -> set[str]:
-    """Every metric name some trial of this sweep reports after each epoch (`expected_metrics` of the base
-    config and of each value of each training axis, with the sweep's evaluation variants)."""
+    """Every metric name some trial of this sweep reports after each epoch: `expected_metrics`, with the
+    sweep's evaluation variants, of trial configs that give each training axis each of its values.
+
+    Each such config is one combination `_check_training_combinations` validated (the other axes at their
+    first value or lower bound), not the base with one value alone: that may be no valid config (a
+    `loss.name: vicreg` value under a base with 16 patches, where a `patch.num` axis gives it 2).
+    """
     from sweeps.space import eval_variants  # sweeps.space builds on this module
 
     variants = eval_variants(spec, base_cfg)
-    configs = [base_cfg] + [
-        validate_config(merge_overrides(base_tree, {k: coerce_value(k, v)}))
-        for k, d in spec.train_axes().items()
-        for v in d.probe_values()
+    axes = spec.train_axes()
+    first = {k: d.probe_values()[0] for k, d in axes.items()}
+    assignments = [first] + [{**first, k: v} for k, d in axes.items() for v in d.probe_values()[1:]]
+    configs = [
+        validate_config(merge_overrides(base_tree, {k: coerce_value(k, v) for k, v in a.items()}))
+        for a in assignments
     ]
     return {name for cfg in configs for name in expected_metrics(cfg, variants).per_epoch}
 

@@ -348,6 +348,15 @@ def test_an_axis_every_combination_uses_passes(tmp_path: Path) -> None:
     assert set(spec.train_axes()) == {"patch.size", "loss.name", "loss.inv_weight"}
 
 
+def test_a_value_valid_only_with_another_axis_passes(tmp_path: Path) -> None:
+    # vicreg needs 2 patches: invalid over the base (16) alone, valid in every combination the sweep samples.
+    text = VALID.replace(
+        "metric:", "  loss.name: {choice: [bag_vicreg, vicreg]}\n  patch.num: {choice: [2]}\nmetric:"
+    )
+    spec, base = load_spec(write(tmp_path, text))
+    assert base.patch.num == 16 and spec.space["loss.name"].args == ["bag_vicreg", "vicreg"]
+
+
 def test_an_eval_knob_some_variants_use_passes_and_dry_run_lists_the_real_variants(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
