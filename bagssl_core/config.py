@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -60,6 +61,7 @@ DOWNLOADABLE_DATASETS = frozenset({"fashion_mnist", "cifar10", "cifar100", "stl1
 BAG_LOSSES = frozenset({"bag_vicreg", "tcr"})
 # Aggregation schemes that reduce the evaluation bag (eval.patches): grid or random patches.
 BAG_SCHEMES = ("mean_emb", "mean_proj", "max_emb")
+_LOG = logging.getLogger(__name__)
 _SIZE_EXPECTED = "expected pixels (an int >= 1) or a fraction of the side in (0, 1]"
 
 
@@ -450,12 +452,16 @@ class TrainConfig(_Part):
 
     def ignored_knobs(self) -> dict[str, str]:
         """Every knob this config's options ignore (set or not), dotted key -> why, from `KNOB_RULES`."""
-        out = {}
-        for rule in KNOB_RULES:
-            if not rule.used(self):
-                chosen = ", ".join(f"{o}={show_value(_get_dotted(self, o))}" for o in rule.options)
-                out[rule.knob] = f"ignored with {chosen}; it is used only {rule.when}"
-        return out
+        return {rule.knob: self._why_ignored(rule) for rule in self._ignoring_rules()}
+
+    def _ignoring_rules(self) -> list[KnobRule]:
+        # Without the reasons: writing them (YAML for each option's value) costs ten times the rest of a
+        # validation, and a sweep spec's check validates thousands of configs (sweeps.spec).
+        return [rule for rule in KNOB_RULES if not rule.used(self)]
+
+    def _why_ignored(self, rule: KnobRule) -> str:
+        chosen = ", ".join(f"{o}={show_value(_get_dotted(self, o))}" for o in rule.options)
+        return f"ignored with {chosen}; it is used only {rule.when}"
 
     @model_validator(mode="after")
     def _no_ignored_knob_set(self, info: ValidationInfo) -> TrainConfig:
@@ -463,7 +469,9 @@ class TrainConfig(_Part):
         the chosen options ignore it is an error: the run would silently not do what the config says."""
         if info.context and info.context.get(_ALLOW_IGNORED):
             return self
-        problems = [f"{k}: {why}" for k, why in self.ignored_knobs().items() if _is_set(self, k)]
+        problems = [
+            f"{r.knob}: {self._why_ignored(r)}" for r in self._ignoring_rules() if _is_set(self, r.knob)
+        ]
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -473,8 +481,8 @@ class TrainConfig(_Part):
         """Every dump (`model_dump`, `config_to_yaml`, a checkpoint's config) leaves out the knobs the
         config's options ignore: they play no part in the run, and a dump must load back as it is."""
         data = handler(self)
-        for knob in self.ignored_knobs():
-            _pop_dotted(data, knob)
+        for rule in self._ignoring_rules():
+            _pop_dotted(data, rule.knob)
         return data
 
     @model_validator(mode="after")
@@ -876,8 +884,10 @@ def validate_config(
             config ignores are dropped, not reported: e.g. the quick preset's `eval.grid_stride` under
             `eval.patches=random`. `validate_config({}, defaults=tree)` accepts any dump of a config.
     """
+    _refuse_renamed(tree, source, lines)
     if defaults is None:
         return _validate(tree, source, lines)
+    defaults = migrate_saved_config(defaults, source)
     try:
         merged = merge_overrides(defaults, tree)
     except ConfigError as err:
@@ -885,10 +895,70 @@ def validate_config(
     # First pass: which knobs does the resulting config ignore? Those that only `defaults` set go.
     resolved = _validate(merged, source, lines, {_ALLOW_IGNORED: True})
     given = flatten(tree)
-    for knob in resolved.ignored_knobs():
-        if knob not in given:
-            _pop_dotted(merged, knob)
+    for rule in resolved._ignoring_rules():
+        if rule.knob not in given:
+            _pop_dotted(merged, rule.knob)
     return _validate(merged, source, lines)
+
+
+# --- knobs renamed since runs were saved with them ----------------------------------------------------
+
+# Old dotted key -> new one. Until each loss got its own knobs (commit 766e226, `loss.name` picking one config
+# per loss), one flat loss section held every loss's knobs, and a run saved all of them in its config.yaml
+# and checkpoints: the tcr ones under these names.
+RENAMED_KNOBS: Mapping[str, str] = MappingProxyType(
+    {
+        "loss.tcr_eps": "loss.eps",
+        "loss.tcr_weight": "loss.coding_rate_weight",
+        "loss.tcr_inv_weight": "loss.similarity_weight",
+    }
+)
+
+
+def migrate_saved_config(tree: Mapping[str, Any], source: str | None = None) -> Mapping[str, Any]:
+    """A config saved under old knob names (`RENAMED_KNOBS`), in today's names; any other tree as it is.
+
+    A loss section holding an old name is the old flat one, with every loss's knobs: the run's own loss keeps
+    its knobs (the tcr ones under their new names), and the other losses' knobs, which that run never read,
+    are dropped. One warning line names each old key and what became of it. Runs and checkpoints are saved
+    for good, so they load; a config written now is told the new names instead (`validate_config`).
+    """
+    loss = tree.get("loss")
+    if not isinstance(loss, Mapping) or not any(f"loss.{k}" in RENAMED_KNOBS for k in loss):
+        return tree
+    name = loss.get("name", DEFAULT_LOSS)
+    own = _member_fields(TrainConfig, "loss", str(name))
+    if own is None:
+        return tree  # an unknown loss: validation names it
+    section: dict[str, Any] = {}
+    renamed, dropped = [], []
+    for key, value in loss.items():
+        new = RENAMED_KNOBS.get(f"loss.{key}", f"loss.{key}").removeprefix("loss.")
+        if key == "name" or new in own:
+            section[new] = value
+            if new != key:
+                renamed.append(f"loss.{key} -> loss.{new}")
+        else:
+            dropped.append(f"loss.{key}" + (f" (now loss.{new})" if new != key else ""))
+    parts = [f"renamed {', '.join(renamed)}"] if renamed else []
+    if dropped:
+        parts.append(f"dropped, as loss {name!r} never read them: {', '.join(dropped)}")
+    where = f"{source}: " if source else ""
+    _LOG.warning("%sa config saved under old loss knob names: %s", where, "; ".join(parts))
+    return {**tree, "loss": section}
+
+
+def _refuse_renamed(tree: Mapping[str, Any], source: str | None, lines: Mapping[str, int] | None) -> None:
+    """An old knob name in a config written now (a file, an override, a sweep's base) is an error naming the
+    new key: only saved runs are migrated (`migrate_saved_config`)."""
+    old = [k for k in flatten(tree) if k in RENAMED_KNOBS]
+    if old:
+        where = (lambda k: f"{yaml_location(source, lines, k)}: ") if source else (lambda k: "")
+        raise ConfigError(
+            "\n".join(
+                f"{where(k)}{k}: renamed; expected {RENAMED_KNOBS[k]} (a knob of loss 'tcr')" for k in old
+            )
+        )
 
 
 def _validate(

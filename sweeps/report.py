@@ -161,7 +161,7 @@ def best_config_yaml(
     tree = merge_overrides(base, trial_overrides(params))
     if key is None:
         return config_to_yaml(validate_config(tree, "best trial"))
-    tree = merge_overrides(tree, trial_overrides(variant_values(spec).get(key.variant, {})))
+    tree = merge_overrides(tree, trial_overrides(variant_values(spec, base).get(key.variant, {})))
     return config_to_yaml(
         validate_config({"eval": {"aggregation": [key.scheme]}}, "best trial", defaults=tree)
     )

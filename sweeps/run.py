@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -127,7 +126,9 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     )
     if spec.scheduler.name == "asha":
         print(f"# asha: max_t {asha_max_t(spec, base_cfg.schedule.epochs)} (one more than the most epochs)")
-    evals = math.prod(len(d.args) for d in spec.eval_axes().values())
+    # Distinct variants (a variant leaves out the knobs its options ignore), times the aggregation values.
+    aggregation = spec.eval_axes().get("eval.aggregation")
+    evals = len(variant_overrides(spec, base_cfg)) * (len(aggregation.args) if aggregation else 1)
     if evals > 1:
         print(
             f"# evaluation-only axes: {evals} evaluation settings per trained model; searching them as training "
@@ -231,7 +232,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
     base_tree = resolve_base(spec, Path(args.spec).parent, args.spec)
     plan = TrialPlan(
         base=base_tree,
-        eval_variants=variant_overrides(spec),
+        eval_variants=variant_overrides(spec, base_cfg),
         metric=spec.metric,
         mode=spec.mode,
     )

@@ -6,6 +6,7 @@ module does not import Ray, torch or MLflow, so a bad spec fails in well under a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bagssl_core.config import (
+    RENAMED_KNOBS,
     ConfigError,
     TrainConfig,
     config_defaults,
@@ -24,6 +26,7 @@ from bagssl_core.config import (
     read_yaml_file,
     read_yaml_mapping,
     set_dotted,
+    show_value,
     validate_config,
     yaml_location,
 )
@@ -136,6 +139,8 @@ class FailureSpec(_Strict):
 
 def _config_path(key: str) -> str:
     """A space key: a dotted TrainConfig path, with a hint when only its last part is right."""
+    if key in RENAMED_KNOBS:
+        raise ValueError(f"renamed; expected {RENAMED_KNOBS[key]}")
     if key not in config_defaults():
         close = sorted(p for p in config_defaults() if p.split(".")[-1] == key.split(".")[-1])
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -322,28 +327,169 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     return spec, base_cfg
 
 
+# Combinations of the discrete training axes `load_spec` builds and validates, at most: each takes about
+# 0.3 ms (times 1 + the number of continuous axes), so the check stays within seconds; a sweep with more
+# combinations would also need more trials than anyone runs to see each one.
+MAX_COMBINATIONS = 4096
+
+
 def _check_space_values(spec: SweepSpec, base_tree: dict[str, Any], at: Callable[[str], str]) -> None:
-    """Every value a trial can get (the bounds of a range) must make a valid TrainConfig over the base."""
-    for key, d in spec.space.items():
+    """Every config a trial can be given must be valid, including the knobs it sets: an axis that the
+    chosen options ignore is an error, never a silent no-op (README, "No silent axes").
+
+    Options are themselves axes, so the rule is checked on combinations, not on each value alone:
+      - Training axes (searched by Tune): every trial's config is the base with one value of each, built
+        and validated whole (`TrialPlan.config`). So every combination of the discrete axes' values is
+        validated, with each continuous axis at each of its bounds. A knob ignored in SOME combination is
+        an error naming the values that ignore it (`loss.inv_weight` with `loss.name=tcr`), because Tune
+        would sample that combination and the trial would fail at its start; an axis ignored in every
+        combination is an error too. The same check finds values that are wrong only together (a patch
+        size that fits one dataset and not the other).
+      - Evaluation axes (discrete `eval.*`, enumerated inside each trial): the variants are probed on the
+        same checkpoint, so a knob ignored by some variants but used by others is fine: those variants
+        leave it out of their name (`sweeps.space.variant_values`). A knob no variant uses is an error.
+    """
+    _check_training_combinations(spec, base_tree, at)
+    _check_evaluation_variants(spec, base_tree, at)
+
+
+def _check_training_combinations(
+    spec: SweepSpec, base_tree: dict[str, Any], at: Callable[[str], str]
+) -> None:
+    axes = spec.train_axes()
+    discrete = {k: list(d.args) for k, d in axes.items() if d.discrete}
+    ranges = {k: d.probe_values() for k, d in axes.items() if not d.discrete}
+    count = math.prod(len(v) for v in discrete.values())
+    if count > MAX_COMBINATIONS:
+        sizes = ", ".join(f"{k} ({len(v)})" for k, v in discrete.items())
+        raise SpecError(
+            f"{at('space')}: space: the discrete axes {sizes} make {count} combinations, more than the "
+            f"{MAX_COMBINATIONS} that are checked before a sweep starts; expected fewer values, or a "
+            "split into several sweeps"
+        )
+    # Each combination with the continuous axes at their lower bounds, then each upper bound in turn.
+    low = {k: v[0] for k, v in ranges.items()}
+    points = [low] + [{**low, k: v[-1]} for k, v in ranges.items() if v[-1] != v[0]]
+    assignments = [
+        {**dict(zip(discrete, combo, strict=True)), **point}
+        for combo in itertools.product(*discrete.values())
+        for point in points
+    ]
+    failures: dict[str, list[tuple[int, str]]] = {}  # problem key -> (assignment, message), in order
+    for i, values in enumerate(assignments):
+        tree = merge_overrides(base_tree, {k: coerce_value(k, v) for k, v in values.items()})
+        try:
+            validate_config(tree)
+        except ConfigError as err:
+            for line in str(err).splitlines():
+                failures.setdefault(line.partition(": ")[0], []).append((i, line))
+    problems = [_describe_failure(spec, key, found, assignments, at) for key, found in failures.items()]
+    if problems:
+        raise SpecError("\n".join(dict.fromkeys(problems)))
+
+
+def _describe_failure(
+    spec: SweepSpec,
+    key: str,
+    found: list[tuple[int, str]],
+    assignments: list[dict[str, Any]],
+    at: Callable[[str], str],
+) -> str:
+    """One line for one problem (`key`) that some assignments of the training axes have: on the axis it
+    names (else the one axis whose values cause it), with the values under which it happens."""
+    failing = {i for i, _ in found}
+    message = found[0][1]
+    # The values of each axis among the failing assignments; an axis that fails at every value says nothing.
+    axes = list(assignments[0])
+    seen = {a: _unique(assignments[i][a] for i in sorted(failing)) for a in axes}
+    every = {a: _unique(v[a] for v in assignments) for a in axes}
+    cond = {a: seen[a] for a in axes if len(seen[a]) < len(every[a])}
+    exact = failing == {i for i, v in enumerate(assignments) if all(v[a] in vals for a, vals in cond.items())}
+    if not exact:  # an interaction of several axes: name one failing combination in full
+        cond = {a: [assignments[min(failing)][a]] for a in axes if spec.space[a].discrete}
+    blamed = key if key in spec.space else (next(iter(cond)) if len(cond) == 1 else None)
+    where = f"{at(f'space.{blamed}')}: space.{blamed}" if blamed else f"{at('space')}: space"
+    if blamed is not None and exact and set(cond) == {blamed}:
+        values = " or ".join(repr(v) for v in cond[blamed])
+        return f"{where}: value {values} is rejected: {message}" + _continuous_eval_hint(spec, blamed)
+    if not cond:
+        return f"{where}: rejected with every value: {message}" + _continuous_eval_hint(spec, key)
+    when = ", ".join(f"{a}={' or '.join(show_value(v) for v in vals)}" for a, vals in cond.items())
+    line = f"{where}: rejected when {when}: {message}"
+    if len(cond) == 1:
+        (option, bad), *_ = cond.items()
+        good = [v for v in every[option] if v not in bad]
+        line += (
+            f"; sweep {blamed or 'it'} only with {option}={' or '.join(show_value(v) for v in good)}, "
+            f"or split the sweep into one spec per {option}"
+        )
+    else:
+        line += "; expected axes whose every combination is valid: split the sweep"
+    return line
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _continuous_eval_hint(spec: SweepSpec, key: str) -> str:
+    """Why a continuous eval.* axis can be ignored although an evaluation variant would use it."""
+    if not key.startswith("eval.") or key not in spec.space or spec.space[key].discrete:
+        return ""
+    if not any(k != "eval.aggregation" for k in spec.eval_axes()):
+        return ""
+    return (
+        f" (a continuous {key} is set on each trial's own config, whose eval options are the base's; "
+        "list its values with choice to probe them in each evaluation variant, or change the base)"
+    )
+
+
+def _check_evaluation_variants(spec: SweepSpec, base_tree: dict[str, Any], at: Callable[[str], str]) -> None:
+    from sweeps.space import variant_table  # sweeps.space builds on this module
+
+    for key, d in spec.eval_axes().items():
         for v in d.probe_values():
             try:
-                validate_config(merge_overrides(base_tree, {key: coerce_value(key, v)}))
+                # The value alone, over the base: whether the base's options use it is the variants' matter.
+                validate_config({}, defaults=merge_overrides(base_tree, {key: coerce_value(key, v)}))
             except ConfigError as err:
                 raise SpecError(
                     f"{at(f'space.{key}')}: space.{key}: value {v!r} is rejected: {_indent(err)}"
                 ) from None
+    try:
+        table = variant_table(spec, base_tree)
+    except ConfigError as err:
+        raise SpecError(f"{at('space')}: space: an evaluation variant is rejected: {_indent(err)}") from None
+    for key in spec.eval_axes():
+        if key == "eval.aggregation" or any(key in row.kept for row in table):
+            continue
+        why = table[0].ignored[key]
+        raise SpecError(
+            f"{at(f'space.{key}')}: space.{key}: ignored by every evaluation variant: {key}: {why}"
+        )
 
 
 def reported_metrics(spec: SweepSpec, base_tree: Mapping[str, Any], base_cfg: TrainConfig) -> set[str]:
-    """Every metric name some trial of this sweep reports after each epoch (`expected_metrics` of the base
-    config and of each value of each training axis, with the sweep's evaluation variants)."""
+    """Every metric name some trial of this sweep reports after each epoch: `expected_metrics`, with the
+    sweep's evaluation variants, of trial configs that give each training axis each of its values.
+
+    Each such config is one combination `_check_training_combinations` validated (the other axes at their
+    first value or lower bound), not the base with one value alone: that may be no valid config (a
+    `loss.name: vicreg` value under a base with 16 patches, where a `patch.num` axis gives it 2).
+    """
     from sweeps.space import eval_variants  # sweeps.space builds on this module
 
     variants = eval_variants(spec, base_cfg)
-    configs = [base_cfg] + [
-        validate_config(merge_overrides(base_tree, {k: coerce_value(k, v)}))
-        for k, d in spec.train_axes().items()
-        for v in d.probe_values()
+    axes = spec.train_axes()
+    first = {k: d.probe_values()[0] for k, d in axes.items()}
+    assignments = [first] + [{**first, k: v} for k, d in axes.items() for v in d.probe_values()[1:]]
+    configs = [
+        validate_config(merge_overrides(base_tree, {k: coerce_value(k, v) for k, v in a.items()}))
+        for a in assignments
     ]
     return {name for cfg in configs for name in expected_metrics(cfg, variants).per_epoch}
 

@@ -73,7 +73,11 @@ def absolute_uri(uri: str) -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, with one line, when the tracking store cannot be reached or written."""
+    """Fail fast, with one line, when the tracking store cannot be reached or written.
+
+    A server that takes the connection but never answers is given `timeout_s` per socket operation (connect,
+    each read): the check ends within a few times that, saying so.
+    """
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
         try:
@@ -82,6 +86,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                     raise TrackingError(f"tracking.uri: {uri} answered HTTP {resp.status} at /health")
         except (urllib.error.URLError, OSError, TimeoutError) as err:
             reason = getattr(err, "reason", err)
+            if isinstance(reason, TimeoutError):  # a timed-out connect comes wrapped in a URLError
+                reason = f"no answer within {timeout_s:g} s"
             raise TrackingError(
                 f"tracking.uri: cannot reach the MLflow server at {uri} ({reason}); expected a running "
                 "server (mlflow server ...) or a sqlite:///file.db URI"

@@ -295,3 +295,83 @@ def test_resume_continues_an_interrupted_run_from_its_own_config(work: Path) -> 
     assert [without_timing(json.loads(line)) for line in resumed] == [
         without_timing(json.loads(line)) for line in epochs
     ]
+
+
+def with_old_loss_names(tree: dict[str, Any]) -> dict[str, Any]:
+    """A tcr config as a run saved it before each loss had its own knobs (config_to_yaml at commit
+    766e226^): one flat loss section with every loss's knobs, the tcr ones under their old names."""
+    loss = tree["loss"]
+    old = {
+        "name": "tcr",
+        "inv_weight": 25.0,
+        "var_weight": 25.0,
+        "cov_weight": 1.0,
+        "tcr_eps": loss["eps"],
+        "tcr_weight": loss["coding_rate_weight"],
+        "tcr_inv_weight": loss["similarity_weight"],
+        "gather_distributed": loss["gather_distributed"],
+    }
+    return {**tree, "loss": old}
+
+
+def test_a_run_saved_under_the_old_tcr_names_resumes_and_evaluates(work: Path) -> None:
+    """A tcr run interrupted after epoch 1 whose config.yaml and checkpoint carry the old knob names:
+    `--resume` and `eval` load it with one warning line naming old and new keys, and use its values (a
+    non-default eps and similarity weight): the resumed run ends exactly where the uninterrupted one did,
+    and `eval` of the epoch-1 checkpoint reproduces that epoch's validation probe."""
+    import torch  # only this test rewrites a checkpoint
+
+    knobs = [
+        "loss.name=tcr",
+        "loss.eps=0.3",
+        "loss.similarity_weight=150",
+        "schedule.epochs=2",
+        "eval.every=1",
+    ]
+    whole = cli(["train", "--out", "old_names", "--quiet", "--preset", "none", *TINY, *knobs], work)
+    assert whole.returncode == 0, whole.stderr
+    out = work / "old_names"
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints" / "epoch_0002")
+    (out / "metrics.jsonl").write_text(epochs[0] + "\n")
+    ckpt = out / "checkpoints" / "epoch_0001"
+    for path in (out / "config.yaml", ckpt / "config.yaml"):
+        path.write_text(
+            yaml.safe_dump(with_old_loss_names(yaml.safe_load(path.read_text())), sort_keys=False)
+        )
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    torch.save({**state, "config": with_old_loss_names(state["config"])}, ckpt / "state.pt")
+    assert "tcr_eps: 0.3" in (out / "config.yaml").read_text()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        evaluated = pool.submit(cli, ["eval", str(ckpt.relative_to(work)), "--out", "old_eval.json"], work)
+        resumed = pool.submit(cli, ["train", "--out", "old_names", "--resume", "--quiet"], work)
+        proc, ev = resumed.result(), evaluated.result()
+    renamed = (
+        "a config saved under old loss knob names: renamed loss.tcr_eps -> loss.eps, loss.tcr_weight -> "
+        "loss.coding_rate_weight, loss.tcr_inv_weight -> loss.similarity_weight; dropped, as loss 'tcr' "
+        "never read them: loss.inv_weight, loss.var_weight, loss.cov_weight"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "old loss knob names" in line] == [
+        f"WARNING bagssl_core.config: old_names/config.yaml: {renamed}"
+    ]
+    assert without_timing(json.loads((out / "summary.json").read_text())) == without_timing(summary)
+    assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == {
+        "name": "tcr",
+        "eps": 0.3,
+        "coding_rate_weight": 1.0,
+        "similarity_weight": 150.0,
+        "gather_distributed": True,
+    }
+
+    assert ev.returncode == 0, ev.stderr
+    assert [line for line in ev.stderr.splitlines() if "old loss knob names" in line] == [
+        f"WARNING bagssl_core.config: old_names/checkpoints/epoch_0001 + overrides: {renamed}"
+    ]
+    report = json.loads((work / "old_eval.json").read_text())
+    first = json.loads(epochs[0])
+    val = {k: v for k, v in first.items() if k.startswith("val/")}
+    assert val and {k: report[k] for k in val} == val

@@ -395,6 +395,83 @@ def test_a_loss_section_without_a_name_configures_the_default_loss(tmp_path: Pat
     )
 
 
+# --- knobs renamed since runs were saved with them ----------------------------------------------------
+
+# The loss section as a run saved it before each loss had its own knobs (config_to_yaml at commit
+# 766e226^, `loss.name=tcr loss.tcr_eps=0.3 loss.tcr_inv_weight=150`): one flat section with every loss's
+# knobs, the tcr ones under their old names.
+OLD_TCR_LOSS = {
+    "name": "tcr",
+    "inv_weight": 25.0,
+    "var_weight": 25.0,
+    "cov_weight": 1.0,
+    "tcr_eps": 0.3,
+    "tcr_weight": 1.0,
+    "tcr_inv_weight": 150.0,
+    "gather_distributed": True,
+}
+
+
+def saved_before_the_rename(loss: dict[str, object]) -> dict[str, object]:
+    """Today's dump of a config, with the loss section as the old code saved it."""
+    tree = load_config(None, ["data.name=synthetic", "patch.num=4"]).model_dump(mode="json")
+    return {**tree, "loss": loss}
+
+
+def test_a_saved_config_with_the_old_tcr_names_loads_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="bagssl_core.config"):
+        cfg = validate_config({}, "runs/old/config.yaml", defaults=saved_before_the_rename(OLD_TCR_LOSS))
+    assert cfg.loss.model_dump() == {
+        "name": "tcr",
+        "eps": 0.3,
+        "coding_rate_weight": 1.0,
+        "similarity_weight": 150.0,
+        "gather_distributed": True,
+    }
+    assert [r.getMessage() for r in caplog.records] == [
+        "runs/old/config.yaml: a config saved under old loss knob names: renamed loss.tcr_eps -> loss.eps, "
+        "loss.tcr_weight -> loss.coding_rate_weight, loss.tcr_inv_weight -> loss.similarity_weight; "
+        "dropped, as loss 'tcr' never read them: loss.inv_weight, loss.var_weight, loss.cov_weight"
+    ]
+    # Saved again, it has today's names and loads without a word.
+    caplog.clear()
+    assert validate_config({}, "again", defaults=cfg.model_dump(mode="json")) == cfg
+    assert caplog.records == []
+
+
+def test_a_saved_bag_vicreg_config_drops_the_old_tcr_knobs_it_never_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    old = {**OLD_TCR_LOSS, "name": "bag_vicreg", "inv_weight": 10.0}
+    with caplog.at_level("WARNING", logger="bagssl_core.config"):
+        cfg = validate_config({}, "ckpt", defaults=saved_before_the_rename(old))
+    assert cfg.loss == BagVICRegConfig(inv_weight=10.0)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == (
+        "ckpt: a config saved under old loss knob names: dropped, as loss 'bag_vicreg' never read them: "
+        "loss.tcr_eps (now loss.eps), loss.tcr_weight (now loss.coding_rate_weight), "
+        "loss.tcr_inv_weight (now loss.similarity_weight)"
+    )
+
+
+def test_an_old_name_in_a_config_written_now_is_an_error_naming_the_new_key(tmp_path: Path) -> None:
+    assert config_error(["loss.name=tcr", "patch.num=4", "loss.tcr_eps=0.3"]) == (
+        "overrides: loss.tcr_eps: renamed; expected loss.eps (a knob of loss 'tcr')"
+    )
+    path = tmp_path / "old.yaml"
+    path.write_text("patch: {num: 4}\nloss:\n  name: tcr\n  tcr_inv_weight: 150\n")
+    assert config_error([], path) == (
+        f"{path}:4: loss.tcr_inv_weight: renamed; expected loss.similarity_weight (a knob of loss 'tcr')"
+    )
+    # Under a saved run's config, too: only the stored layer is migrated.
+    with pytest.raises(ConfigError, match=r"^overrides: loss\.tcr_eps: renamed; expected loss\.eps"):
+        validate_config(
+            {"loss": {"tcr_eps": 0.1}}, "overrides", defaults=saved_before_the_rename(OLD_TCR_LOSS)
+        )
+
+
 # --- knobs the chosen options ignore -----------------------------------------------------------------
 
 # Configs that switch options; every rule of KNOB_RULES must find one of them that ignores its knob.

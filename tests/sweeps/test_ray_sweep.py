@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,16 +144,17 @@ def _checkpoints(run_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
 
 
-def _trial_statuses(db: Path) -> list[str]:
-    """Trial statuses read straight from the store, read-only: opening it with MLflow while the sweep
-    creates its tables would race with that creation."""
+def _trial_statuses(db: Path, role: str = "trial") -> list[str]:
+    """The statuses of the sweep's runs of one role (trial, refine) read straight from the store,
+    read-only: opening it with MLflow while the sweep creates its tables would race with that creation."""
     if not db.exists():
         return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
             rows = con.execute(
                 "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                "WHERE t.key = 'bagssl.role' AND t.value = 'trial'"
+                "WHERE t.key = 'bagssl.role' AND t.value = ?",
+                (role,),
             ).fetchall()
     except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
         return []
@@ -182,3 +186,118 @@ def test_a_trial_that_can_never_be_placed_is_an_error_at_start(tmp_path: Path, r
     assert "resources" in proc.stderr and "can never be placed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.time() - t0 < 120
+
+
+# A driver that joins the cluster at argv[1] and prints its nodes as JSON: [id, alive, CPU, trial_slot].
+_NODES = """
+import json, sys
+from sweeps.ray_env import prepare_ray_environment
+prepare_ray_environment(sys.argv[1])
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+nodes = [[n["NodeID"], n["Alive"], n["Resources"].get("CPU"), n["Resources"].get("trial_slot")] for n in ray.nodes()]
+ray.shutdown()
+print(json.dumps(sorted(nodes)))
+"""
+
+
+def _cluster_nodes(address: str) -> list[list[object]]:
+    proc = _run([sys.executable, "-c", _NODES, address], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_sweep_without_address_starts_its_own_ray_beside_a_running_cluster(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """With another Ray running on the machine (the session's cluster), a sweep given no --address starts
+    a Ray of its own (sweeps.cluster: address="local"), instead of joining the other one and refusing its
+    num_cpus, and leaves the other cluster as it found it: the same node, alive, with the same resources."""
+    before = _cluster_nodes(ray_address)
+    assert len(before) == 1 and before[0][1:] == [True, 2.0, 2.0]
+    spec = tiny_spec(
+        tmp_path,
+        "own_ray",
+        num_samples=1,
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        sweep_cmd(spec, "--set", "base.schedule.epochs=1"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Started a local Ray instance" in proc.stderr
+    assert "Connecting to existing Ray cluster" not in proc.stderr
+    parents, children = _runs(tmp_path, "own_ray")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert [c.info.status for c in children] == ["FINISHED"]
+    assert "val/knn_top1/mean_emb" in children[0].data.metrics
+    assert _cluster_nodes(ray_address) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug (2026-11-25): SIGTERM during the refine runs ends the sweep with exit 1 and a "
+    "traceback, not 130: sweeps.tuner.run_with_ray returns the interrupted refine experiment's trials as "
+    "outcomes (none FINISHED) instead of None, and report.format_refine_table then fails with an IndexError "
+    "on a refined config without a key",
+)
+def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ray_address: str) -> None:
+    """SIGTERM while the refine runs train, then --resume: the search is not run again (its trial's
+    checkpoints stay as they were), the refine experiment goes on with one MLflow child per seed (none
+    duplicated by the restore), and the sweep ends with its refined best config."""
+    spec = tiny_spec(
+        tmp_path,
+        "refine_resume",
+        num_samples=1,
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+        refine={"top_k": 1, "seeds": 2},
+    )
+    proc = subprocess.Popen(
+        sweep_cmd(spec, "--address", ray_address),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    db = tmp_path / "mlflow.db"
+    deadline = time.time() + 600
+    refining: list[str] = []
+    try:
+        while time.time() < deadline and not refining:
+            time.sleep(2)
+            refining = [s for s in _trial_statuses(db, "refine") if s == "RUNNING"]
+        assert refining, "no refine run started in time"
+        time.sleep(5)  # into its training, past the Tune experiment's first saved state
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "refine" in out and "continue with: python -m sweeps.run" in out
+    _, trials = _runs(tmp_path, "refine_resume")
+    assert [t.info.status for t in trials] == ["FINISHED"]
+    (tid,) = [t.data.tags["bagssl.trial_id"] for t in trials]
+    train_runs = tmp_path / "storage" / "refine_resume" / "train_runs"
+    before = _checkpoints(train_runs / f"train_{tid}")
+    assert before
+
+    resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _checkpoints(train_runs / f"train_{tid}") == before  # the search was not run again
+    assert "refine: the top 1 config(s), each re-trained with 2 new seeds" in resumed.stdout
+    parents, trials = _runs(tmp_path, "refine_resume")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert [t.data.tags["bagssl.trial_id"] for t in trials] == [tid]
+    refines = _runs(tmp_path, "refine_resume", role="refine")[1]
+    assert sorted(r.data.params["run.seed"] for r in refines) == ["1000", "2000"]  # one child per seed
+    assert all(r.info.status == "FINISHED" and r.data.tags["bagssl.refines"] == tid for r in refines)
+    assert all("test/knn_top1/mean_emb" in r.data.metrics for r in refines)

@@ -140,23 +140,58 @@ def test_other_eval_axes_form_named_variants() -> None:
         {
             "eval.aggregation": {"choice": ["mean_emb", "centre"]},
             "eval.grid_stride": {"grid": [4, 7]},
-            "eval.patches": {"choice": ["grid", "random"]},
+            "eval.knn_k": {"choice": [10, 30]},
         }
     )
     variants = eval_variants(spec, TrainConfig())
     assert set(variants) == {
-        "grid_stride-4:patches-grid",
-        "grid_stride-4:patches-random",
-        "grid_stride-7:patches-grid",
-        "grid_stride-7:patches-random",
+        "grid_stride-4:knn_k-10",
+        "grid_stride-4:knn_k-30",
+        "grid_stride-7:knn_k-10",
+        "grid_stride-7:knn_k-30",
     }
-    v = variants["grid_stride-7:patches-random"]
-    assert (v.grid_stride, v.patches) == (7, "random")
+    v = variants["grid_stride-7:knn_k-10"]
+    assert (v.grid_stride, v.knn_k) == (7, 10)
     assert all(ev.aggregation == ["mean_emb", "centre"] for ev in variants.values())
-    assert variant_values(spec)["grid_stride-4:patches-grid"] == {
+    assert variant_values(spec, TrainConfig())["grid_stride-4:knn_k-30"] == {
         "eval.grid_stride": 4,
-        "eval.patches": "grid",
+        "eval.knn_k": 30,
     }
+
+
+def test_a_variant_leaves_out_the_knobs_its_options_ignore_and_is_probed_once() -> None:
+    # grid_stride plays no part with random patches, num_patches none with a grid: 2 x 2 x 2 combinations
+    # are 4 distinct evaluations, and no name claims a stride (or a count) its probes never used.
+    spec = make_spec(
+        {
+            "eval.grid_stride": {"grid": [4, 7]},
+            "eval.patches": {"choice": ["grid", "random"]},
+            "eval.num_patches": {"choice": [4, 8]},
+        }
+    )
+    variants = eval_variants(spec, TrainConfig())
+    assert list(variants) == [
+        "grid_stride-4:patches-grid",
+        "patches-random:num_patches-4",
+        "patches-random:num_patches-8",
+        "grid_stride-7:patches-grid",
+    ]
+    assert (
+        variants["patches-random:num_patches-8"].patches,
+        variants["patches-random:num_patches-8"].num_patches,
+    ) == ("random", 8)
+    assert variants["grid_stride-7:patches-grid"].grid_stride == 7
+    values = variant_values(spec, TrainConfig())
+    assert values["patches-random:num_patches-4"] == {"eval.patches": "random", "eval.num_patches": 4}
+    assert variant_overrides(spec, TrainConfig()).keys() == variants.keys()
+
+
+def test_which_knobs_a_variant_ignores_depends_on_the_base() -> None:
+    # Without a bag scheme among the base's schemes no stride is used, with one it is.
+    spec = make_spec({"eval.grid_stride": {"grid": [4, 7]}, "eval.knn_k": {"choice": [10, 30]}})
+    centre = TrainConfig.model_validate({"eval": {"aggregation": ["centre"]}})
+    assert list(variant_values(spec, centre)) == ["knn_k-10", "knn_k-30"]
+    assert len(variant_values(spec, {"eval": {"aggregation": ["centre", "max_emb"]}})) == 4
 
 
 def test_variant_names_are_mlflow_safe_and_distinct() -> None:
@@ -167,7 +202,10 @@ def test_variant_names_are_mlflow_safe_and_distinct() -> None:
             "eval.num_patches": {"grid": [4, 16]},
         }
     )
-    variants = eval_variants(spec, TrainConfig())
+    # Random patches and a multiscale bag: else num_patches and multiscale_sizes would be ignored (and
+    # left out of every name).
+    base = {"eval": {"patches": "random", "aggregation": ["mean_emb", "multiscale"]}}
+    variants = eval_variants(spec, TrainConfig.model_validate(base))
     assert len(variants) == 2 * 3 * 2
     for name in variants:
         assert MLFLOW_SAFE.match(name), name
@@ -188,7 +226,7 @@ def test_a_sampled_eval_value_reaches_every_variant_of_its_trial() -> None:
     spec = make_spec({"eval.knn_k": {"randint": [5, 50]}, "eval.grid_stride": {"grid": [4, 7]}})
     plan = TrialPlan(
         base={"eval": {"knn_k": 20, "knn_temperature": 0.1}},
-        eval_variants=variant_overrides(spec),
+        eval_variants=variant_overrides(spec, TrainConfig()),
         metric="knn_top1",
         mode="max",
     )

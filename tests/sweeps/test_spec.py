@@ -7,6 +7,7 @@ Bad specs go through the real CLI (`sweeps.run.main`), mostly in-process; a repr
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -239,6 +240,72 @@ BAD_SPECS = {
         VALID.replace("every: 1", "every: 2"),
         ["base.eval.every", "expected base.eval.every: 1"],
     ),
+    # Options are axes too: a knob is checked in every combination of the discrete axes' values, since
+    # Tune samples each of them and a trial whose config ignores an axis would fail at its start.
+    "axis_ignored_by_one_loss": (
+        VALID.replace(
+            "metric:",
+            "  loss.name: {choice: [bag_vicreg, tcr]}\n  loss.inv_weight: {uniform: [5, 30]}\nmetric:",
+        ),
+        [
+            ":8: space.loss.inv_weight: rejected when loss.name=tcr: loss.inv_weight: not a knob of loss 'tcr'",
+            "; sweep loss.inv_weight only with loss.name=bag_vicreg, or split the sweep into one spec per "
+            "loss.name",
+        ],
+    ),
+    "base_knob_ignored_by_one_option": (
+        VALID.replace("  eval: {every: 1}", "  eval: {every: 1}\n  optim: {momentum: 0.95}").replace(
+            "metric:", "  optim.name: {choice: [sgd, adamw]}\nmetric:"
+        ),
+        [
+            ":8: space.optim.name: value 'adamw' is rejected: optim.momentum: ignored with optim.name=adamw; "
+            "it is used only with optim.name=lars or sgd"
+        ],
+    ),
+    "values_wrong_only_together": (
+        VALID.replace("[8, 12]", "[8, 30]").replace(
+            "metric:", "  data.name: {choice: [fashion_mnist, cifar10]}\nmetric:"
+        ),
+        [
+            ":6: space.patch.size: rejected when patch.size=30, data.name=fashion_mnist: patch.size: a 30-px "
+            "patch does not fit a 28-px image"
+        ],
+    ),
+    "eval_axis_no_variant_uses": (
+        VALID.replace("every: 1}", "every: 1, probes: [linear]}")
+        .replace("val/knn_top1", "val/linear_top1")
+        .replace("metric:", "  eval.knn_k: {choice: [5, 10]}\nmetric:"),
+        [
+            ":7: space.eval.knn_k: ignored by every evaluation variant: eval.knn_k: ignored with "
+            "eval.probes=[linear]; it is used only with knn in eval.probes"
+        ],
+    ),
+    # A continuous eval axis is sampled into each trial's own config, before the evaluation variants.
+    "continuous_eval_axis_the_base_ignores": (
+        VALID.replace(
+            "metric:",
+            "  eval.patches: {choice: [grid, random]}\n  eval.num_patches: {randint: [4, 9]}\nmetric:",
+        ),
+        [
+            ":8: space.eval.num_patches: rejected with every value: eval.num_patches: ignored with "
+            "eval.patches=grid",
+            "list its values with choice to probe them in each evaluation variant",
+        ],
+    ),
+    "too_many_combinations": (
+        VALID.replace(
+            "metric:",
+            "".join(
+                f"  patch.aug.{k}: {{choice: {[round(i / 16, 4) for i in range(17)]}}}\n"
+                for k in ("flip_p", "jitter_p", "blur_p")
+            )
+            + "metric:",
+        ),
+        [
+            ":5: space: the discrete axes patch.size (2), patch.aug.flip_p (17), patch.aug.jitter_p (17), "
+            "patch.aug.blur_p (17) make 9826 combinations, more than the 4096 that are checked"
+        ],
+    ),
 }
 
 
@@ -269,6 +336,46 @@ def test_randint_upper_bound_is_exclusive(tmp_path: Path) -> None:
     # randint [8, 29] draws at most 28 = the Fashion-MNIST side: valid, unlike [8, 30] above.
     spec, _ = load_spec(write(tmp_path, VALID.replace("{choice: [8, 12]}", "{randint: [8, 29]}")))
     assert spec.space["patch.size"].probe_values() == [8, 28]
+
+
+def test_an_axis_every_combination_uses_passes(tmp_path: Path) -> None:
+    # Both VICReg losses have inv_weight: a loss.name axis over them leaves it used in every trial.
+    text = VALID.replace("  eval: {every: 1}", "  eval: {every: 1}\n  patch: {num: 2}").replace(
+        "metric:",
+        "  loss.name: {choice: [bag_vicreg, vicreg]}\n  loss.inv_weight: {uniform: [5, 30]}\nmetric:",
+    )
+    spec, _ = load_spec(write(tmp_path, text))
+    assert set(spec.train_axes()) == {"patch.size", "loss.name", "loss.inv_weight"}
+
+
+def test_a_value_valid_only_with_another_axis_passes(tmp_path: Path) -> None:
+    # vicreg needs 2 patches: invalid over the base (16) alone, valid in every combination the sweep samples.
+    text = VALID.replace(
+        "metric:", "  loss.name: {choice: [bag_vicreg, vicreg]}\n  patch.num: {choice: [2]}\nmetric:"
+    )
+    spec, base = load_spec(write(tmp_path, text))
+    assert base.patch.num == 16 and spec.space["loss.name"].args == ["bag_vicreg", "vicreg"]
+
+
+def test_an_eval_knob_some_variants_use_passes_and_dry_run_lists_the_real_variants(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # num_patches matters with random evaluation patches, grid_stride with a grid: each is swept where it
+    # is used, and a variant never claims a knob its probes ignore (2 x 2 x 2 combinations, 4 variants).
+    text = VALID.replace(
+        "metric:",
+        "  eval.patches: {choice: [grid, random]}\n  eval.num_patches: {choice: [4, 8]}\n"
+        "  eval.grid_stride: {choice: [4, 7]}\nmetric:",
+    )
+    path = write(tmp_path, text)
+    load_spec(path)
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "evaluation variants per trial: patches-grid:grid_stride-4, patches-grid:grid_stride-7, "
+        "patches-random:num_patches-4, patches-random:num_patches-8\n"
+    ) in out
+    assert "# evaluation-only axes: 4 evaluation settings per trained model" in out
 
 
 # --- base: a config file under the spec's own settings -------------------------------------------------
@@ -451,11 +558,33 @@ def test_cli_bad_spec(case: str, tmp_path: Path) -> None:
 def test_cli_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
     text = runnable(tmp_path).replace(f"sqlite:///{tmp_path / 'mlflow.db'}", "http://127.0.0.1:9")
     path = write(tmp_path, text)
-    proc, seconds = run_cli(tmp_path, str(path))  # not --dry-run: a dry run never touches tracking
+    proc, _ = run_cli(tmp_path, str(path))  # not --dry-run: a dry run never touches tracking
     assert_bad_input(proc.returncode, proc.stderr, path, "tracking.uri", "http://127.0.0.1:9")
-    assert seconds < 30
     assert "Ray" not in proc.stderr  # refused before Ray started
     assert not (tmp_path / "store").exists()
+
+
+def test_a_tracking_server_that_never_answers_is_given_up_on_after_the_timeout() -> None:
+    """What makes the CLI fail fast, timed alone: the process's own imports (seconds, more on a busy
+    machine) are not part of it. The server accepts the connection (the kernel completes the handshake for
+    the listening socket) and never answers."""
+    from sweeps.tracking import TrackingError, check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        start = time.perf_counter()
+        with pytest.raises(TrackingError) as info:
+            check_reachable(uri, timeout_s=0.5)
+        seconds = time.perf_counter() - start
+    assert str(info.value) == (
+        f"tracking.uri: cannot reach the MLflow server at {uri} (no answer within 0.5 s); expected a running "
+        "server (mlflow server ...) or a sqlite:///file.db URI"
+    )
+    # At least the timeout (it waited for an answer), and well under the 5 s default: the timeout given
+    # bounds it (a connect at once, then one read that timed out), with room for a busy machine.
+    assert 0.5 <= seconds < 3
 
 
 def test_cli_missing_dataset(tmp_path: Path) -> None:
