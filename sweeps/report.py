@@ -224,7 +224,7 @@ def format_refine_table(refined: list[Refined], objective: Objective) -> str:
     rows = []
     for r in rank_refined(refined, objective):
         test = [_spread(r.test)] if test_name else []
-        key = [] if r.key is None else [str(r.key)]
+        key = [str(r.key) if r.key else "-"] if objective.query else []
         seeds = ",".join(map(str, r.seeds))
         rows.append([r.trial.trial_id, seeds, f"{r.n}/{len(r.runs)}", _spread(r.val), *test, *key])
     return _columns([*header, *(["key"] if objective.query else [])], rows)

@@ -59,6 +59,10 @@ def run_with_ray(
         out.append(
             TrialOutcome(tid, params, trial_status(metrics, params, res.error is not None, epochs), metrics)
         )
+    # Without a scheduler nothing stops a trial early, so a stopped one was stopped by the interrupt: Tune
+    # counts a trial whose actor it stopped on SIGINT as terminated, and the count above cannot tell.
+    if spec.scheduler.name == "none" and any(o.status == "KILLED" for o in out):
+        return None
     return out
 
 

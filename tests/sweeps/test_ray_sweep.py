@@ -241,13 +241,6 @@ def test_a_sweep_without_address_starts_its_own_ray_beside_a_running_cluster(
     assert _cluster_nodes(ray_address) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (2026-11-25): SIGTERM during the refine runs ends the sweep with exit 1 and a "
-    "traceback, not 130: sweeps.tuner.run_with_ray returns the interrupted refine experiment's trials as "
-    "outcomes (none FINISHED) instead of None, and report.format_refine_table then fails with an IndexError "
-    "on a refined config without a key",
-)
 def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ray_address: str) -> None:
     """SIGTERM while the refine runs train, then --resume: the search is not run again (its trial's
     checkpoints stay as they were), the refine experiment goes on with one MLflow child per seed (none

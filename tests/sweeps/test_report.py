@@ -321,3 +321,13 @@ def test_refine_picks_the_best_validation_mean_and_its_variant(aggregation, tmp_
     ]
     assert "refine: the top 2 config(s)" in report.text
     assert json.loads((tmp_path / "report.json").read_text())["refined"][1]["seeds"] == [1000, 2000]
+
+
+def test_refine_table_keeps_its_columns_when_no_seed_finished() -> None:
+    """A refined config whose seeds all failed has no key: its row shows '-' in the key column."""
+    a, c = TRIALS[0], TRIALS[2]
+    runs = [TrialOutcome("a-1", {"run.seed": 1000}, "FAILED")]
+    failed = Refined(a, [1000], runs, None, None, None, 0)
+    lines = format_refine_table([refined(c, (74.0, 3.0), (90.0, 1.0), ""), failed], BEST_LINEAR).splitlines()
+    rows = [cells(line, lines[0]) for line in lines]
+    assert len(rows[2]) == len(rows[0]) and rows[2][0] == "a" and rows[2][-1] == "-"
