@@ -93,6 +93,11 @@ class TwoNodes:
                 return found
             found |= more
 
+    def start_second_node(self) -> None:
+        """`ray start` the second node, joined to the head (again, after `kill_node`: a new node id)."""
+        _start_node(self.env, self.temp_dirs["node2"], "node2", {}, 22000, f"--address={self.address}")
+        self.node_ids = _node_ids(self.dashboard, self.env)
+
     def kill_node(self, node: str) -> None:
         """SIGKILL every process of the node, as when its machine dies; the other node stays up."""
         pids = self.node_pids(node)
@@ -150,12 +155,14 @@ def _start_node(
 
 def _node_ids(dashboard: str, env: dict[str, str]) -> dict[str, str]:
     """Node name -> Ray node id, from the State API (`ray list nodes`, in a process of its own: Ray reads
-    its auth mode once, at import), by the `node_<name>` resource of each node."""
+    its auth mode once, at import), by the `node_<name>` resource of each live node."""
     cmd = [_ray_bin(), "list", "nodes", f"--address={dashboard}", "--detail", "--format=json"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = {}
     for n in json.loads(proc.stdout):
+        if n["state"] != "ALIVE":  # a node killed earlier stays listed, DEAD
+            continue
         ids.update({k[len("node_") :]: n["node_id"] for k in n["resources_total"] if k.startswith("node_")})
     assert set(ids) == {"head", "node2"}, ids
     return ids
@@ -195,8 +202,7 @@ def two_nodes() -> Iterator[TwoNodes]:
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
         )
-        _start_node(join_env, dirs["node2"], "node2", {}, 22000, f"--address={cluster.address}")
-        cluster.node_ids = _node_ids(cluster.dashboard, join_env)
+        cluster.start_second_node()
         yield cluster
     finally:
         # This cluster's processes only, by their pids: `ray stop` would stop every Ray on the machine.

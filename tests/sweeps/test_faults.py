@@ -202,3 +202,51 @@ def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_s
     assert by_trial[victim_trial].data.metrics["test/knn_top1/mean_emb"] == pytest.approx(
         by_trial[twin].data.metrics["test/knn_top1/mean_emb"], abs=0
     )
+
+
+def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_returns(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    """The second node dies (every process of it SIGKILLed) after the first trial's first epoch, and a
+    node joins again in its place.
+
+    Lost: that node's worker and the trial's epoch in progress. Train restarts the worker group from
+    the last checkpoint once the cluster has room again (within the worker-group start timeout), the
+    trial finishes with one MLflow value per epoch, and the sweep goes on to its next trial.
+    """
+    spec = tiny_spec(
+        tmp_path,
+        "nodeloss",
+        num_samples=2,
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
+    )
+    db = tmp_path / "mlflow.db"
+    first_node2 = two_nodes.node_ids["node2"]
+    proc = _sweep(spec, two_nodes, tmp_path / "sweep.log")
+    try:
+        rows = _wait_for(
+            "a trial's first epoch",
+            lambda: {t: r for t, r in _trial_rows(db).items() if r == ("RUNNING", 1)},
+            proc,
+        )
+        (victim_trial,) = rows
+        two_nodes.kill_node("node2")
+        time.sleep(5)
+        two_nodes.start_second_node()
+        out_code = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "sweep.log").read_text()
+    assert out_code == 0, log[-3000:]
+    reports = _result_lines(tmp_path / "storage" / "nodeloss", victim_trial)
+    assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
+    assert first_node2 in reports[0][WORKER_NODES].split(",")
+    # The restarted group ran on the head and the node that joined in the lost one's place.
+    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
+    assert first_node2 not in two_nodes.node_ids.values()
+    _, children = _mlflow_runs(tmp_path, "nodeloss")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        assert [step for step, _ in _epochs(tmp_path, c.info.run_id)] == [1, 2]
