@@ -5,7 +5,8 @@ Ray on the machine confuses Train's placement-group cleaner unless its dashboard
 (docs/operations.md, "The dashboard"), so the single-node tests share this one.
 
 `two_nodes`: a head and a second node that joins it, both started with `ray start` as on a real
-cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests.
+cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests,
+one for the session too (a fault test that loses the second node starts it again).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _node_ids(dashboard: str, env: dict[str, str]) -> dict[str, str]:
     return ids
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_nodes() -> Iterator[TwoNodes]:
     port, dash, client = free_port(), free_port(), free_port()
     # Short, because Ray's unix sockets live under it (at most 107 bytes a path).

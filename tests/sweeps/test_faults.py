@@ -238,6 +238,8 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
     finally:
         if proc.poll() is None:
             proc.kill()
+        if not two_nodes.node_pids("node2"):  # the next tests need the cluster whole
+            two_nodes.start_second_node()
     log = (tmp_path / "sweep.log").read_text()
     assert out_code == 0, log[-3000:]
     reports = _result_lines(tmp_path / "storage" / "nodeloss", victim_trial)

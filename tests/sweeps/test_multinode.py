@@ -92,6 +92,33 @@ def test_ray_job_submit_runs_a_sweep_from_the_head(tmp_path: Path, two_nodes: Tw
     assert (tmp_path / "storage" / "job" / "best_config.yaml").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_spread_trial_wider_than_the_cluster_is_refused_before_it_starts(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    spec = tiny_spec(
+        tmp_path, "wide", resources={"workers_per_trial": 3, "cpus_per_worker": 0.5, "placement": "spread"}
+    )
+    proc = subprocess.run(
+        sweep_cmd(spec, "--address", two_nodes.address),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # 3 x 0.5 CPU would fit the cluster's 2 CPUs packed, but not on 3 distinct nodes.
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "resources.placement: spread" in proc.stderr and "only 2 of the cluster's 2 node(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() or "wide" not in _experiments(tmp_path)
+
+
+def _experiments(tmp_path: Path) -> list[str]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return [e.name for e in client.search_experiments()]
+
+
 def test_spread_needs_as_many_nodes_with_room_as_workers() -> None:
     two = [ONE_CPU, ONE_CPU]
     assert worker_group_fits(two, 2, ONE_CPU, spread=True)
