@@ -95,10 +95,6 @@ def build_tuner(
         callbacks=[callback],
         progress_reporter=reporter,
         failure_config=tune.FailureConfig(max_failures=0),
-        # Tune saves its state every 10 s or more but copies it to storage_path only every sync_period
-        # (300 s by default): a driver killed outright would resume from a state minutes old
-        # (docs/operations.md, "A driver killed outright").
-        sync_config=tune.SyncConfig(sync_period=10),
     )
     return tune.Tuner(
         trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config

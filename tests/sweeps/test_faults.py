@@ -90,8 +90,9 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
 
     Lost: what the driver had not written yet. Its trials' actors die with it (they belong to its Ray
     job), so the trial in progress loses its epoch in progress and restarts from its last Train
-    checkpoint; Tune's experiment state is the one last synced to the storage path (every 10 s,
-    `tuner.build_tuner`); the MLflow parent run stays RUNNING. Not lost: `--resume` trains no finished
+    checkpoint; Tune's experiment state is the one last copied to the storage path (at each of Tune's
+    experiment checkpoints, 10 s or more apart: docs/operations.md, "A driver killed outright"); the
+    MLflow parent run stays RUNNING. Not lost: `--resume` trains no finished
     trial again, opens no second MLflow child for any trial, logs each epoch once, and finishes the
     parent it reopens.
     """
