@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 from sweeps.ray_env import free_port
-from sweeps.resources import trial_resources, worker_group_fits, worker_resources
+from sweeps.resources import trials_that_fit, worker_group_fits, worker_resources
 from sweeps.spec import SpecError, SweepSpec
 
 # The trainable's own actor on a cluster without a 'trial_slot' resource: a bundle must not be empty
@@ -65,24 +65,33 @@ def init_ray(address: str | None) -> None:
 def placement(spec: SweepSpec) -> Placement:
     """How many trials fit at once on the connected cluster; SpecError if a trial can never be placed."""
     r = spec.resources
-    need = trial_resources(r)
+    spread = r.placement == "spread"
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
-    if not worker_group_fits(nodes, r.workers_per_trial, worker_resources(r)):
+    if not worker_group_fits(nodes, r.workers_per_trial, worker_resources(r), spread):
+        gpu = f", {r.gpus_per_worker:g} GPU" if r.gpus_per_worker else ""
+        if spread:
+            roomy = sum(worker_group_fits([n], 1, worker_resources(r)) for n in nodes)
+            raise SpecError(
+                f"resources.placement: spread puts each of a trial's {r.workers_per_trial} workers on its "
+                f"own node, with {r.cpus_per_worker:g} CPU{gpu} free, and only {roomy} of the cluster's "
+                f"{len(nodes)} node(s) have that room; expected placement: pack, fewer workers_per_trial, "
+                "or more nodes"
+            )
         raise SpecError(
-            f"resources: a trial needs {r.workers_per_trial} worker(s) x ({r.cpus_per_worker:g} CPU, "
-            f"{r.gpus_per_worker:g} GPU) and can never be placed on this cluster "
-            f"({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU over {len(nodes)} node(s)); "
-            "expected fewer workers_per_trial or smaller cpus_per_worker/gpus_per_worker"
+            f"resources: a trial needs {r.workers_per_trial} worker(s) x ({r.cpus_per_worker:g} CPU{gpu}) "
+            f"and can never be placed on this cluster ({total.get('CPU', 0):g} CPU, "
+            f"{total.get('GPU', 0):g} GPU over {len(nodes)} node(s)); expected fewer workers_per_trial or "
+            "smaller cpus_per_worker/gpus_per_worker"
         )
-    fit = int(total["CPU"] // need["CPU"])
-    if need.get("GPU"):
-        fit = min(fit, int(total.get("GPU", 0) // need["GPU"]))
+    fit = trials_that_fit(nodes, r.workers_per_trial, worker_resources(r), spread)
+    if spec.max_concurrent:
+        fit = min(fit, spec.max_concurrent)
     # A trial's own actor holds a 'trial_slot' (local Ray) so that it takes no CPU from its workers.
     bundle: dict[str, float] = (
         {"CPU": 0, "trial_slot": 1} if total.get("trial_slot") else {"CPU": 0, "memory": _TRIAL_ACTOR_MEMORY}
     )
-    return Placement(trials_at_once=max(1, min(fit, spec.max_concurrent or fit)), trial_bundle=bundle)
+    return Placement(trials_at_once=max(1, fit), trial_bundle=bundle)
 
 
 @contextlib.contextmanager

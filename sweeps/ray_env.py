@@ -22,13 +22,14 @@ def prepare_ray_environment(address: str | None) -> None:
     # Tune's newer console output ignores a ProgressReporter; the classic one shows our columns.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and _has_auth_token():
+    if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and has_auth_token():
         # Ray turns token auth on by itself only for address="auto" (docs/operations.md, "Token
         # authentication"); the cluster would reject us with InvalidAuthToken.
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _has_auth_token() -> bool:
+def has_auth_token() -> bool:
+    """Whether this machine holds a Ray auth token, with which a head started here requires it."""
     return (
         bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
         or (Path.home() / ".ray" / "auth_token").is_file()

@@ -122,6 +122,22 @@ class ResourcesSpec(_Strict):
     workers_per_trial: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    placement: Literal["pack", "spread"] = Field(
+        "pack",
+        description="a trial's workers: pack (fewest nodes) or spread (one worker per node, on distinct nodes)",
+    )
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> ResourcesSpec:
+        # NCCL refuses two ranks of one process group on one GPU ("Duplicate GPU detected"), and Ray gives
+        # fractional GPUs of one trial's workers the same device whenever they land on one node.
+        if 0 < self.gpus_per_worker < 1 and self.workers_per_trial > 1:
+            raise ValueError(
+                f"gpus_per_worker: {self.gpus_per_worker:g} with workers_per_trial {self.workers_per_trial} "
+                "would put two DDP (NCCL) ranks of one trial on one GPU; expected gpus_per_worker >= 1, "
+                "or workers_per_trial: 1 to share GPUs between trials"
+            )
+        return self
 
 
 class TrackingSpec(_Strict):

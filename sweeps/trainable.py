@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -15,19 +16,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray.train
+import torch.distributed
 from ray import tune
 
 # Train v2's trainer and configs (Ray 2.60's default Train, and the one `controller_failure_limit` belongs
 # to), from their own modules: `ray.train` and `ray.train.torch` export these same classes at runtime but
 # v1's to a type checker.
+from ray.train.torch import TorchConfig
 from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from bagssl_core import dist
 from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten, merge_overrides
 from bagssl_core.metrics import DIVERGED_AT_STEP
 from bagssl_core.train import RunResult, train
-from sweeps.resources import worker_resources
+from sweeps.resources import PLACEMENT_STRATEGY, ddp_backend, worker_resources
 from sweeps.space import apply_variants, trial_overrides
 from sweeps.spec import Objective, ResourcesSpec
 
@@ -103,6 +107,29 @@ def run_trial(
 # --- Ray -------------------------------------------------------------------------------------------
 
 
+# Where a trial's worker group runs, in every report of a trial: one comma-separated entry per rank
+# (Ray node id, process id) and the process group's backend. A restarted group reports its new places.
+# Strings, so they reach Tune's result.json but never MLflow's metrics (`tracking.trainer_metrics`).
+WORKER_NODES, WORKER_PIDS, WORKER_BACKEND = "workers/node_ids", "workers/pids", "workers/backend"
+
+
+def worker_places() -> dict[str, str]:
+    """The node id and pid of every rank of the trial, gathered over the process group (a collective:
+    every rank calls it), and the group's backend."""
+    me = (ray.get_runtime_context().get_node_id(), os.getpid())
+    ranks: list[Any] = [me]
+    backend = "none"
+    if dist.is_distributed():
+        ranks = [None] * dist.world_size()
+        torch.distributed.all_gather_object(ranks, me)
+        backend = str(torch.distributed.get_backend())
+    return {
+        WORKER_NODES: ",".join(node for node, _ in ranks),
+        WORKER_PIDS: ",".join(str(pid) for _, pid in ranks),
+        WORKER_BACKEND: backend,
+    }
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: the process group is already initialised by TorchTrainer.
 
@@ -111,11 +138,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     """
     plan: TrialPlan = config["plan"]
     params: dict[str, Any] = config["params"]
+    places = worker_places()
 
     def report(metrics: dict[str, float], ckpt: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
         # Every rank reports (it is a barrier); rank 0 alone carries the checkpoint.
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, **places}, checkpoint=checkpoint)
 
     with (
         _restored_checkpoint(ray.train.get_checkpoint()) as resume,
@@ -154,7 +182,10 @@ def make_trial_fn(
                 num_workers=resources.workers_per_trial,
                 use_gpu=resources.gpus_per_worker > 0,
                 resources_per_worker=worker_resources(resources),
+                placement_strategy=PLACEMENT_STRATEGY[resources.placement],
             ),
+            # Named, not left to Train's own pick from use_gpu: the backend is ours to state and test.
+            torch_config=TorchConfig(backend=ddp_backend(resources)),
             run_config=RunConfig(
                 # The trial id and no timestamp: a restored trial finds its Train run, and its
                 # checkpoints, by this name (docs/operations.md, "Resuming").

@@ -1,28 +1,38 @@
-"""One real local Ray cluster for the whole session: sweeps under test join it with --address.
+"""Real Ray clusters on this machine for the sweeps under test, which join them with --address.
 
-Starting Ray costs 5-14 s here and a second Ray on the machine confuses Train's placement-group
-cleaner (docs/operations.md, "The dashboard"), so every Ray test shares this one.
+`ray_address`: one single-node Ray for the whole session. Starting Ray costs 5-14 s here and a second
+Ray on the machine confuses Train's placement-group cleaner unless its dashboard is pinned
+(docs/operations.md, "The dashboard"), so the single-node tests share this one.
+
+`two_nodes`: a head and a second node that joins it, both started with `ray start` as on a real
+cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests,
+one for the session too (a fault test that loses the second node starts it again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sweeps.ray_env import free_port
+from sweeps.ray_env import free_port, has_auth_token
 
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    ray_bin = _ray_bin()
     port, dash = free_port(), free_port()
     # As a sweep's own local Ray: the dashboard pinned for Train's placement-group cleaner, and a
     # 'trial_slot' per core for the trials' own actors (docs/operations.md, "The dashboard", "Resources").
@@ -45,6 +55,161 @@ def ray_address() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def _ray_bin() -> str:
+    return shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+
+
+@dataclass
+class TwoNodes:
+    """A 2-node Ray cluster on this machine: the head and `node2`, each a `ray start` with its own temp dir.
+
+    Attributes:
+        address: the GCS address a sweep joins (--address).
+        dashboard: the head's dashboard (`ray job submit --address`, the State API).
+        temp_dirs: node name -> the node's Ray temp dir, which every one of its daemons names on its
+            command line: how the node's own processes are told apart from any other Ray's.
+    """
+
+    address: str
+    dashboard: str
+    temp_dirs: dict[str, Path]
+    env: dict[str, str]  # for a client of this cluster (`ray job submit`, `ray list`)
+    node_ids: dict[str, str] = field(default_factory=dict)  # node name -> Ray node id
+
+    def node_pids(self, node: str) -> set[int]:
+        """The node's Ray daemons (raylet, GCS, dashboard, agents...) and every process under them."""
+        procs = _processes()
+        mark = str(self.temp_dirs[node])
+        # Not this process nor those above it: a test's own command line may name the temp dir too.
+        mine, pid = set(), os.getpid()
+        while pid in procs and pid not in mine:
+            mine.add(pid)
+            pid = procs[pid][0]
+        found = {pid for pid, (_, cmdline) in procs.items() if mark in cmdline} - mine
+        while True:  # add children until none is new: Ray's workers are the raylet's children
+            more = {pid for pid, (ppid, _) in procs.items() if ppid in found} - found
+            if not more:
+                return found
+            found |= more
+
+    def start_second_node(self) -> None:
+        """`ray start` the second node, joined to the head (again, after `kill_node`: a new node id)."""
+        _start_node(self.env, self.temp_dirs["node2"], "node2", {}, 22000, f"--address={self.address}")
+        self.node_ids = _node_ids(self.dashboard, self.env)
+
+    def kill_node(self, node: str) -> None:
+        """SIGKILL every process of the node, as when its machine dies; the other node stays up."""
+        pids = self.node_pids(node)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and pids & set(_processes()):
+            time.sleep(0.2)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every live process, from /proc (psutil is not a dependency)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        # `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so split after the last ')'.
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state != "Z":  # a zombie is dead already, only not yet reaped
+            out[int(d.name)] = (int(ppid), cmdline)
+    return out
+
+
+def _start_node(
+    env: dict[str, str], temp_dir: Path, name: str, resources: dict[str, float], worker_ports: int, *args: str
+) -> None:
+    """`ray start` one node: 1 CPU, `resources`, and a resource `node_<name>` that pins work to it.
+
+    Ports a second Ray on this machine would also want are picked free; its workers bind ports from a
+    range of its own, `worker_ports` and the 999 above (Ray's default range is the same for every node).
+    """
+    lo = worker_ports
+    cmd = [
+        _ray_bin(),
+        "start",
+        *args,
+        "--num-cpus=1",
+        "--resources",
+        json.dumps({**resources, f"node_{name}": 1}),
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--min-worker-port={lo}",
+        f"--max-worker-port={lo + 999}",
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"ray start of {name} failed:\n{proc.stderr[-3000:]}"
+
+
+def _node_ids(dashboard: str, env: dict[str, str]) -> dict[str, str]:
+    """Node name -> Ray node id, from the State API (`ray list nodes`, in a process of its own: Ray reads
+    its auth mode once, at import), by the `node_<name>` resource of each live node."""
+    cmd = [_ray_bin(), "list", "nodes", f"--address={dashboard}", "--detail", "--format=json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = {}
+    for n in json.loads(proc.stdout):
+        if n["state"] != "ALIVE":  # a node killed earlier stays listed, DEAD
+            continue
+        ids.update({k[len("node_") :]: n["node_id"] for k in n["resources_total"] if k.startswith("node_")})
+    assert set(ids) == {"head", "node2"}, ids
+    return ids
+
+
+@pytest.fixture(scope="session")
+def two_nodes() -> Iterator[TwoNodes]:
+    port, dash, client = free_port(), free_port(), free_port()
+    # Short, because Ray's unix sockets live under it (at most 107 bytes a path).
+    root = Path(tempfile.mkdtemp(prefix="bgr", dir="/tmp"))
+    dirs = {"head": root / "head", "node2": root / "node2"}
+    # The placement-group cleaner's State API, pinned for the workers of both nodes (docs/operations.md,
+    # "The dashboard"); the worker-group start timeout a sweep's own Ray gets, read by the Train controllers
+    # this cluster runs ("Resources").
+    env = {
+        **os.environ,
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
+    }
+    # The head turns token auth on by itself when this machine has a token; a node joining an explicit
+    # address must be told (docs/operations.md, "Token authentication").
+    join_env = {**env, "RAY_AUTH_MODE": "token"} if has_auth_token() and "RAY_AUTH_MODE" not in env else env
+    cluster = TwoNodes(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, join_env)
+    try:
+        _start_node(
+            env,
+            dirs["head"],
+            "head",
+            # The trials' own actors, and so their Train controllers (placed on the node of the actor that
+            # starts them), stay on the head: losing the second node loses workers, never a whole trial.
+            {"trial_slot": 2},
+            21000,
+            "--head",
+            f"--port={port}",
+            f"--ray-client-server-port={client}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+        )
+        cluster.start_second_node()
+        yield cluster
+    finally:
+        # This cluster's processes only, by their pids: `ray stop` would stop every Ray on the machine.
+        for node in ("node2", "head"):
+            cluster.kill_node(node)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:

@@ -1,0 +1,255 @@
+"""Faults injected into sweeps on a real 2-node Ray cluster (`conftest.two_nodes`).
+
+Each test states what its fault loses and checks exactly that: the MLflow store, the storage path and
+the trials' own reports (node ids, pids) are read back after the fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeps.trainable import WORKER_NODES, WORKER_PIDS
+from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _trial_rows(db: Path) -> dict[str, tuple[str, int]]:
+    """trial id -> (MLflow status, last epoch logged), read-only straight from the store while the sweep
+    writes it (opening it with MLflow would race with the sweep creating its tables)."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute(
+                "SELECT t.value, r.status, (SELECT MAX(m.step) FROM metrics m "
+                "  WHERE m.run_uuid = r.run_uuid AND m.key = 'epoch') "
+                "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'bagssl.trial_id' "
+                "JOIN tags role ON role.run_uuid = r.run_uuid AND role.key = 'bagssl.role' "
+                "AND role.value = 'trial'"
+            ).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return {}
+    return {tid: (status, int(epoch or 0)) for tid, status, epoch in rows}
+
+
+def _wait_for(what: str, ready: Callable[[], Any], proc: subprocess.Popen, timeout: float = 600) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = ready()
+        if found:
+            return found
+        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before {what}"
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _mlflow_runs(tmp_path: Path, experiment: str) -> tuple[list, list]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("bagssl.role") == "sweep"]
+    return parents, [r for r in runs if r.data.tags.get("bagssl.role") == "trial"]
+
+
+def _epochs(tmp_path: Path, run_id: str, key: str = "epoch") -> list[tuple[int, float]]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return sorted((int(m.step), m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _checkpoints(run_dir: Path) -> dict[str, int]:
+    """A Train run's checkpoint directories and their modification times (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
+
+
+def _sweep(spec: Path, cluster: TwoNodes, log: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        sweep_cmd(spec, "--address", cluster.address, *args),
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    """SIGKILL of the driver (`python -m sweeps.run`), the one process that drives Tune and MLflow.
+
+    Lost: what the driver had not written yet. Its trials' actors die with it (they belong to its Ray
+    job), so the trial in progress loses its epoch in progress and restarts from its last Train
+    checkpoint; Tune's experiment state is the one last copied to the storage path (at each of Tune's
+    experiment checkpoints, 10 s or more apart: docs/operations.md, "A driver killed outright"); the
+    MLflow parent run stays RUNNING. Not lost: `--resume` trains no finished
+    trial again, opens no second MLflow child for any trial, logs each epoch once, and finishes the
+    parent it reopens.
+    """
+    spec = tiny_spec(tmp_path, "driverkill", num_samples=2, scheduler={"name": "none"})
+    one_epoch = ("--set", "base.schedule.epochs=1")
+    db = tmp_path / "mlflow.db"
+    proc = _sweep(spec, two_nodes, tmp_path / "first.log", *one_epoch)
+    try:
+        # One trial finished and the next one started: the cluster holds one 2-worker trial at a time.
+        _wait_for(
+            "a finished trial and a running one",
+            lambda: sorted(s for s, _ in _trial_rows(db).values()) == ["FINISHED", "RUNNING"],
+            proc,
+        )
+        time.sleep(25)  # two of Tune's state saves (10 s apart at least) after the first trial ended
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    parents, children = _mlflow_runs(tmp_path, "driverkill")
+    assert [p.info.status for p in parents] == ["RUNNING"]  # SIGKILL: the parent was never closed
+    finished = {c.data.tags["bagssl.trial_id"] for c in children if c.info.status == "FINISHED"}
+    assert len(finished) == 1
+    train_runs = tmp_path / "storage" / "driverkill" / "train_runs"
+    before = {tid: _checkpoints(train_runs / f"train_{tid}") for tid in finished}
+    assert all(before.values())
+
+    resumed = subprocess.run(
+        sweep_cmd(spec, "--address", two_nodes.address, "--resume", *one_epoch),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for tid in finished:  # not trained again: its checkpoints are the ones it had
+        assert _checkpoints(train_runs / f"train_{tid}") == before[tid]
+    parents, children = _mlflow_runs(tmp_path, "driverkill")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["bagssl.trial_id"] for c in children]
+    assert len(ids) == len(set(ids)) == 2
+    assert all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        assert [step for step, _ in _epochs(tmp_path, c.info.run_id)] == [1]
+
+
+def _result_lines(exp_dir: Path, trial_id: str) -> list[dict]:
+    (path,) = exp_dir.glob(f"*{trial_id}*/result.json")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_same_result(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    """SIGKILL of the Train worker on the second node after its trial's first epoch.
+
+    Lost: the worker's epoch in progress. Train restarts the trial's worker group from the last
+    checkpoint (`failure.max_retries`), and the trial ends as an uninterrupted twin with the same
+    config and seed does, metric for metric; MLflow holds one value per epoch.
+    """
+    # Two trials of one config: the first is interrupted, the second is the uninterrupted twin.
+    spec = tiny_spec(
+        tmp_path,
+        "workerkill",
+        num_samples=2,
+        search={"algo": "grid"},
+        space={"loss.inv_weight": {"grid": [25.0]}},
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
+    )
+    db = tmp_path / "mlflow.db"
+    proc = _sweep(spec, two_nodes, tmp_path / "sweep.log")
+    try:
+        rows = _wait_for(
+            "a trial's first epoch",
+            lambda: {t: r for t, r in _trial_rows(db).items() if r == ("RUNNING", 1)},
+            proc,
+        )
+        (victim_trial,) = rows
+        pids = two_nodes.node_pids("node2")
+        # Tune's actor and the Train controller sit on the head; on the second node only the workers.
+        procs = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids}
+        (victim,) = [pid for pid, cmd in procs.items() if b"RayTrainWorker" in cmd]
+        os.kill(victim, signal.SIGKILL)
+        out_code = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "sweep.log").read_text()
+    assert out_code == 0, log[-3000:]
+    exp_dir = tmp_path / "storage" / "workerkill"
+    reports = _result_lines(exp_dir, victim_trial)
+    # The killed worker reported epoch 1; the restarted group, with a new worker there, epoch 2.
+    assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
+    assert str(victim) in reports[0][WORKER_PIDS].split(",")
+    assert str(victim) not in reports[-1][WORKER_PIDS].split(",")
+    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
+
+    _, children = _mlflow_runs(tmp_path, "workerkill")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    by_trial = {c.data.tags["bagssl.trial_id"]: c for c in children}
+    twin = next(t for t in by_trial if t != victim_trial)
+    for key in ("epoch", "train/loss", "val/knn_top1/mean_emb", "val/linear_top1/mean_emb"):
+        history = _epochs(tmp_path, by_trial[victim_trial].info.run_id, key)
+        assert [step for step, _ in history] == [1, 2], key  # one value per epoch, none twice
+        assert history == _epochs(tmp_path, by_trial[twin].info.run_id, key), key
+    assert by_trial[victim_trial].data.metrics["test/knn_top1/mean_emb"] == pytest.approx(
+        by_trial[twin].data.metrics["test/knn_top1/mean_emb"], abs=0
+    )
+
+
+def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_returns(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    """The second node dies (every process of it SIGKILLed) after the first trial's first epoch, and a
+    node joins again in its place.
+
+    Lost: that node's worker and the trial's epoch in progress. Train restarts the worker group from
+    the last checkpoint once the cluster has room again (within the worker-group start timeout), the
+    trial finishes with one MLflow value per epoch, and the sweep goes on to its next trial.
+    """
+    spec = tiny_spec(
+        tmp_path,
+        "nodeloss",
+        num_samples=2,
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
+    )
+    db = tmp_path / "mlflow.db"
+    first_node2 = two_nodes.node_ids["node2"]
+    proc = _sweep(spec, two_nodes, tmp_path / "sweep.log")
+    try:
+        rows = _wait_for(
+            "a trial's first epoch",
+            lambda: {t: r for t, r in _trial_rows(db).items() if r == ("RUNNING", 1)},
+            proc,
+        )
+        (victim_trial,) = rows
+        two_nodes.kill_node("node2")
+        time.sleep(5)
+        two_nodes.start_second_node()
+        out_code = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if not two_nodes.node_pids("node2"):  # the next tests need the cluster whole
+            two_nodes.start_second_node()
+    log = (tmp_path / "sweep.log").read_text()
+    assert out_code == 0, log[-3000:]
+    reports = _result_lines(tmp_path / "storage" / "nodeloss", victim_trial)
+    assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
+    assert first_node2 in reports[0][WORKER_NODES].split(",")
+    # The restarted group ran on the head and the node that joined in the lost one's place.
+    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
+    assert first_node2 not in two_nodes.node_ids.values()
+    _, children = _mlflow_runs(tmp_path, "nodeloss")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for c in children:
+        assert [step for step, _ in _epochs(tmp_path, c.info.run_id)] == [1, 2]

@@ -1,0 +1,149 @@
+"""A sweep across two real Ray nodes (`conftest.two_nodes`), and the placement arithmetic behind it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweeps.resources import ddp_backend, trials_that_fit, worker_group_fits
+from sweeps.spec import ResourcesSpec
+from sweeps.trainable import WORKER_BACKEND, WORKER_NODES
+from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+ONE_CPU = {"CPU": 1.0}
+
+
+def last_results(exp_dir: Path) -> dict[str, dict]:
+    """Each Tune trial's last result, from the result.json Tune wrote under the sweep's storage path."""
+    out = {}
+    for f in exp_dir.glob("*/result.json"):
+        lines = f.read_text().splitlines()
+        if lines:
+            last = json.loads(lines[-1])
+            out[last["trial_id"]] = last
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_spread_trial_runs_one_worker_per_node_with_gloo_ddp_between_them(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    spec = tiny_spec(
+        tmp_path,
+        "spread",
+        num_samples=1,
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
+    )
+    proc = subprocess.run(
+        sweep_cmd(spec, "--address", two_nodes.address, "--set", "base.schedule.epochs=1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp_dir = tmp_path / "storage" / "spread"
+    (result,) = last_results(exp_dir).values()
+    ranks = result[WORKER_NODES].split(",")
+    print("node ids per rank:", ranks, "cluster:", two_nodes.node_ids)
+    # Rank 0 and rank 1 on the two distinct nodes of the cluster, one each, talking over gloo.
+    assert sorted(ranks) == sorted(two_nodes.node_ids.values())
+    assert result[WORKER_BACKEND] == "gloo"
+    assert result["epoch"] == 1 and result["val/knn_top1/mean_emb"] > 0
+    # The trial's checkpoint landed in the sweep's storage path, a directory both nodes write to.
+    run_dir = exp_dir / "train_runs" / f"train_{result['trial_id']}"
+    checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+    assert checkpoints and all(any(c.iterdir()) for c in checkpoints)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (child,) = client.search_runs(
+        [client.get_experiment_by_name("spread").experiment_id], "tags.`bagssl.role` = 'trial'"
+    )
+    assert child.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_job_submit_runs_a_sweep_from_the_head(tmp_path: Path, two_nodes: TwoNodes) -> None:
+    """`ray job submit --working-dir . -- python -m sweeps.run SPEC`, as the README says: the spec's MLflow
+    store and storage path are absolute paths every node sees (the job runs in a copy of the working
+    directory that Ray deletes with its session)."""
+    spec = tiny_spec(tmp_path, "job", num_samples=1, scheduler={"name": "none"})
+    cmd = [
+        *(str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={two_nodes.dashboard}"),
+        *("--working-dir", ".", "--", "python", "-m", "sweeps.run", str(spec)),
+        *("--set", "base.schedule.epochs=1"),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=two_nodes.env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "succeeded" in proc.stdout and "best trial" in proc.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (child,) = client.search_runs(
+        [client.get_experiment_by_name("job").experiment_id], "tags.`bagssl.role` = 'trial'"
+    )
+    assert child.info.status == "FINISHED"
+    assert (tmp_path / "storage" / "job" / "best_config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_spread_trial_wider_than_the_cluster_is_refused_before_it_starts(
+    tmp_path: Path, two_nodes: TwoNodes
+) -> None:
+    spec = tiny_spec(
+        tmp_path, "wide", resources={"workers_per_trial": 3, "cpus_per_worker": 0.5, "placement": "spread"}
+    )
+    proc = subprocess.run(
+        sweep_cmd(spec, "--address", two_nodes.address),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # 3 x 0.5 CPU would fit the cluster's 2 CPUs packed, but not on 3 distinct nodes.
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "resources.placement: spread" in proc.stderr and "only 2 of the cluster's 2 node(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() or "wide" not in _experiments(tmp_path)
+
+
+def _experiments(tmp_path: Path) -> list[str]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return [e.name for e in client.search_experiments()]
+
+
+def test_spread_needs_as_many_nodes_with_room_as_workers() -> None:
+    two = [ONE_CPU, ONE_CPU]
+    assert worker_group_fits(two, 2, ONE_CPU, spread=True)
+    assert not worker_group_fits([{"CPU": 4.0}], 2, ONE_CPU, spread=True)  # room for both, one node
+    assert worker_group_fits([{"CPU": 4.0}], 2, ONE_CPU)  # packed, they fit
+    assert not worker_group_fits([{"CPU": 4.0}, {"CPU": 0.5}], 2, ONE_CPU, spread=True)
+
+
+def test_trials_at_once_counts_distinct_nodes_for_spread_trials() -> None:
+    # 6 CPUs over (4, 1, 1): three packed trials of 2 workers, but only two spread ones (each takes a
+    # worker on the big node and one on a small one), where dividing the totals would say three.
+    nodes = [{"CPU": 4.0}, ONE_CPU, ONE_CPU]
+    assert trials_that_fit(nodes, 2, ONE_CPU) == 3
+    assert trials_that_fit(nodes, 2, ONE_CPU, spread=True) == 2
+    assert trials_that_fit([{"CPU": 2.0, "GPU": 1.0}] * 2, 1, {"CPU": 1.0, "GPU": 1.0}) == 2
+    assert trials_that_fit(nodes, 2, ONE_CPU, limit=1) == 1
+
+
+def test_fractional_gpus_with_several_workers_are_refused() -> None:
+    with pytest.raises(ValueError, match="two DDP \\(NCCL\\) ranks of one trial on one GPU"):
+        ResourcesSpec(workers_per_trial=2, gpus_per_worker=0.5)
+    ResourcesSpec(workers_per_trial=1, gpus_per_worker=0.5)  # trials may share a GPU
+    ResourcesSpec(workers_per_trial=2, gpus_per_worker=1)
+
+
+def test_ddp_backend_is_nccl_on_gpus_and_gloo_on_cpus() -> None:
+    assert ddp_backend(ResourcesSpec(workers_per_trial=2, gpus_per_worker=1)) == "nccl"
+    assert ddp_backend(ResourcesSpec(workers_per_trial=2)) == "gloo"
