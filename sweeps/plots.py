@@ -90,7 +90,9 @@ def eval_axis_scores(spec: SweepSpec, axis: str, t: TrialOutcome) -> dict[Any, S
     """One trial's objective at each value of an evaluation-only axis: the best over the keys (schemes and
     variants) that value covers, scored on the same checkpoints."""
     objective = spec.objective()
-    variants = variant_values(spec)
+    # The variants as the sweep named them: they depend on the base only through its eval options, which
+    # a spec read back from MLflow carries inline (a `base.config` file stays with the spec's author).
+    variants = variant_values(spec, {k: v for k, v in spec.base.items() if k != "config"})
     out: dict[Any, Score] = {}
     for value in spec.space[axis].args:
 
