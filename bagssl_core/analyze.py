@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bagssl_core.analyses import ANALYSES, AnalysisReport, run_analyses
 from bagssl_core.config import ConfigError, TrainConfig, parse_overrides, validate_config
@@ -27,8 +28,32 @@ from bagssl_core.train import (
 RUNS_MAY_CHANGE = frozenset({"run.device", "run.threads", "data.root", "data.num_workers"})
 
 
+def check_arguments(only: Sequence[str] | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The overrides as a tree, once `only` names analyses and they touch only eval.* and `RUNS_MAY_CHANGE`
+    (checked before any checkpoint is read, so a typo is answered at once).
+
+    Raises:
+        ConfigError: an unknown analysis or a key the analyses may not change.
+    """
+    if only is not None:
+        unknown = [n for n in only if n not in ANALYSES]
+        if unknown or not only:
+            raise ConfigError(
+                f"analyze: --only: unknown analysis {', '.join(unknown) or '(none given)'}; "
+                f"expected a comma-separated list of {', '.join(ANALYSES)}"
+            )
+    tree = parse_overrides(overrides)
+    bad = [k for k in tree if not k.startswith("eval.") and k != "eval" and k not in RUNS_MAY_CHANGE]
+    if bad:
+        raise ConfigError(
+            f"analyze: {', '.join(bad)}: cannot change what the checkpoint was trained with; "
+            f"expected eval.* or {', '.join(sorted(RUNS_MAY_CHANGE))}"
+        )
+    return tree
+
+
 def analysis_config(
-    stored: dict[str, object], only: Sequence[str] | None, overrides: Sequence[str], source: str
+    stored: dict[str, Any], only: Sequence[str] | None, overrides: Sequence[str], source: str
 ) -> TrainConfig:
     """The config the analyses run under: the checkpoint's, with `overrides` and eval.analyses set to `only`.
 
@@ -38,20 +63,8 @@ def analysis_config(
         ConfigError: an unknown analysis, an override of a key outside eval.* and `RUNS_MAY_CHANGE`, or an
             invalid value.
     """
-    tree = parse_overrides(overrides)
-    bad = [k for k in tree if not k.startswith("eval.") and k != "eval" and k not in RUNS_MAY_CHANGE]
-    if bad:
-        raise ConfigError(
-            f"analyze: {', '.join(bad)}: cannot change what the checkpoint was trained with; "
-            f"expected eval.* or {', '.join(sorted(RUNS_MAY_CHANGE))}"
-        )
+    tree = check_arguments(only, overrides)
     if only is not None:
-        unknown = [n for n in only if n not in ANALYSES]
-        if unknown or not only:
-            raise ConfigError(
-                f"analyze: --only: unknown analysis {', '.join(unknown) or '(none given)'}; "
-                f"expected a comma-separated list of {', '.join(ANALYSES)}"
-            )
         tree["eval.analyses"] = list(dict.fromkeys(only))
     elif "eval.analyses" not in tree:
         stored_eval = stored.get("eval")
@@ -82,6 +95,7 @@ def analyze(
     Raises:
         ConfigError: no checkpoint at `path`, an unreadable one, or bad arguments (see `analysis_config`).
     """
+    check_arguments(only, overrides)
     try:
         state = load_checkpoint(path)
         out = Path(out_dir) if out_dir is not None else default_out_dir(path)

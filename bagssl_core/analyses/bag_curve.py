@@ -46,6 +46,22 @@ def nested_means(h: torch.Tensor, order: torch.Tensor, sizes: list[int]) -> dict
     return {n: sums[:, n - 1] / n for n in sizes}
 
 
+def knn_curve(
+    bank: dict[int, torch.Tensor],
+    bank_labels: torch.Tensor,
+    val: dict[int, torch.Tensor],
+    val_labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    temperature: float,
+) -> dict[int, float]:
+    """n -> kNN top-1 (%) of `val[n]` against the bank `bank[n]`: both sides represented with n patches."""
+    return {
+        n: knn_classify(bank[n], bank_labels, val[n], val_labels, num_classes, k, temperature)["top1"]
+        for n in bank
+    }
+
+
 @dataclass
 class BagCurve:
     sizes: list[int]  # the bag sizes n
@@ -127,10 +143,5 @@ def bag_curve(inputs: AnalysisInputs) -> BagCurve:
     bank, bank_labels = _curve_features(inputs, inputs.train_data, bank_idx, sizes, seed + BANK_ORDER)
     val, val_labels = _curve_features(inputs, inputs.val_data, val_idx, sizes, seed + VAL_ORDER)
     classes = inputs.train_data.num_classes
-    top1 = {
-        n: knn_classify(
-            bank[n], bank_labels, val[n], val_labels, classes, cfg.eval.knn_k, cfg.eval.knn_temperature
-        )["top1"]
-        for n in sizes
-    }
+    top1 = knn_curve(bank, bank_labels, val, val_labels, classes, cfg.eval.knn_k, cfg.eval.knn_temperature)
     return BagCurve(sizes, top1, len(val_idx), len(bank_idx), grid, cfg.eval_patch_px)
