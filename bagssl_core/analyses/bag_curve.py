@@ -104,7 +104,7 @@ class BagCurve:
         ax.set_xticks(self.sizes, [str(n) for n in self.sizes])
         ax.set_xlabel(f"patch embeddings averaged (of {self.grid} grid patches, {self.patch_px} px)")
         ax.set_ylabel("kNN top-1 on val (%)")
-        ax.set_title(f"Bag curve (n={self.n_val} val images, 95% intervals)")
+        ax.set_title(f"Bag curve ({self.n_val} val images, 95% intervals)", fontsize=10)
         ax.grid(alpha=0.3)
         fig.savefig(path, dpi=120)
 

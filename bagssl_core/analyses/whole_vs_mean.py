@@ -74,7 +74,7 @@ class WholeVsMean:
         ax.set_xticks(pos, [f"{px} px\n({self.tiles[px]} tiles)" for px in self.scales_px])
         ax.set_xlabel(f"tile side (image: {self.image_px} px)")
         ax.set_ylabel("cosine(whole image, mean of tiles)")
-        ax.set_title(f"Whole ≈ mean of patches (n={self.n_images} val images, ±1 std)")
+        ax.set_title(f"Whole ≈ mean of patches ({self.n_images} val images, ±1 std)", fontsize=10)
         ax.axhline(0, color="black", linewidth=0.5)
         fig.legend(loc="outside lower center", ncols=2, fontsize=8)
         fig.savefig(path, dpi=120)
