@@ -1,11 +1,16 @@
-"""`python -m bagssl_core train|eval ...`: one BagSSL run, locally, no Ray.
+"""`python -m bagssl_core train|eval|analyze|baselines ...`: one BagSSL run, locally, no Ray.
 
     python -m bagssl_core train [--config FILE] [--out DIR] [--resume] [key=value ...]
     python -m bagssl_core eval CHECKPOINT [--out FILE] [key=value ...]
     python -m bagssl_core eval --random-init [--config FILE] [--out FILE] [key=value ...]
+    python -m bagssl_core analyze RUN_DIR|CHECKPOINT [--only bag_curve,...] [--out DIR] [eval.key=value ...]
+    python -m bagssl_core baselines [--config FILE] [--preset P] [--out FILE] [key=value ...]
 
 `train` ends with a table of its final probes, `eval` prints the same table: for every scheme, probe and
 statistic, the validation and the test accuracy side by side, each with its 95% Wilson interval.
+`baselines` prints that table for raw pixels and for the randomly initialised backbone
+(`bagssl_core.baselines`); `analyze` prints BagSSL's analyses (`bagssl_core.analyses`) and writes their
+figures.
 
 Bad input (a config error, a missing dataset, a missing checkpoint) is one message on stderr and exit 2.
 """
@@ -76,7 +81,67 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "overrides", nargs="*", metavar="key=value", help="e.g. eval.aggregation=[mean_emb,max_emb,whole]"
     )
+    a = sub.add_parser(
+        "analyze", help="BagSSL's analyses of a checkpoint: bag curve, whole vs mean, locality"
+    )
+    a.add_argument(
+        "checkpoint", help="a run directory (latest checkpoint), a checkpoint directory or state.pt"
+    )
+    a.add_argument(
+        "--only",
+        help="comma-separated analyses (bag_curve, whole_vs_mean, locality); default: the run's "
+        "eval.analyses, else all",
+    )
+    a.add_argument("--out", help="directory for analyses.json and the PNGs (default: RUN_DIR/analyses)")
+    a.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="eval.* (e.g. eval.analysis.train_patches=5000), run.device, run.threads, data.root",
+    )
+    b = sub.add_parser(
+        "baselines", help="probe raw pixels and the randomly initialised backbone on a config's splits"
+    )
+    b.add_argument(
+        "--config", help="TrainConfig YAML file (a run's config.yaml); key=value arguments override it"
+    )
+    b.add_argument(
+        "--preset",
+        choices=[*PRESETS, "none"],
+        default=None,
+        help="settings under the config file; default 'quick' when no --config is given (as train)",
+    )
+    b.add_argument("--out", help="write the baseline metrics as JSON here")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.probes=[knn]")
     return p
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from bagssl_core.analyze import analyze
+
+    only = None if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    report, out, epoch = analyze(args.checkpoint, only, args.overrides, args.out)
+    print(f"checkpoint: {args.checkpoint} (epoch {epoch})\n")
+    print(report.text)
+    print()
+    for name, path in report.figures.items():
+        print(f"{name}: {path}")
+    print(f"metrics: {out / 'analyses.json'}")
+    return EXIT_OK
+
+
+def _baselines(args: argparse.Namespace) -> int:
+    from bagssl_core.baselines import format_baselines, score_baselines_on
+    from bagssl_core.metrics import n_images
+    from bagssl_core.train import load_splits
+
+    cfg = _given_config(args)
+    splits = load_splits(cfg)
+    metrics = score_baselines_on(cfg, splits)
+    print(format_baselines(metrics, {n_images(s): len(d) for s, d in splits[1].items()}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return EXIT_OK
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -164,21 +229,22 @@ def _shown(flat: dict[str, object], key: str) -> str:
 
 def _ended_run(out: Path) -> RunResult | None:
     """The result of the run in `out` if it has ended (its summary.json is written last), else None."""
-    from bagssl_core.train import RunResult
+    from bagssl_core.train import ANALYSES_DIR, RunResult
 
     path = out / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
     status, epochs = summary.pop("status"), summary.pop("epochs")
-    return RunResult(status=status, epochs=epochs, metrics=summary, out_dir=out)
+    figures = {p.stem: p for p in sorted((out / ANALYSES_DIR).glob("*.png"))}
+    return RunResult(status=status, epochs=epochs, metrics=summary, out_dir=out, figures=figures)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from bagssl_core.baselines import probe_backbone
     from bagssl_core.metrics import EPOCH, metric_names
-    from bagssl_core.models import build_model, prepare_for_device
     from bagssl_core.probes import format_probe_table
-    from bagssl_core.train import evaluate, load_checkpoint, load_splits, resolve_device, seed_everything
+    from bagssl_core.train import load_checkpoint
 
     if args.random_init and args.checkpoint is not None and "=" in args.checkpoint:
         # argparse hands the first key=value to the optional CHECKPOINT positional
@@ -196,14 +262,7 @@ def _eval(args: argparse.Namespace) -> int:
         source = f"{args.checkpoint} + overrides"
         cfg = validate_config(parse_overrides(args.overrides), source, defaults=state["config"])
         epoch = state["epoch"]
-    seed_everything(cfg.run.seed)
-    device = resolve_device(cfg)
-    model = build_model(cfg.model, cfg.in_channels)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model = prepare_for_device(model, device, cfg.model)
-    train_data, eval_data = load_splits(cfg)
-    metrics = metric_names(evaluate(model, cfg, train_data, eval_data, device))
+    metrics = metric_names(probe_backbone(cfg, None if state is None else state["model"]))
     print(format_probe_table(metrics))
     if args.out:
         what = "random-init" if args.random_init else str(args.checkpoint)
@@ -212,13 +271,16 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+COMMANDS = {"train": _train, "eval": _eval, "analyze": _analyze, "baselines": _baselines}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from bagssl_core.data import DataError
 
     try:
-        return _train(args) if args.command == "train" else _eval(args)
+        return COMMANDS[args.command](args)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -34,6 +34,7 @@ DatasetName = Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefol
 BackboneName = Literal["resnet18_cifar", "resnet18", "resnet50"]
 SchemeName = Literal["mean_emb", "mean_proj", "max_emb", "centre", "whole", "multiscale"]
 ProbeName = Literal["knn", "linear"]
+AnalysisName = Literal["bag_curve", "whole_vs_mean", "locality"]
 
 # Side length (pixels) of the images each dataset provides, before any `data.image_size` resize. None:
 # the files' own size, known only once they are read (imagefolder: `bagssl_core.data.resolve_image_size`).
@@ -274,6 +275,40 @@ class ScheduleConfig(_Part):
     final_lr_ratio: float = Field(1e-3, ge=0, le=1, description="Cosine decays to effective lr * this ratio.")
 
 
+class AnalysisConfig(_Part):
+    """Settings of BagSSL's analyses (`bagssl_core.analyses`); each caps the work so memory stays bounded."""
+
+    val_images: int | None = Field(
+        1000,
+        ge=2,
+        description="Validation images the analyses score (a seeded random subset); None = the whole split.",
+    )
+    bank_images: int | None = Field(
+        10000,
+        ge=1,
+        description="Bag curve: training images in its kNN bank (a seeded random subset); None = the whole split.",
+    )
+    scales: list[int | float] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75],
+        min_length=1,
+        description="Whole vs mean: patch sides (pixels or fraction) of the non-overlapping tiles averaged.",
+    )
+    train_patches: int = Field(
+        20000,
+        ge=1,
+        description="Locality: training grid patches searched (a seeded random subset of every image's grid).",
+    )
+    queries: int = Field(8, ge=1, description="Locality: query patches drawn in the figure (seeded).")
+    neighbours: int = Field(8, ge=1, description="Locality: nearest training patches drawn per query.")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[int | float]) -> list[int | float]:
+        if not all(_is_size(s) for s in v):
+            raise ValueError(_SIZE_EXPECTED)
+        return v
+
+
 class EvalConfig(_Part):
     aggregation: list[SchemeName] = Field(
         default_factory=lambda: list[SchemeName](["mean_emb"]),
@@ -317,8 +352,13 @@ class EvalConfig(_Part):
         f"size, grid or schemes (bounds its memory); None = as many as make {EVAL_CHUNK_PIXELS} pixels "
         "at the larger of their cut-out and input sides (1337 patches of 14 px, 256 of 32 px).",
     )
+    analyses: list[AnalysisName] = Field(
+        default_factory=list,
+        description="BagSSL's analyses run at the end of a finished run (bag_curve, whole_vs_mean, locality).",
+    )
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
 
-    @field_validator("aggregation", "probes")
+    @field_validator("aggregation", "probes", "analyses")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
@@ -508,6 +548,11 @@ class TrainConfig(_Part):
             raise ValueError(
                 f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image"
             )
+        for s in self.eval.analysis.scales:
+            if patch_pixels(s, img) > img:
+                raise ValueError(
+                    f"eval.analysis.scales: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]"
+                )
         for s in self.eval.multiscale_sizes:
             if patch_pixels(s, img) > img:
                 raise ValueError(
@@ -545,6 +590,11 @@ def _while(option: str, *values: str) -> tuple[tuple[str, ...], Callable[[TrainC
 
 def _has_bag(cfg: TrainConfig) -> bool:
     return any(s in BAG_SCHEMES for s in cfg.eval.aggregation)
+
+
+def _analysis(name: str) -> tuple[tuple[str, ...], Callable[[TrainConfig], bool], str]:
+    """(options, used, when) of a knob used only while `name` is one of eval.analyses."""
+    return ("eval.analyses",), lambda c: name in c.eval.analyses, f"with {name} in eval.analyses"
 
 
 _BAG = f"a bag scheme ({', '.join(BAG_SCHEMES)}) in eval.aggregation"
@@ -599,10 +649,22 @@ KNOB_RULES: tuple[KnobRule, ...] = (
         "with multiscale in eval.aggregation",
     ),
     *_rules(
+        ["eval.analysis.val_images"],
+        ("eval.analyses",),
+        lambda c: bool(c.eval.analyses),
+        "with some eval.analyses",
+    ),
+    *_rules(["eval.analysis.bank_images"], *_analysis("bag_curve")),
+    *_rules(["eval.analysis.scales"], *_analysis("whole_vs_mean")),
+    *_rules(
+        ["eval.analysis.train_patches", "eval.analysis.queries", "eval.analysis.neighbours"],
+        *_analysis("locality"),
+    ),
+    *_rules(
         ["eval.knn_k", "eval.knn_temperature"],
-        ("eval.probes",),
-        lambda c: "knn" in c.eval.probes,
-        "with knn in eval.probes",
+        ("eval.probes", "eval.analyses"),
+        lambda c: "knn" in c.eval.probes or bool({"bag_curve", "locality"} & set(c.eval.analyses)),
+        "with knn in eval.probes, or bag_curve or locality in eval.analyses",
     ),
     *_rules(
         ["eval.linear_epochs", "eval.linear_lr", "eval.linear_batch_size"],

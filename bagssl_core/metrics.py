@@ -227,7 +227,115 @@ def parse_baseline(name: str) -> tuple[str, ProbeKey] | None:
     return None if not baseline or key is None else (baseline, key)
 
 
-MetricKey = ProbeKey | str  # a probe result, or one of the plain names above
+# BagSSL's analyses (bagssl_core.analyses), scored on the validation split at the end of a run:
+# `analysis/{analysis}/{stat}[_{bound}][/{at}]`, e.g.
+#   analysis/bag_curve/knn_top1/n_4             kNN top-1 (%) with 4 grid patch embeddings averaged
+#   analysis/bag_curve/knn_top1_lo/n_4          the low end of its 95% Wilson interval
+#   analysis/whole_vs_mean/cos_matched/7px      mean cosine(whole image, mean of its own 7-px tiles)
+#   analysis/whole_vs_mean/cos_mismatched_std/7px   ... std over images, against another image's tiles
+#   analysis/locality/patch_knn_top1            an image's label from one patch's neighbours (%)
+ANALYSIS_PREFIX = "analysis/"
+_ANALYSIS = re.compile(
+    r"^analysis/(?P<analysis>[a-z_]+)/(?P<stat>[a-z0-9_]+?)(?:_(?P<bound>lo|hi))?(?:/(?P<at>[a-z0-9_.]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class AnalysisKey:
+    """One number of an analysis: `stat` of `analysis` at a point `at` of its curve ("" = none).
+
+    `at` is `n_{k}` on the bag curve (k patch embeddings averaged) and `{p}px` on whole vs mean (tiles of
+    p pixels); the builders below make them, `n_patches` and `scale_px` read them back.
+    """
+
+    analysis: str
+    stat: str
+    at: str = ""
+    bound: Bound = ""
+
+    def __post_init__(self) -> None:
+        for part in (self.analysis, self.stat):
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", part) or part.endswith(("_lo", "_hi")):
+                raise ValueError(f"analysis key: expected a lower-case name, got {part!r}")
+        if self.at and not re.fullmatch(r"[a-z0-9_.]+", self.at):
+            raise ValueError(f"analysis key: expected a point like n_4 or 7px, got {self.at!r}")
+
+    def __str__(self) -> str:
+        stat = f"{self.stat}_{self.bound}" if self.bound else self.stat
+        return f"{ANALYSIS_PREFIX}{self.analysis}/{stat}" + (f"/{self.at}" if self.at else "")
+
+    @classmethod
+    def parse(cls, name: str) -> AnalysisKey | None:
+        """The key an analysis metric name stands for; None for any other name."""
+        m = _ANALYSIS.match(name)
+        if m is None:
+            return None
+        return cls(m["analysis"], m["stat"], m["at"] or "", cast(Bound, m["bound"] or ""))
+
+    def with_bound(self, bound: Bound) -> AnalysisKey:
+        return replace(self, bound=bound)
+
+    @property
+    def n_patches(self) -> int | None:
+        """k of a bag-curve point `n_{k}`; None elsewhere."""
+        m = re.fullmatch(r"n_(\d+)", self.at)
+        return int(m[1]) if m else None
+
+    @property
+    def scale_px(self) -> int | None:
+        """p of a whole-vs-mean point `{p}px`; None elsewhere."""
+        m = re.fullmatch(r"(\d+)px", self.at)
+        return int(m[1]) if m else None
+
+
+def bag_curve_key(n: int, bound: Bound = "") -> AnalysisKey:
+    """kNN top-1 on validation with `n` grid patch embeddings averaged per image (and bank image)."""
+    return AnalysisKey("bag_curve", "knn_top1", f"n_{n}", bound)
+
+
+def whole_vs_mean_key(stat: str, scale_px: int) -> AnalysisKey:
+    """`cos_matched`, `cos_matched_std`, `cos_mismatched` or `cos_mismatched_std` at tiles of `scale_px`."""
+    return AnalysisKey("whole_vs_mean", stat, f"{scale_px}px")
+
+
+def with_analysis_interval(key: AnalysisKey, accuracy_pct: float, n: int) -> dict[AnalysisKey, float]:
+    """An accuracy of an analysis followed by the bounds of its 95% Wilson interval over n images."""
+    lo, hi = wilson_interval(accuracy_pct, n)
+    return {key: accuracy_pct, key.with_bound("lo"): lo, key.with_bound("hi"): hi}
+
+
+def bag_sizes(grid: int) -> list[int]:
+    """The bag curve's points: 1, 2, 4, ... below `grid` (the grid patches of an image), then `grid`."""
+    sizes = [1]
+    while sizes[-1] * 2 < grid:
+        sizes.append(sizes[-1] * 2)
+    return sizes if sizes[-1] == grid else [*sizes, grid]
+
+
+def analysis_keys(analyses: Iterable[str], grid: int, scales_px: Iterable[int]) -> list[AnalysisKey]:
+    """Every key the analyses report, for an evaluation grid of `grid` patches per image and whole-vs-mean
+    tiles of `scales_px` pixels."""
+    keys: list[AnalysisKey] = []
+    for analysis in analyses:
+        if analysis == "bag_curve":
+            for n in bag_sizes(grid):
+                keys += [bag_curve_key(n, b) for b in ("", "lo", "hi")]
+            keys += [AnalysisKey(analysis, "n_images"), AnalysisKey(analysis, "bank_images")]
+        elif analysis == "whole_vs_mean":
+            for px in dict.fromkeys(scales_px):
+                stats = ("cos_matched", "cos_matched_std", "cos_mismatched", "cos_mismatched_std")
+                keys += [whole_vs_mean_key(stat, px) for stat in stats]
+            keys.append(AnalysisKey(analysis, "n_images"))
+        elif analysis == "locality":
+            top1 = AnalysisKey(analysis, "patch_knn_top1")
+            keys += [top1, top1.with_bound("lo"), top1.with_bound("hi")]
+            keys += [AnalysisKey(analysis, s) for s in ("n_images", "n_patches", "bank_patches")]
+        else:
+            raise ValueError(f"unknown analysis {analysis!r}")
+    return keys
+
+
+MetricKey = ProbeKey | AnalysisKey | str  # a probe or analysis result, or one of the plain names above
 
 
 def metric_names(metrics: Mapping[MetricKey, float]) -> dict[str, float]:
@@ -242,7 +350,7 @@ class ExpectedMetrics(NamedTuple):
         per_epoch: in the report of every epoch: the epoch metrics, and on probing epochs (every
             `eval.every`-th and the last) the validation probes with their intervals and `val/n_images`.
         at_end: added to the last epoch's report of a finished run (and to summary.json): the test probes
-            with their intervals and `test/n_images`.
+            with their intervals and `test/n_images`, and the metrics of the analyses in eval.analyses.
     """
 
     per_epoch: frozenset[str]
@@ -268,4 +376,12 @@ def expected_metrics(cfg: TrainConfig, variants: Mapping[str, EvalConfig] | None
             keys |= {str(k) for k in probe_keys(split, ev.probes, ev.aggregation, name)}
         return keys
 
-    return ExpectedMetrics(frozenset(epoch | probes("val")), frozenset(probes("test")))
+    at_end = probes("test")
+    if cfg.eval.analyses:
+        from bagssl_core.config import patch_pixels
+        from bagssl_core.crops import grid_boxes
+
+        grid = len(grid_boxes(cfg.image_size, cfg.eval_patch_px, cfg.eval_stride))
+        scales = [patch_pixels(s, cfg.image_size) for s in cfg.eval.analysis.scales]
+        at_end |= {str(k) for k in analysis_keys(cfg.eval.analyses, grid, scales)}
+    return ExpectedMetrics(frozenset(epoch | probes("val")), frozenset(at_end))

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
 CHECKPOINT_FILE = "state.pt"
+ANALYSES_DIR = "analyses"  # in the run directory: the analyses' figures and analyses.json
 
 
 @dataclass
@@ -75,6 +76,9 @@ class RunResult:
     # (+ DIVERGED_AT_STEP of a diverged one)
     metrics: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
+    # analysis name -> its PNG under out_dir/analyses/, written on rank 0 at the end of a finished run
+    # whose eval.analyses asked for it (their metrics are in `metrics`)
+    figures: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -451,6 +455,9 @@ def train(
                 # The last epoch always probes; only there, with the training finished, is test scored.
                 probe = _evaluate_on_main(run, ["val", "test"] if epoch + 1 == epochs else ["val"])
                 metrics.update(probe)
+            if epoch + 1 == epochs and cfg.eval.analyses:
+                found, result.figures = _analyse_on_main(run)
+                metrics.update(found)
             named = metric_names(metrics)
             ckpt = _write_epoch(run, epoch + 1, named)
             result.epochs, result.metrics = epoch + 1, metric_names({**probe, **metrics})
@@ -602,6 +609,38 @@ def _evaluate_on_main(run: Run, splits: list[Split]) -> dict[MetricKey, float]:
         torch.distributed.broadcast_object_list(box, src=0)
         metrics = box[0]
     return {k: float(v) for k, v in metrics.items()}
+
+
+def _analyse_on_main(run: Run) -> tuple[dict[MetricKey, float], dict[str, Path]]:
+    """Rank 0 runs the analyses of eval.analyses on the final model, writing their figures under
+    `out/analyses/`, while the others wait; every rank then gets the same metrics (see `_evaluate_on_main`).
+
+    Returns:
+        The metrics, and analysis name -> figure (empty on ranks other than 0).
+    """
+    metrics: dict[MetricKey, float] = {}
+    figures: dict[str, Path] = {}
+    if dist.is_main():
+        # Imported here: matplotlib and the analyses are needed only by runs that ask for them.
+        from bagssl_core.analyses import run_analyses
+
+        report = run_analyses(
+            unwrap(run.model),
+            run.cfg,
+            run.train_data,
+            run.eval_data["val"],
+            run.device,
+            run.cfg.eval.analyses,
+            run.out / ANALYSES_DIR,
+            run.autocast,
+        )
+        metrics = {k: v for k, v in report.metrics.items()}
+        figures = report.figures
+    if dist.is_distributed():
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return {k: float(v) for k, v in metrics.items()}, figures
 
 
 def _write_epoch(run: Run, epoch: int, metrics: Mapping[str, float]) -> Path | None:

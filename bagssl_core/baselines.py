@@ -1,0 +1,114 @@
+"""Baselines a trained BagSSL model must beat, scored with the same probes on the same splits.
+
+- `raw_pixels`: no model at all. An image's feature is its pixels as the backbone would receive the whole
+  image (at the dataset's image size, normalised with the channel statistics when patch.aug.normalize is
+  set), flattened; its scheme is `pixels`.
+- `random_init`: the config's backbone, randomly initialised from run.seed, under the config's own
+  aggregation schemes: what the architecture and the aggregation give before any training. It is exactly
+  `python -m bagssl_core eval --random-init` (both call `probe_backbone`).
+
+Both go through `bagssl_core.probes.run_probes` with the config's eval settings (kNN k and temperature,
+linear epochs, lr and batch size, seed): fitted on the train split, scored on val and test, as `evaluate`
+scores a trained model. Metric names: `bagssl_core.metrics.baseline_name`, e.g.
+`baseline/raw_pixels/val/knn_top1/pixels` and `baseline/random_init/test/linear_top1_lo/mean_emb`.
+
+Memory: the raw-pixel features are N x (C * H * W) float32 for the train split (Fashion-MNIST's 54,000
+training images, 3 channels: 0.5 GB; CIFAR-10: 0.55 GB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from bagssl_core.config import TrainConfig
+from bagssl_core.data import ImageData
+from bagssl_core.metrics import MetricKey, ProbeKey, Split, baseline_name, parse_baseline
+from bagssl_core.models import build_model, prepare_for_device
+from bagssl_core.patches import channel_stats, normalize
+from bagssl_core.probes import format_probe_table, run_probes
+from bagssl_core.train import eval_loader, evaluate, load_splits, resolve_device, seed_everything
+
+RAW_PIXELS, RANDOM_INIT = "raw_pixels", "random_init"
+PIXELS = "pixels"  # the raw-pixel baseline's scheme
+
+Splits = tuple[ImageData, dict[Split, ImageData]]
+
+
+def probe_backbone(
+    cfg: TrainConfig, weights: Mapping[str, Any] | None = None, splits: Splits | None = None
+) -> dict[MetricKey, float]:
+    """`evaluate` (val and test) on the model `cfg` describes: with `weights` (a checkpoint's "model" state),
+    or randomly initialised from run.seed when None.
+
+    Args:
+        splits: (train, {"val": ..., "test": ...}) already loaded; None loads them (`load_splits`).
+    """
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg)
+    model = build_model(cfg.model, cfg.in_channels)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = prepare_for_device(model, device, cfg.model)
+    train_data, eval_data = splits if splits is not None else load_splits(cfg)
+    return evaluate(model, cfg, train_data, eval_data, device)
+
+
+@torch.no_grad()
+def pixel_features(data: ImageData, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C * H * W) float32 raw-pixel features of every image (see the module docstring), and labels."""
+    mean, std = channel_stats(cfg.data.name, data.channels)
+    feats, labels = [], []
+    for images, y in eval_loader(data, cfg.eval.batch_size, cfg.data.num_workers):
+        x = images.float() / 255.0
+        if cfg.patch.aug.normalize:
+            x = normalize(x, mean, std)
+        feats.append(x.flatten(1))
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def score_raw_pixels(cfg: TrainConfig, splits: Splits) -> dict[ProbeKey, float]:
+    """The probes of cfg.eval on raw pixels: `ProbeKey(split, probe, stat, "pixels")` -> accuracy (%) and
+    its interval bounds, for val and test."""
+    train_data, eval_data = splits
+    train_feats, train_labels = pixel_features(train_data, cfg)
+    evals = {}
+    for split, data in eval_data.items():
+        feats, labels = pixel_features(data, cfg)
+        evals[split] = ({PIXELS: feats}, labels)
+    return run_probes(
+        {PIXELS: train_feats}, train_labels, evals, train_data.num_classes, cfg.eval, cfg.run.seed
+    )
+
+
+def score_baselines(cfg: TrainConfig) -> dict[str, float]:
+    """Both baselines of `cfg`, by metric name (`baseline/{raw_pixels,random_init}/{probe key}`), on the
+    splits a run of `cfg` trains and is scored on (`load_splits`, loaded once for both)."""
+    return score_baselines_on(cfg, load_splits(cfg))
+
+
+def score_baselines_on(cfg: TrainConfig, splits: Splits) -> dict[str, float]:
+    """`score_baselines` on splits already loaded. Only probe keys are returned: the splits' sizes are the
+    run's own `{split}/n_images`."""
+    out = {baseline_name(RAW_PIXELS, k): v for k, v in score_raw_pixels(cfg, splits).items()}
+    for key, value in probe_backbone(cfg, splits=splits).items():
+        if isinstance(key, ProbeKey):
+            out[baseline_name(RANDOM_INIT, key)] = float(value)
+    return out
+
+
+def format_baselines(metrics: Mapping[str, float], sizes: Mapping[str, float] | None = None) -> str:
+    """One probe table (`format_probe_table`) per baseline in `metrics`, each under its name.
+
+    Args:
+        sizes: `{split}/n_images` -> n, shown in the tables' headers.
+    """
+    by_baseline: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        parsed = parse_baseline(name)
+        if parsed is not None:
+            by_baseline.setdefault(parsed[0], dict(sizes or {}))[str(parsed[1])] = value
+    return "\n\n".join(f"{b}:\n{format_probe_table(m)}" for b, m in by_baseline.items())
