@@ -548,17 +548,16 @@ class TrainConfig(_Part):
             raise ValueError(
                 f"eval.grid_size: a {self.eval_patch_px}-px grid patch does not fit a {img}-px image"
             )
-        for s in self.eval.analysis.scales:
-            if patch_pixels(s, img) > img:
-                raise ValueError(
-                    f"eval.analysis.scales: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]"
-                )
-        for s in self.eval.multiscale_sizes:
-            if patch_pixels(s, img) > img:
-                raise ValueError(
-                    f"eval.multiscale_sizes: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]"
-                )
+        _check_sizes_fit("eval.analysis.scales", self.eval.analysis.scales, img)
+        _check_sizes_fit("eval.multiscale_sizes", self.eval.multiscale_sizes, img)
         return self
+
+
+def _check_sizes_fit(key: str, sizes: list[int | float], img: int) -> None:
+    """Each patch side (pixels or a fraction of the image) fits an img-px image."""
+    for s in sizes:
+        if patch_pixels(s, img) > img:
+            raise ValueError(f"{key}: {s!r} does not fit a {img}-px image; expected 1..{img} px or (0, 1]")
 
 
 # --- knobs that only some options use ------------------------------------------------------------
