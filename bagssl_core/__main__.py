@@ -229,7 +229,8 @@ def _shown(flat: dict[str, object], key: str) -> str:
 
 def _ended_run(out: Path) -> RunResult | None:
     """The result of the run in `out` if it has ended (its summary.json is written last), else None."""
-    from bagssl_core.train import ANALYSES_DIR, RunResult
+    from bagssl_core.metrics import ANALYSES_DIR
+    from bagssl_core.train import RunResult
 
     path = out / "summary.json"
     if not path.is_file():

@@ -235,6 +235,8 @@ def parse_baseline(name: str) -> tuple[str, ProbeKey] | None:
 #   analysis/whole_vs_mean/cos_mismatched_std/7px   ... std over images, against another image's tiles
 #   analysis/locality/patch_knn_top1            an image's label from one patch's neighbours (%)
 ANALYSIS_PREFIX = "analysis/"
+# Where the figures go: the run directory's folder, and the MLflow child run's artifact folder.
+ANALYSES_DIR = "analyses"
 _ANALYSIS = re.compile(
     r"^analysis/(?P<analysis>[a-z_]+)/(?P<stat>[a-z0-9_]+?)(?:_(?P<bound>lo|hi))?(?:/(?P<at>[a-z0-9_.]+))?$"
 )

@@ -40,6 +40,7 @@ from bagssl_core.config import (
 from bagssl_core.data import ImageData, collate_images, load_split, resolve_image_size
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
+    ANALYSES_DIR,
     DIVERGED_AT_STEP,
     EPOCH,
     EPOCH_SECONDS,
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
 CHECKPOINT_FILE = "state.pt"
-ANALYSES_DIR = "analyses"  # in the run directory: the analyses' figures and analyses.json
 
 
 @dataclass

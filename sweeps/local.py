@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from bagssl_core.config import ConfigError
+from bagssl_core.metrics import ANALYSES_DIR
 from sweeps.report import TrialOutcome
 from sweeps.space import tune_domain
 from sweeps.spec import SweepSpec
@@ -41,15 +42,15 @@ def run_local(
         print(f"trial {trial_id}: {json.dumps(params)}", flush=True)
         try:
             with tempfile.TemporaryDirectory(prefix="bagssl_local_") as d:
-                run_trial(plan, params, Path(d), report)
+                result = run_trial(plan, params, Path(d), report)
+                # Its last report tells a diverged run from a finished one, as under Ray.
+                logger.complete(trial_id, Path(d) / ANALYSES_DIR if result.figures else None)
         except ConfigError:  # a bad config is the spec's fault, not one trial's
             raise
         except Exception as err:  # a trial's failure is recorded; the sweep goes on
             log.exception("trial %s failed", trial_id)
             logger.error(trial_id, f"{type(err).__name__}: {err}")
             continue
-        # Its last report tells a diverged run from a finished one, as under Ray.
-        logger.complete(trial_id)
     return [
         TrialOutcome(t, logger.params[t], st, logger.last_result.get(t, {}))
         for t, st in logger.statuses.items()

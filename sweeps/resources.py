@@ -10,6 +10,9 @@ from typing import Literal
 
 from sweeps.spec import ResourcesSpec
 
+# Where a trial's worker group runs, in its reports (`trainable.worker_places`) and as tags of its MLflow run.
+WORKER_TAG_PREFIX = "workers/"
+
 # `resources.placement` -> the strategy of the placement group Ray Train reserves for a trial's workers.
 # Spread is Ray's STRICT_SPREAD: plain SPREAD is best-effort and may still put two workers on one node,
 # while a spec that asks for one worker per node is refused up front when the cluster has too few nodes.

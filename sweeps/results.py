@@ -19,7 +19,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
-from bagssl_core.metrics import EPOCH, EPOCH_SECONDS, PATCHES_PER_S, ProbeKey, parse_baseline
+from bagssl_core.metrics import (
+    ANALYSES_DIR,
+    ANALYSIS_PREFIX,
+    EPOCH,
+    EPOCH_SECONDS,
+    PATCHES_PER_S,
+    ProbeKey,
+    parse_baseline,
+)
 from sweeps.report import TrialOutcome, trial_status
 from sweeps.spec import Objective, SweepSpec
 from sweeps.tracking import (
@@ -31,8 +39,6 @@ from sweeps.tracking import (
     check_reachable,
 )
 
-ANALYSIS_PREFIX = "analysis/"  # per-trial scalar analyses (bag curve, whole vs mean, locality)
-ANALYSES_DIR = "analyses"  # the child run's artifact folder of analysis figures
 TRIAL_PARAM_PREFIX = "trial."  # a child's sampled values (TrialPlan.describe); the rest is its config
 
 

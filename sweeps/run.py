@@ -369,6 +369,8 @@ def _run(
                 flush=True,
             )
             tracker.client.set_tag(parent, "bagssl.warm_start.trials", str(len(warm)))
+        if spec.baselines:
+            log_baselines(tracker, plan.config({}))
         epochs = plan.config({}).schedule.epochs
 
         def experiment(
@@ -405,6 +407,19 @@ def _run(
 def _ui_address(uri: str) -> str:
     """Where the MLflow UI of the store answers: the server itself, else `mlflow ui`'s default address."""
     return uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def log_baselines(tracker: MlflowTracker, base: TrainConfig) -> None:
+    """The baselines of the base config (`bagssl_core.baselines`) on the parent run, scored once per sweep:
+    a resumed sweep whose parent has them already does not score them again."""
+    from bagssl_core.baselines import score_baselines
+    from bagssl_core.metrics import BASELINE_PREFIX
+
+    assert tracker.parent_id is not None
+    if any(k.startswith(BASELINE_PREFIX) for k in tracker.client.get_run(tracker.parent_id).data.metrics):
+        return
+    print("scoring the baselines (raw pixels, a randomly initialised backbone) ...", flush=True)
+    tracker.log_parent_metrics(score_baselines(base))
 
 
 if __name__ == "__main__":

@@ -256,6 +256,11 @@ class SweepSpec(_Strict):
     storage_path: str = "./sweeps_storage"
     failure: FailureSpec = Field(default_factory=FailureSpec)
     refine: RefineSpec | None = None
+    baselines: bool = Field(
+        True,
+        description="score raw pixels and a randomly initialised backbone with the base's probes on its "
+        "splits once per sweep, on the parent run, so the report shows what the objective must beat",
+    )
 
     # --- derived --------------------------------------------------------------------------------
     def eval_axes(self) -> dict[str, Distribution]:

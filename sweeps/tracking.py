@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,16 +19,18 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from bagssl_core.config import flatten
-from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH
+from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP, EPOCH
 from bagssl_core.probes import format_probe_table
 from bagssl_core.provenance import provenance
 from sweeps.report import trial_status
+from sweeps.resources import WORKER_TAG_PREFIX
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger(__name__)
@@ -185,6 +188,11 @@ class MlflowTracker:
             self.client.log_text(self.parent_id, text, file_name)
         self.client.set_terminated(self.parent_id, status=status)
 
+    def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Metrics of the sweep as a whole (the baselines), on the parent run."""
+        assert self.parent_id is not None
+        self._log_metrics(self.parent_id, metrics, step=0)
+
     def attach_parent(self, parent_id: str) -> None:
         """Use an existing parent run and know its children (a restored sweep's callback)."""
         self.parent_id = parent_id
@@ -279,6 +287,12 @@ class MlflowTracker:
     def has_child(self, trial_id: str) -> bool:
         return trial_id in self._children
 
+    def tag_child(self, trial_id: str, tags: Mapping[str, str]) -> None:
+        run_id = self._children.get(trial_id)
+        if run_id is not None:
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value[:MAX_TAG_LEN])
+
     def log_epoch(self, trial_id: str, metrics: Mapping[str, float], epoch: int) -> None:
         self._log_metrics(self._children[trial_id], metrics, step=epoch)
 
@@ -288,12 +302,16 @@ class MlflowTracker:
         status: str,
         artifacts: Mapping[str, str] = {},
         tags: Mapping[str, str] = {},
+        artifact_dirs: Mapping[str, Path] = {},
     ) -> None:
+        """End a child run: its text artifacts, its tags, and whole folders (artifact path -> local dir)."""
         run_id = self._children.get(trial_id)
         if run_id is None:
             return
         for file_name, text in artifacts.items():
             self.client.log_text(run_id, text, file_name)
+        for artifact_path, local_dir in artifact_dirs.items():
+            self.client.log_artifacts(run_id, str(local_dir), artifact_path)
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status=status)
@@ -378,6 +396,7 @@ class TrialLogger:
         self.last_result: dict[str, dict[str, float]] = {}
         self.params: dict[str, dict[str, Any]] = {}
         self.statuses: dict[str, str] = {}
+        self.places: dict[str, dict[str, str]] = {}
 
     def start(self, trial_id: str, name: str, params: Mapping[str, Any]) -> None:
         self.params[trial_id] = dict(params)
@@ -390,6 +409,12 @@ class TrialLogger:
 
     def result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         metrics = trainer_metrics(result)
+        # Where the trial's workers run (node id and pid per rank, the DDP backend): tags, since they are
+        # not numbers, set again when a restarted worker group reports new places.
+        places = {k: str(v) for k, v in result.items() if k.startswith(WORKER_TAG_PREFIX)}
+        if places and places != self.places.get(trial_id):
+            self.places[trial_id] = places
+            self.tracker.tag_child(trial_id, places)
         epoch = int(metrics.get("epoch", 0))
         self.last_result[trial_id] = metrics
         # A resumed trial re-reports nothing MLflow already has: one value per epoch.
@@ -398,16 +423,24 @@ class TrialLogger:
         self.last_epoch[trial_id] = epoch
         self.tracker.log_epoch(trial_id, metrics, epoch)
 
-    def complete(self, trial_id: str) -> None:
+    def complete(self, trial_id: str, figures: Path | None = None) -> None:
         """A trial that ended without an error: FINISHED when it ran the epochs it planned, KILLED when
-        the scheduler stopped it early, FAILED when its loss diverged (`report.trial_status`)."""
+        the scheduler stopped it early, FAILED when its loss diverged (`report.trial_status`).
+
+        Args:
+            figures: a local folder holding the trial's analysis figures (`eval.analyses`), logged as the
+                child's `analyses/` artifacts.
+        """
         last = self.last_result.get(trial_id, {})
         status = trial_status(last, self.params.get(trial_id, {}), False, self.epochs)
         if status == "FAILED":
             self.error(trial_id, f"diverged at step {int(last[DIVERGED_AT_STEP])}: the loss was not finite")
             return
         table = format_probe_table(last)
-        self.tracker.finish_child(trial_id, status, {"probes.txt": table} if table else {})
+        dirs = {ANALYSES_DIR: figures} if figures is not None and any(figures.glob("*.png")) else {}
+        self.tracker.finish_child(
+            trial_id, status, {"probes.txt": table} if table else {}, artifact_dirs=dirs
+        )
         self.statuses[trial_id] = status
 
     def error(self, trial_id: str, message: str) -> None:
@@ -468,7 +501,21 @@ class MlflowTuneCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.logger is not None
-        self.logger.complete(trial.trial_id)
+        with tempfile.TemporaryDirectory(prefix="bagssl_figures_") as d:
+            self.logger.complete(trial.trial_id, checkpoint_figures(trial.checkpoint, Path(d)))
+
+
+def checkpoint_figures(checkpoint: Any, into: Path) -> Path | None:
+    """The analysis figures a trial's last checkpoint carries (`trainable.worker_loop` puts them there,
+    since the worker's run directory is gone once the trial ends), copied from the storage path, local or
+    remote, into `into`; None when it carries none."""
+    if checkpoint is None:
+        return None
+    source = f"{checkpoint.path.rstrip('/')}/{ANALYSES_DIR}"
+    if checkpoint.filesystem.get_file_info(source).type != pyarrow.fs.FileType.Directory:
+        return None
+    pyarrow.fs.copy_files(source, str(into), source_filesystem=checkpoint.filesystem)
+    return into
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.logger is not None

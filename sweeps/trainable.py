@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from bagssl_core import dist
 from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten, merge_overrides
-from bagssl_core.metrics import DIVERGED_AT_STEP
+from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP
 from bagssl_core.train import RunResult, train
-from sweeps.resources import PLACEMENT_STRATEGY, ddp_backend, worker_resources
+from sweeps.resources import PLACEMENT_STRATEGY, WORKER_TAG_PREFIX, ddp_backend, worker_resources
 from sweeps.space import apply_variants, trial_overrides
 from sweeps.spec import Objective, ResourcesSpec
 
@@ -109,8 +110,10 @@ def run_trial(
 
 # Where a trial's worker group runs, in every report of a trial: one comma-separated entry per rank
 # (Ray node id, process id) and the process group's backend. A restarted group reports its new places.
-# Strings, so they reach Tune's result.json but never MLflow's metrics (`tracking.trainer_metrics`).
-WORKER_NODES, WORKER_PIDS, WORKER_BACKEND = "workers/node_ids", "workers/pids", "workers/backend"
+# Strings: Tune keeps them in result.json, and MLflow gets them as tags of the run (`tracking.TrialLogger`).
+WORKER_NODES, WORKER_PIDS, WORKER_BACKEND = (
+    f"{WORKER_TAG_PREFIX}{k}" for k in ("node_ids", "pids", "backend")
+)
 
 
 def worker_places() -> dict[str, str]:
@@ -140,15 +143,22 @@ def worker_loop(config: dict[str, Any]) -> None:
     params: dict[str, Any] = config["params"]
     places = worker_places()
 
-    def report(metrics: dict[str, float], ckpt: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
-        # Every rank reports (it is a barrier); rank 0 alone carries the checkpoint.
-        ray.train.report({**metrics, **places}, checkpoint=checkpoint)
-
     with (
         _restored_checkpoint(ray.train.get_checkpoint()) as resume,
         tempfile.TemporaryDirectory(prefix="bagssl_") as d,
     ):
+        figures = Path(d) / ANALYSES_DIR
+
+        def report(metrics: dict[str, float], ckpt: Path | None) -> None:
+            if ckpt is not None and figures.is_dir():
+                # The run directory is a temporary one, gone with the trial: the analyses' figures travel
+                # to the storage path with the last checkpoint, where the driver finds them
+                # (`tracking.checkpoint_figures`).
+                shutil.copytree(figures, ckpt / ANALYSES_DIR, dirs_exist_ok=True)
+            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
+            # Every rank reports (it is a barrier); rank 0 alone carries the checkpoint.
+            ray.train.report({**metrics, **places}, checkpoint=checkpoint)
+
         run_trial(plan, params, Path(d), report, resume)
 
 
