@@ -69,14 +69,16 @@ class Estimate:
 def baseline_scores(
     baselines: Mapping[str, Mapping[ProbeKey, float]], objective: Objective
 ) -> dict[str, Score]:
-    """Each baseline at the objective's statistic (split, probe, stat: any scheme, since a baseline has its
-    own, e.g. `pixels`): its best validation value over schemes, interval, and test value at that key."""
+    """Each baseline at the objective's statistic: at the objective's own scheme when the baseline has it
+    (the random backbone has the trained model's schemes), else its best over its own schemes (raw
+    pixels have only `pixels`); its validation value, interval, and test value at that key."""
     if objective.query is None:
         return {}
     anyscheme = Objective(objective.name, objective.mode, replace(objective.query, scheme=None))
     out = {}
     for name, values in sorted(baselines.items()):
-        s = score({str(k): v for k, v in values.items()}, anyscheme)
+        named = {str(k): v for k, v in values.items()}
+        s = score(named, objective) or score(named, anyscheme)
         if s is not None:
             out[name] = s
     return out
