@@ -187,7 +187,8 @@ def wilson_interval(accuracy_pct: float, n: int, z: float = WILSON_Z) -> tuple[f
     denom = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+    # The bounds hold p exactly: at p = 0 or 1 the formula lands a rounding error inside it.
+    return 100.0 * min(p, max(0.0, centre - half)), 100.0 * max(p, min(1.0, centre + half))
 
 
 def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:

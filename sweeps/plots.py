@@ -59,8 +59,15 @@ class Estimate:
         return cls(mean, (mean - sd, mean + sd), len(found))
 
     def yerr(self) -> list[list[float]]:
-        lo, hi = self.interval or (self.value, self.value)
-        return [[self.value - lo], [hi - self.value]]
+        return error_bar(self.value, self.interval)
+
+
+def error_bar(value: float, interval: Interval | None) -> list[list[float]]:
+    """Matplotlib's `yerr` of one value: its distance to each bound of its interval. Clipped at 0, because
+    an interval read back from MLflow can miss its own point by a rounding error, and matplotlib refuses
+    a negative length."""
+    lo, hi = interval or (value, value)
+    return [[max(0.0, value - lo)], [max(0.0, hi - value)]]
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -160,11 +167,10 @@ def _draw_baselines(ax: Any, baselines: Mapping[str, Score], horizontal: bool = 
 def _errorbar(
     ax: Any, x: float, s: Score, colour: str, filled: bool, label: str | None = None, **kw: Any
 ) -> None:
-    lo, hi = s.val_ci or (s.val, s.val)
     ax.errorbar(
         [x],
         [s.val],
-        yerr=[[s.val - lo], [hi - s.val]],
+        yerr=error_bar(s.val, s.val_ci),
         fmt="o",
         color=colour,
         mfc=colour if filled else "white",
@@ -177,11 +183,10 @@ def _errorbar(
 def _test_errorbar(ax: Any, x: float, s: Score, label: str | None = None) -> None:
     if s.test is None:
         return
-    lo, hi = s.test_ci or (s.test, s.test)
     ax.errorbar(
         [x],
         [s.test],
-        yerr=[[s.test - lo], [hi - s.test]],
+        yerr=error_bar(s.test, s.test_ci),
         fmt="d",
         color=TEST_COLOUR,
         capsize=2,
@@ -503,25 +508,23 @@ def baselines_figure(
             if i == 0 and best
             else BASELINE_COLOURS[(i - (1 if best else 0)) % len(BASELINE_COLOURS)]
         )
-        lo, hi = s.val_ci or (s.val, s.val)
         ax.bar(
             i - width / 2,
             s.val,
             width,
             color=colour,
-            yerr=[[s.val - lo], [hi - s.val]],
+            yerr=error_bar(s.val, s.val_ci),
             capsize=4,
             label="validation" if i == 0 else None,
         )
         ax.text(i - width / 2, s.val, f"{s.val:.1f}", ha="center", va="bottom", fontsize=7)
         if s.test is not None:
-            tlo, thi = s.test_ci or (s.test, s.test)
             ax.bar(
                 i + width / 2,
                 s.test,
                 width,
                 color=TEST_COLOUR,
-                yerr=[[s.test - tlo], [thi - s.test]],
+                yerr=error_bar(s.test, s.test_ci),
                 capsize=4,
                 label="test (same key)" if i == 0 else None,
             )

@@ -504,6 +504,10 @@ class MlflowTuneCallback(Callback):
         with tempfile.TemporaryDirectory(prefix="bagssl_figures_") as d:
             self.logger.complete(trial.trial_id, checkpoint_figures(trial.checkpoint, Path(d)))
 
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        assert self.logger is not None
+        self.logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))
+
 
 def checkpoint_figures(checkpoint: Any, into: Path) -> Path | None:
     """The analysis figures a trial's last checkpoint carries (`trainable.worker_loop` puts them there,
@@ -516,7 +520,3 @@ def checkpoint_figures(checkpoint: Any, into: Path) -> Path | None:
         return None
     pyarrow.fs.copy_files(source, str(into), source_filesystem=checkpoint.filesystem)
     return into
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        assert self.logger is not None
-        self.logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))

@@ -192,8 +192,14 @@ MULTISCALE = "eval.aggregation=[multiscale]"
             [MULTISCALE, "eval.multiscale_sizes=[0.5,40]"],
             r"eval\.multiscale_sizes: 40 does not fit a 28-px image",
         ),
-        ([MULTISCALE, "eval.multiscale_sizes=[1.5]"], r"eval\.multiscale_sizes: 1\.5 does not fit"),
-        ([MULTISCALE, "eval.multiscale_sizes=[0]"], r"eval\.multiscale_sizes: 0 does not fit"),
+        (
+            [MULTISCALE, "eval.multiscale_sizes=[1.5]"],
+            r"eval\.multiscale_sizes: 1\.5: expected pixels \(an int >= 1\) or a fraction",
+        ),
+        (
+            [MULTISCALE, "eval.multiscale_sizes=[0]"],
+            r"eval\.multiscale_sizes: 0: expected pixels \(an int >= 1\) or a fraction",
+        ),
     ],
 )
 def test_cross_field_checks(overrides: list[str], expected: str) -> None:

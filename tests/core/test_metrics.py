@@ -125,6 +125,15 @@ def test_wilson_interval_matches_the_formula_and_known_values() -> None:
         wilson_interval(50.0, 0)
 
 
+@pytest.mark.parametrize("n", [7, 9, 10, 37, 256, 1000])
+def test_wilson_interval_holds_its_point_at_zero_and_full_accuracy(n: int) -> None:
+    # The closed form misses p = 0 and p = 1 by a rounding error (2.8e-15 above 0 at n = 7), and the
+    # report's error bars (value - low) then come out negative, which matplotlib refuses.
+    for acc in (0.0, 100.0, 100.0 * (n - 1) / n, 100.0 / n):
+        lo, hi = wilson_interval(acc, n)
+        assert lo <= acc <= hi
+
+
 def test_intervals_overlap() -> None:
     assert intervals_overlap((50, 60), (59, 70))
     assert not intervals_overlap((50, 60), (61, 70))

@@ -22,13 +22,14 @@ from sweeps.importance import build_study, param_importance
 from sweeps.plots import (
     axis_figure,
     baseline_scores,
+    baselines_figure,
     contour_figure,
     cost_figure,
     heatmap_figure,
     learning_curves_figure,
     pareto_front,
 )
-from sweeps.report import TrialOutcome, key_score
+from sweeps.report import Score, TrialOutcome, key_score
 from sweeps.report_html import build_report, heatmap_cells
 from sweeps.results import SweepResults, TrialRecord, baselines, parse_param
 from sweeps.spec import SweepSpec
@@ -171,6 +172,15 @@ def test_baselines_score_at_the_objective_scheme_else_their_own() -> None:
     assert scores["raw_pixels"].val == 79.0 and scores["raw_pixels"].val_ci == (75.0, 82.0)
     assert scores["raw_pixels"].test == 78.0
     assert scores["random_init"].val == 40.0 and scores["random_init"].key.scheme == "mean_emb"  # type: ignore[union-attr]
+
+
+def test_baselines_figure_draws_a_perfect_or_null_score_whose_interval_misses_it_by_rounding() -> None:
+    """A tiny validation set can score 0% or 100%; an interval read back from a store a hair inside the
+    value must still draw (matplotlib refuses a negative error bar)."""
+    spec = make_spec()
+    perfect = Score(None, 100.0, (72.24, 99.99999999999999), 0.0, (2.7e-15, 35.4))
+    fig = baselines_figure(("t0", perfect), {"raw_pixels": perfect}, spec.objective())
+    assert fig is not None and len(fig.axes[0].patches) == 4
 
 
 def test_axis_figures_log_axis_for_loguniform_and_intervals_on_every_point() -> None:

@@ -277,7 +277,8 @@ BAD_SPECS = {
         .replace("metric:", "  eval.knn_k: {choice: [5, 10]}\nmetric:"),
         [
             ":7: space.eval.knn_k: ignored by every evaluation variant: eval.knn_k: ignored with "
-            "eval.probes=[linear]; it is used only with knn in eval.probes"
+            "eval.probes=[linear], eval.analyses=[]; it is used only with knn in eval.probes, or bag_curve "
+            "or locality in eval.analyses"
         ],
     ),
     # A continuous eval axis is sampled into each trial's own config, before the evaluation variants.
