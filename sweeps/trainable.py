@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import ray.train
 import torch.distributed
@@ -31,10 +31,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from bagssl_core import dist
 from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten, merge_overrides
 from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP
-from bagssl_core.train import RunResult, train
 from sweeps.resources import PLACEMENT_STRATEGY, WORKER_TAG_PREFIX, ddp_backend, worker_resources
 from sweeps.space import apply_variants, trial_overrides
 from sweeps.spec import Objective, ResourcesSpec
+
+if TYPE_CHECKING:
+    from bagssl_core.train import RunResult
 
 # metrics, checkpoint directory (rank 0, when one was written this epoch)
 TrialReporter = Callable[[dict[str, float], "Path | None"], None]
@@ -93,6 +95,10 @@ def run_trial(
     searcher learn nothing from it; it has the objective because Tune requires the objective in every
     result; and no exception means Ray Train does not retry a run whose exact resume would diverge again.
     """
+    # Here, not at the top: the trial's own actor and its Train controller import this module too, and
+    # only the workers train (torchvision's import alone costs them seconds of CPU per trial).
+    from bagssl_core.train import train
+
     cfg = plan.config(params)
     objective = plan.objective()
 

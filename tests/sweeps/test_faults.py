@@ -208,17 +208,17 @@ def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_s
 def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_returns(
     tmp_path: Path, two_nodes: TwoNodes
 ) -> None:
-    """The second node dies (every process of it SIGKILLed) after the first trial's first epoch, and a
-    node joins again in its place.
+    """The second node dies (every process of it SIGKILLed) after the trial's first epoch, and a node
+    joins again in its place.
 
     Lost: that node's worker and the trial's epoch in progress. Train restarts the worker group from
     the last checkpoint once the cluster has room again (within the worker-group start timeout), the
-    trial finishes with one MLflow value per epoch, and the sweep goes on to its next trial.
+    trial finishes with one MLflow value per epoch, and the sweep ends as it would have.
     """
     spec = tiny_spec(
         tmp_path,
         "nodeloss",
-        num_samples=2,
+        num_samples=1,
         scheduler={"name": "none"},
         resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
     )
@@ -250,6 +250,5 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
     assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
     assert first_node2 not in two_nodes.node_ids.values()
     _, children = _mlflow_runs(tmp_path, "nodeloss")
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    for c in children:
-        assert [step for step, _ in _epochs(tmp_path, c.info.run_id)] == [1, 2]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert [step for step, _ in _epochs(tmp_path, children[0].info.run_id)] == [1, 2]

@@ -183,7 +183,7 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
         base={
             "data": {"name": "fashion_mnist", "train_subset": 128, "test_subset": 64, "batch_size": 32},
             "patch": {"num": 2, "input_size": 14},
-            "model": {"projector": [64, 64]},
+            "model": {"backbone": "resnet18", "projector": [64, 64]},
             "optim": {"name": "sgd"},
             "schedule": {"epochs": 2, "warmup_epochs": 0.5},
             "eval": {"aggregation": ["mean_emb"], "grid_stride": 7, "probes": ["knn"]},
