@@ -344,6 +344,10 @@ class EvalConfig(_Part):
     )
     linear_batch_size: int = Field(256, ge=1, description="Linear probe: batch size.")
     every: int = Field(0, ge=0, description="Probe every k epochs; 0 = only after the last epoch.")
+    epochs: list[int] = Field(
+        default_factory=list,
+        description="Also probe after these epochs (1-based), e.g. the ones a scheduler reads; the last always probes.",
+    )
     batch_size: int = Field(256, ge=1, description="Images per feature-extraction batch.")
     patch_chunk: int | None = Field(
         None,
@@ -510,7 +514,7 @@ class TrainConfig(_Part):
         if info.context and info.context.get(_ALLOW_IGNORED):
             return self
         problems = [
-            f"{r.knob}: {self._why_ignored(r)}" for r in self._ignoring_rules() if _is_set(self, r.knob)
+            f"{r.knob}: {self._why_ignored(r)}" for r in self._ignoring_rules() if is_set(self, r.knob)
         ]
         if problems:
             raise ValueError("\n".join(problems))
@@ -533,6 +537,12 @@ class TrainConfig(_Part):
             )
         if self.loss.name == "vicreg" and self.patch.num != 2:
             raise ValueError("patch.num: two-view vicreg uses exactly 2 views; expected 2")
+        late = [e for e in self.eval.epochs if not 1 <= e <= self.schedule.epochs]
+        if late:
+            raise ValueError(
+                f"eval.epochs: {late[0]} is not an epoch of this run; expected 1..{self.schedule.epochs} "
+                "(schedule.epochs)"
+            )
         bad = [s for s in self.eval.multiscale_sizes if not _is_size(s)]
         if bad:
             raise ValueError(f"eval.multiscale_sizes: {bad[0]!r}: {_SIZE_EXPECTED}")
@@ -691,7 +701,7 @@ def _get_dotted(model: BaseModel, key: str) -> Any:
     return node
 
 
-def _is_set(model: BaseModel, key: str) -> bool:
+def is_set(model: BaseModel, key: str) -> bool:
     """Whether a dotted key was given explicitly (it and every section above it are in `model_fields_set`)."""
     node: Any = model
     for part in key.split("."):

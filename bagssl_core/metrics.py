@@ -351,7 +351,8 @@ class ExpectedMetrics(NamedTuple):
 
     Attributes:
         per_epoch: in the report of every epoch: the epoch metrics, and on probing epochs (every
-            `eval.every`-th and the last) the validation probes with their intervals and `val/n_images`.
+            `eval.every`-th, those in `eval.epochs` and the last: `train.probe_due`) the validation probes
+            with their intervals and `val/n_images`.
         at_end: added to the last epoch's report of a finished run (and to summary.json): the test probes
             with their intervals and `test/n_images`, and the metrics of the analyses in eval.analyses.
     """

@@ -451,7 +451,7 @@ def train(
                 break
             metrics[EPOCH] = epoch + 1
             metrics[EPOCHS_PLANNED] = epochs
-            if _probe_due(cfg, epoch + 1):
+            if probe_due(cfg, epoch + 1):
                 # The last epoch always probes; only there, with the training finished, is test scored.
                 probe = _evaluate_on_main(run, ["val", "test"] if epoch + 1 == epochs else ["val"])
                 metrics.update(probe)
@@ -587,9 +587,10 @@ def _global_means(sums: Mapping[str, float], n_steps: int, device: torch.device)
     return {k: float(v) for k, v in zip(keys, means, strict=True)}
 
 
-def _probe_due(cfg: TrainConfig, epoch: int) -> bool:
+def probe_due(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the run probes after `epoch` (1-based): the last, every `eval.every`-th, and `eval.epochs`."""
     every = cfg.eval.every
-    return epoch == cfg.schedule.epochs or (every > 0 and epoch % every == 0)
+    return epoch == cfg.schedule.epochs or (every > 0 and epoch % every == 0) or epoch in cfg.eval.epochs
 
 
 def _checkpoint_due(cfg: TrainConfig, epoch: int) -> bool:

@@ -32,6 +32,7 @@ from sweeps.spec import (
     SpecError,
     SweepSpec,
     asha_max_t,
+    asha_probe_epochs,
     epoch_range,
     load_spec,
     resolve_base,
@@ -97,15 +98,6 @@ def planned_sweep(spec: SweepSpec, local: bool) -> str:
     return f"{root}/{lifecycle.next_sweep_name(taken, spec.name, local)}"
 
 
-def check_probe_every_epoch(spec: SweepSpec, epochs_every: int, source: str) -> None:
-    """A probe objective must be measured every epoch, or the searcher and scheduler cannot compare trials."""
-    if spec.objective().query is not None and epochs_every != 1:
-        raise SpecError(
-            f"{source}: base.eval.every: the metric {spec.metric!r} must be reported every epoch for the "
-            f"searcher and scheduler to compare trials; expected base.eval.every: 1 (got {epochs_every})"
-        )
-
-
 def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     """`--dry-run`: the spec, the space, the trials, what each trial holds, and where the sweep lives."""
     r = spec.resources
@@ -126,6 +118,18 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
     )
     if spec.scheduler.name == "asha":
         print(f"# asha: max_t {asha_max_t(spec, base_cfg.schedule.epochs)} (one more than the most epochs)")
+    if rungs := rung_epochs(spec, base_cfg):
+        print(
+            f"# probes: after epochs {', '.join(map(str, rungs))} (ASHA's rungs) and each trial's last; "
+            "its other epochs report the loss alone"
+        )
+
+
+def rung_epochs(spec: SweepSpec, base_cfg: TrainConfig) -> list[int]:
+    """The epochs a trial probes besides its last with `scheduler.probe_epochs: rungs`; [] otherwise."""
+    if spec.scheduler.probe_epochs != "rungs":
+        return []
+    return asha_probe_epochs(spec, base_cfg.schedule.epochs)
     # Distinct variants (a variant leaves out the knobs its options ignore), times the aggregation values.
     aggregation = spec.eval_axes().get("eval.aggregation")
     evals = len(variant_overrides(spec, base_cfg)) * (len(aggregation.args) if aggregation else 1)
@@ -194,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace, driver: Driver) -> int:
     spec, base_cfg = load_spec(args.spec, args.overrides)
-    check_probe_every_epoch(spec, base_cfg.eval.every, args.spec)
     if args.local and spec.search.warm_start:
         raise SpecError(
             f"{args.spec}: search.warm_start: --local samples at random without Optuna, so it cannot "
@@ -235,6 +238,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
         eval_variants=variant_overrides(spec, base_cfg),
         metric=spec.metric,
         mode=spec.mode,
+        probe_epochs=tuple(rung_epochs(spec, base_cfg)),
     )
     tracker, parent, trials, refined = _run(args, spec, plan, exp_dir, uri, base_cfg, driver)
     if trials is None or (spec.refine is not None and refined is None):

@@ -21,6 +21,7 @@ from bagssl_core.config import (
     TrainConfig,
     config_defaults,
     describe_validation_error,
+    is_set,
     merge_overrides,
     parse_overrides,
     read_yaml_file,
@@ -116,6 +117,19 @@ class SchedulerSpec(_Strict):
     name: Literal["asha", "median", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
+    probe_epochs: Literal["all", "rungs"] = Field(
+        "all",
+        description=(
+            "all: trials probe every epoch (base.eval.every: 1); rungs (asha only): only at the epochs ASHA "
+            "reads, its rungs, and the last, with the same decisions (`asha_probe_epochs`)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rungs_need_asha(self) -> SchedulerSpec:
+        if self.probe_epochs == "rungs" and self.name != "asha":
+            raise ValueError(f"probe_epochs: rungs are ASHA's; expected name: asha (got {self.name})")
+        return self
 
 
 class ResourcesSpec(_Strict):
@@ -345,7 +359,29 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     _check_space_values(spec, base_tree, at)
     _check_metric(spec, base_tree, base_cfg, at)
     _check_grid_axes(spec, at)
+    _check_probe_epochs(spec, base_cfg, at)
     return spec, base_cfg
+
+
+def _check_probe_epochs(spec: SweepSpec, base_cfg: TrainConfig, at: Callable[[str], str]) -> None:
+    """With a probe as the metric, trials must probe where the searcher and scheduler read: every epoch
+    (base.eval.every: 1), or, with `scheduler.probe_epochs: rungs`, where the sweep sets it per trial, so
+    that the base's own probing epochs would be ignored: an error."""
+    if spec.scheduler.probe_epochs == "rungs":
+        for key in ("eval.every", "eval.epochs"):
+            if is_set(base_cfg, key) or key in spec.space:
+                where = f"space.{key}" if key in spec.space else f"base.{key}"
+                raise SpecError(
+                    f"{at(where)}: {where}: scheduler.probe_epochs: rungs sets each trial's probing epochs "
+                    f"(ASHA's rungs and the last); expected no {key} in the spec"
+                )
+        return
+    if spec.objective().query is not None and base_cfg.eval.every != 1:
+        raise SpecError(
+            f"{at('base.eval.every')}: base.eval.every: the metric {spec.metric!r} must be reported every "
+            "epoch for the searcher and scheduler to compare trials; expected base.eval.every: 1 "
+            f"(got {base_cfg.eval.every}), or scheduler.probe_epochs: rungs"
+        )
 
 
 # Combinations of the discrete training axes `load_spec` builds and validates, at most: each takes about
@@ -568,6 +604,22 @@ def asha_max_t(spec: SweepSpec, base_epochs: int) -> int:
     """ASHA's max_t: one epoch more than the longest trial runs, so that trials which run all their
     epochs end by themselves instead of being stopped at their last report (docs/operations.md, "ASHA")."""
     return epoch_range(spec, base_epochs)[1] + 1
+
+
+def asha_probe_epochs(spec: SweepSpec, base_epochs: int) -> list[int]:
+    """The epochs at which ASHA records a trial's objective (its rungs), as Ray's `_Bracket` builds them:
+    milestones grace_period · rf^k, k < int(log(max_t / grace_period) / log(rf) + 1), each recorded at the
+    first report whose epoch reaches it. A trial that probes at exactly these epochs (and its last) gets
+    the decisions it would get probing every epoch: ASHA stops a trial only when it records a rung."""
+    sched = spec.scheduler
+    max_t = asha_max_t(spec, base_epochs)
+    rf, grace = float(sched.reduction_factor), sched.grace_period
+    import numpy as np  # Ray's own arithmetic, imported here: a bad spec must fail without heavy imports
+
+    n_rungs = int(np.log(max_t / grace) / np.log(rf) + 1)
+    # The same float expression as Ray's, so that ceil agrees with its `epoch >= milestone`.
+    milestones = [grace * rf**k for k in range(n_rungs)]
+    return sorted({math.ceil(m) for m in milestones if math.ceil(m) < max_t})
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:

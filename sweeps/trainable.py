@@ -50,12 +50,21 @@ class TrialPlan:
     eval_variants: dict[str, dict[str, Any]]  # name -> dotted eval overrides (`space.variant_overrides`)
     metric: str
     mode: Literal["max", "min"]
+    # `scheduler.probe_epochs: rungs`: ASHA's rung epochs (`spec.asha_probe_epochs`), the only ones a trial
+    # probes besides its last; empty: the base's own eval.every.
+    probe_epochs: tuple[int, ...] = ()
 
     def objective(self) -> Objective:
         return Objective.of(self.metric, self.mode)
 
     def config(self, params: Mapping[str, Any]) -> TrainConfig:
-        return TrainConfig.model_validate(merge_overrides(self.base, trial_overrides(params)))
+        tree = merge_overrides(self.base, trial_overrides(params))
+        if self.probe_epochs:
+            # Each trial's own epoch count: a schedule.epochs axis gives trials different ones.
+            epochs = TrainConfig.model_validate(tree).schedule.epochs
+            at = [e for e in self.probe_epochs if e < epochs]
+            tree = merge_overrides(tree, {"eval": {"every": 0, "epochs": at}})
+        return TrainConfig.model_validate(tree)
 
     def describe(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """MLflow params (the full resolved config, the sampled values, derived values) and artifacts."""

@@ -6,6 +6,7 @@ Needs Ray started (`sweeps.cluster.ray_cluster`). docs/operations.md explains th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,12 @@ def run_with_ray(
     """Run (or restore) the Tune experiment at exp_dir; the trials' outcomes, or None when it was interrupted.
     `warm_start`: earlier trials for a fresh Optuna study (a restored one has them already)."""
     epochs = plan.config({}).schedule.epochs
+    if plan.probe_epochs:
+        # Trials probing at ASHA's rungs only report their other epochs (the loss, a checkpoint) without
+        # the objective, which Tune refuses unless told; ASHA and our searcher skip such results, and the
+        # spec's own checks have made sure the objective is reported (docs/operations.md, "Probing at
+        # ASHA's rungs").
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trial_fn = make_trial_fn(plan, exp_dir + "/train_runs", spec.resources, spec.failure.max_retries)
     trainable = tune.with_resources(trial_fn, placement.trial_bundle)
     if resume:

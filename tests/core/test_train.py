@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bagssl_core.config import BagVICRegConfig, EvalConfig, TrainConfig, load_config
+from bagssl_core.config import BagVICRegConfig, ConfigError, EvalConfig, TrainConfig, load_config
 from bagssl_core.data import load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
@@ -378,6 +378,23 @@ def test_each_epoch_reports_validation_and_the_end_reports_test_with_intervals(t
     assert checked == 2 * 2 * 2
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {k: v for k, v in summary.items() if k not in ("status", "epochs")} == result.metrics == last
+
+
+def test_eval_epochs_probe_after_exactly_those_epochs_and_the_last(tmp_path: Path) -> None:
+    # The epochs a scheduler reads (sweeps' `scheduler.probe_epochs: rungs`): probes after epochs 1 and 2 of
+    # 4 and after the last, none after the third; the epoch metrics every epoch.
+    cfg = tiny("schedule.epochs=4", "eval.epochs=[1, 2]", "run.checkpoint_every=0", "data.synthetic_train=40")
+    calls: list[dict[str, float]] = []
+    train(cfg, tmp_path, reporter=lambda m, _: calls.append(dict(m)))
+    probed = [int(c["epoch"]) for c in calls if "val/knn_top1/mean_emb" in c]
+    assert probed == [1, 2, 4]
+    assert [int(c["epoch"]) for c in calls] == [1, 2, 3, 4]
+    assert all("train/loss" in c for c in calls)
+
+
+def test_eval_epochs_past_the_last_epoch_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"eval\.epochs: 5 is not an epoch of this run; expected 1\.\.4"):
+        tiny("schedule.epochs=4", "eval.epochs=[2, 5]")
 
 
 # --- 2 gloo processes vs 1 process on the whole batch -----------------------------------------------------

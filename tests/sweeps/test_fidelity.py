@@ -251,3 +251,48 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
     (result_file,) = exp_dir.glob(f"*{tid}*/result.json")
     reports = [json.loads(line) for line in result_file.read_text().splitlines()]
     assert sum(DIVERGED_AT_STEP in r for r in reports) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_probing_at_asha_rungs_only_on_a_real_sweep(tmp_path: Path, ray_address: str) -> None:
+    """`scheduler.probe_epochs: rungs` with 3 epochs, grace 1 and reduction factor 3: ASHA's rungs are
+    epochs 1 and 3, so epoch 2 trains and checkpoints without probing. Tune accepts its loss-only report,
+    MLflow holds the loss of every epoch and the validation probes of epochs 1 and 3 only, and Optuna
+    hears the objective at exactly those epochs."""
+    spec = tiny_spec(
+        tmp_path,
+        "rungs",
+        num_samples=1,
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3, "probe_epochs": "rungs"},
+        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+    )
+    tree = yaml.safe_load(spec.read_text())
+    del tree["base"]["eval"]["every"]  # the sweep sets each trial's probing epochs
+    tree["base"]["schedule"]["epochs"] = 3
+    spec.write_text(yaml.safe_dump(tree, sort_keys=False))
+    dry = subprocess.run(sweep_cmd(spec, "--dry-run"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "# probes: after epochs 1, 3 (ASHA's rungs) and each trial's last" in dry.stdout, dry.stderr
+
+    proc = subprocess.run(
+        sweep_cmd(spec, "--address", ray_address), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("rungs")
+    (child,) = [
+        r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("bagssl.role") == "trial"
+    ]
+    assert child.info.status == "FINISHED"
+    assert (child.data.params["eval.every"], child.data.params["eval.epochs"]) == ("0", "[1]")
+
+    def steps(key: str) -> list[int]:
+        return sorted(int(m.step) for m in client.get_metric_history(child.info.run_id, key))
+
+    assert steps(TRAIN_LOSS) == [1, 2, 3]
+    assert steps(METRIC) == steps("val/linear_top1/mean_emb") == [1, 3]
+    (trial,) = optuna.load_study(
+        study_name="rungs", storage=journal_storage(str(tmp_path / "storage" / "rungs"))
+    ).trials
+    assert trial.state == TrialState.COMPLETE and sorted(trial.intermediate_values) == [1, 3]
+    assert trial.value == pytest.approx(child.data.metrics[METRIC])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from sweeps.run import EXIT_BAD_INPUT, main
-from sweeps.spec import SpecError, load_spec, spec_to_dict
+from sweeps.spec import SpecError, asha_max_t, asha_probe_epochs, load_spec, spec_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_SPECS = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -238,7 +238,15 @@ BAD_SPECS = {
     ),
     "probe_not_every_epoch": (
         VALID.replace("every: 1", "every: 2"),
-        ["base.eval.every", "expected base.eval.every: 1"],
+        [":4: base.eval.every:", "expected base.eval.every: 1 (got 2), or scheduler.probe_epochs: rungs"],
+    ),
+    "rungs_beside_the_base_probing_epochs": (
+        VALID + "scheduler: {probe_epochs: rungs}\n",
+        [":4: base.eval.every: scheduler.probe_epochs: rungs sets each trial's probing epochs"],
+    ),
+    "rungs_without_asha": (
+        VALID.replace("  eval: {every: 1}\n", "") + "scheduler: {name: median, probe_epochs: rungs}\n",
+        ["probe_epochs: rungs are ASHA's; expected name: asha (got median)"],
     ),
     # Options are axes too: a knob is checked in every combination of the discrete axes' values, since
     # Tune samples each of them and a trial whose config ignores an axis would fail at its start.
@@ -600,3 +608,33 @@ def test_cli_missing_dataset(tmp_path: Path) -> None:
     assert "Ray" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("epochs", "grace", "rf", "expected"),
+    [(2, 1, 2.0, [1, 2]), (10, 1, 2.0, [1, 2, 4, 8]), (10, 2, 3.0, [2, 6]), (9, 1, 1.5, [1, 2, 3, 4, 6, 8])],
+)
+def test_asha_probe_epochs_are_the_epochs_rays_asha_records(
+    tmp_path: Path, epochs: int, grace: int, rf: float, expected: list[int]
+) -> None:
+    """Ray's own bracket, fed one result per epoch, records each trial at exactly these epochs: probing
+    only there (`scheduler.probe_epochs: rungs`) leaves every ASHA decision as it was."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    text = VALID.replace("  eval: {every: 1}\n", "") + (
+        f"scheduler: {{grace_period: {grace}, reduction_factor: {rf}, probe_epochs: rungs}}\n"
+    )
+    spec, base = load_spec(write(tmp_path, text), [f"base.schedule.epochs={epochs}"])
+    assert asha_probe_epochs(spec, base.schedule.epochs) == expected
+
+    class Trial:
+        trial_id = "t"
+
+    bracket = _Bracket(grace, asha_max_t(spec, epochs), rf, s=0)
+    recorded = []
+    for epoch in range(1, epochs + 1):
+        before = sum(len(r) for _, r in bracket._rungs)
+        bracket.on_result(Trial(), epoch, 1.0)
+        if sum(len(r) for _, r in bracket._rungs) > before:
+            recorded.append(epoch)
+    assert recorded == expected
