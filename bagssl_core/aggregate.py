@@ -15,6 +15,7 @@ memory.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -390,22 +391,26 @@ def extract_features(
     device: torch.device,
     mean_std: MeanStd,
     autocast: bool = False,
+    batch_ids: Iterable[int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Features of every image in `loader` under every scheme, on the CPU.
 
     Each distinct patch the schemes read is embedded once (`reduce_batch`), at most
     `cfg.eval_patch_chunk(side)` at a time.
 
+    Args:
+        batch_ids: the index of each batch the loader yields in the whole split (default 0, 1, 2, ...):
+            a rank that extracts a share of the batches (`train.extract_split`) draws the random patches
+            of each one as a single process would.
+
     Returns:
         ({scheme: (N, D)}, labels (N,)). Random evaluation patches are drawn from a generator seeded by
-        cfg.run.seed, so the same checkpoint always gives the same features.
+        cfg.run.seed and the batch index, so the same checkpoint always gives the same features, however
+        the batches are shared among ranks.
     """
     check_schemes(schemes)
-    gen = (
-        torch.Generator(device=device).manual_seed(cfg.run.seed + 7919)
-        if cfg.eval.patches == "random"
-        else None
-    )
+    gen = torch.Generator(device=device) if cfg.eval.patches == "random" else None
+    ids = iter(batch_ids) if batch_ids is not None else itertools.count()
     feats: dict[str, list[torch.Tensor]] = {s: [] for s in schemes}
     labels = []
     plans: dict[tuple[int, int], PatchPlan] = {}
@@ -413,6 +418,8 @@ def extract_features(
     model.eval()
     try:
         for images, y in loader:
+            if gen is not None:
+                gen.manual_seed(cfg.run.seed + 7919 + 104729 * next(ids))
             images = images.to(device, non_blocking=True)
             hw = (images.shape[-2], images.shape[-1])
             if hw not in plans:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bagssl_core import dist
-from bagssl_core.aggregate import extract_features
+from bagssl_core.aggregate import MeanStd, extract_features
 from bagssl_core.config import (
     ConfigError,
     EvalConfig,
@@ -172,10 +173,24 @@ def train_loader(data: ImageData, cfg: TrainConfig, epoch: int) -> DataLoader:
     )
 
 
-def eval_loader(data: ImageData, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(
-        data, batch_size=batch_size, shuffle=False, collate_fn=collate_images, num_workers=num_workers
-    )
+def eval_loader(
+    data: ImageData, batch_size: int, num_workers: int, batches: Sequence[int] | None = None
+) -> DataLoader:
+    """The split's images in order, `batch_size` at a time; only the batches numbered in `batches` (a
+    rank's share, `shard_batches`) when given."""
+    if batches is None:
+        return DataLoader(
+            data, batch_size=batch_size, shuffle=False, collate_fn=collate_images, num_workers=num_workers
+        )
+    n = len(data)
+    index = [list(range(b * batch_size, min(n, (b + 1) * batch_size))) for b in batches]
+    return DataLoader(data, batch_sampler=index, collate_fn=collate_images, num_workers=num_workers)
+
+
+def shard_batches(n_images: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The evaluation batches one rank extracts: every world-th, from its rank on. Whole batches, so that
+    each is the batch a single process forms, with the same random patches (`extract_features`)."""
+    return list(range(rank, math.ceil(n_images / batch_size), world))
 
 
 def default_wrapper(model: nn.Module, device: torch.device) -> nn.Module:
@@ -277,6 +292,10 @@ def evaluate(
     Returns:
         `ProbeKey(split, probe, stat, scheme, variant)` -> accuracy (%) with its Wilson interval bounds (see
         `run_probes`), and `n_images(split)` -> the number of images each split's accuracies are over.
+
+    Under torch.distributed every rank calls it: each extracts every world-th batch of features
+    (`shard_batches`), rank 0 gathers them in order and probes, and the other ranks return the image
+    counts alone. The metrics are those of one process extracting everything.
     """
     cfg = resolve_image_size(cfg)  # a no-op unless imagefolder's size is left to its files
     variants = {"": cfg.eval} if variants is None else variants
@@ -285,24 +304,71 @@ def evaluate(
     metrics: dict[MetricKey, float] = {n_images(split): len(data) for split, data in eval_data.items()}
     for name, ev in variants.items():
         vcfg = eval_variant_config(cfg, ev)
-        (train_feats, train_labels), *evals = (
-            extract_features(
-                model,
-                eval_loader(data, ev.batch_size, cfg.data.num_workers),
-                vcfg,
-                ev.aggregation,
-                device,
-                mean_std,
-                autocast,
-            )
+        extracted = [
+            extract_split(model, data, vcfg, ev, device, mean_std, autocast)
             for data in (train_data, *eval_data.values())
-        )
+        ]
+        if not dist.is_main():
+            continue
+        (train_feats, train_labels), *evals = (e for e in extracted if e is not None)
         by_split = dict(zip(eval_data, evals, strict=True))
         probes = run_probes(
             train_feats, train_labels, by_split, train_data.num_classes, ev, cfg.run.seed, name
         )
         metrics.update(probes.items())
     return metrics
+
+
+Features = tuple[dict[str, torch.Tensor], torch.Tensor]  # {scheme: (N, D)}, labels (N,)
+
+
+def extract_split(
+    model: nn.Module,
+    data: ImageData,
+    cfg: TrainConfig,
+    ev: EvalConfig,
+    device: torch.device,
+    mean_std: MeanStd,
+    autocast: bool = False,
+) -> Features | None:
+    """A split's features under every scheme of `ev`, `ev.batch_size` images a batch. Under
+    torch.distributed each rank extracts every world-th batch (`shard_batches`) and rank 0 gets them all,
+    in order (None on the other ranks): what one process extracting every batch gets."""
+    batches = shard_batches(len(data), ev.batch_size, dist.rank(), dist.world_size())
+    loader = eval_loader(data, ev.batch_size, cfg.data.num_workers, batches)
+    share = (
+        extract_features(model, loader, cfg, ev.aggregation, device, mean_std, autocast, batches)
+        if batches  # a rank beyond the split's batch count has none to extract
+        else None
+    )
+    return _gather_shares(batches, share, len(data), ev.batch_size)
+
+
+def _gather_shares(batches: list[int], share: Features | None, n: int, batch_size: int) -> Features | None:
+    """Every rank's share of a split of n images (`shard_batches`), put back in batch order on rank 0 (None
+    elsewhere): the features a single process extracts. The share itself when not distributed."""
+    if not dist.is_distributed():
+        return share
+    gathered: list[Any] | None = [None] * dist.world_size() if dist.is_main() else None
+    torch.distributed.gather_object((batches, share), gathered, dst=0)
+    if gathered is None:
+        return None
+    pieces: list[tuple[int, dict[str, torch.Tensor], torch.Tensor]] = []
+    for ids, got in gathered:
+        if got is None:
+            continue
+        feats, labels = got
+        start = 0
+        for b in ids:
+            stop = start + min(batch_size, n - b * batch_size)
+            pieces.append((b, {k: f[start:stop] for k, f in feats.items()}, labels[start:stop]))
+            start = stop
+    pieces.sort(key=lambda piece: piece[0])
+    schemes = list(pieces[0][1])
+    return (
+        {k: torch.cat([f[k] for _, f, _ in pieces]) for k in schemes},
+        torch.cat([y for _, _, y in pieces]),
+    )
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -453,7 +519,7 @@ def train(
             metrics[EPOCHS_PLANNED] = epochs
             if probe_due(cfg, epoch + 1):
                 # The last epoch always probes; only there, with the training finished, is test scored.
-                probe = _evaluate_on_main(run, ["val", "test"] if epoch + 1 == epochs else ["val"])
+                probe = _evaluate_sharded(run, ["val", "test"] if epoch + 1 == epochs else ["val"])
                 metrics.update(probe)
             if epoch + 1 == epochs and cfg.eval.analyses:
                 found, result.figures = _analyse_on_main(run)
@@ -598,13 +664,12 @@ def _checkpoint_due(cfg: TrainConfig, epoch: int) -> bool:
     return every > 0 and (epoch % every == 0 or epoch == cfg.schedule.epochs)
 
 
-def _evaluate_on_main(run: Run, splits: list[Split]) -> dict[MetricKey, float]:
-    """Rank 0 probes the unwrapped model on `splits` (no collectives in eval mode) while the others wait;
-    every rank then gets the same metrics so that all of them report the same values."""
-    metrics: dict[MetricKey, float] = {}
-    if dist.is_main():
-        data = {s: run.eval_data[s] for s in splits}
-        metrics = evaluate(unwrap(run.model), run.cfg, run.train_data, data, run.device, run.eval_variants)
+def _evaluate_sharded(run: Run, splits: list[Split]) -> dict[MetricKey, float]:
+    """Every rank extracts its share of the features with the unwrapped model (no collectives in its
+    forward), rank 0 gathers them and probes; every rank then gets the same metrics, so that all of them
+    report the same values."""
+    data = {s: run.eval_data[s] for s in splits}
+    metrics = evaluate(unwrap(run.model), run.cfg, run.train_data, data, run.device, run.eval_variants)
     if dist.is_distributed():
         box = [metrics]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -614,7 +679,7 @@ def _evaluate_on_main(run: Run, splits: list[Split]) -> dict[MetricKey, float]:
 
 def _analyse_on_main(run: Run) -> tuple[dict[MetricKey, float], dict[str, Path]]:
     """Rank 0 runs the analyses of eval.analyses on the final model, writing their figures under
-    `out/analyses/`, while the others wait; every rank then gets the same metrics (see `_evaluate_on_main`).
+    `out/analyses/`, while the others wait; every rank then gets the same metrics (see `_evaluate_sharded`).
 
     Returns:
         The metrics, and analysis name -> figure (empty on ranks other than 0).

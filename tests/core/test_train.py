@@ -19,20 +19,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bagssl_core.config import BagVICRegConfig, ConfigError, EvalConfig, TrainConfig, load_config
-from bagssl_core.data import load_split
+from bagssl_core.data import ImageData, load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
     EPOCHS_PLANNED,
     ProbeKey,
     expected_metrics,
+    metric_names,
     n_images,
     probe_keys,
     wilson_interval,
 )
 from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.optim import LARS, build_optimizer, lr_schedule, set_lr
+from bagssl_core.patches import channel_stats
 from bagssl_core.syncbn import GlobalBatchNorm
-from bagssl_core.train import RunResult, evaluate, load_checkpoint, train, train_step
+from bagssl_core.train import (
+    RunResult,
+    eval_variant_config,
+    evaluate,
+    extract_split,
+    load_checkpoint,
+    train,
+    train_step,
+)
 
 # A few seconds per epoch on one CPU thread: 4 steps of 16 images x 2 patches of 16 px (72 training images,
 # 8 of them set aside for validation).
@@ -464,3 +474,76 @@ def test_two_gloo_processes_step_like_one_process_on_the_whole_batch(tmp_path: P
                     assert torch.equal(got, value), name
             # The step moved the weights by far more than the ranks' disagreement with one process.
             assert max_update > 1000 * max(max_diff, 1e-9), (optim, max_update, max_diff)
+
+
+# --- sharded evaluation: 2 gloo processes vs 1 process ------------------------------------------------
+
+
+def _eval_parts() -> tuple[nn.Module, TrainConfig, dict[str, EvalConfig]]:
+    """A seeded model and a config whose 64 training images make 3 evaluation batches of 24 (rank 0
+    extracts 2, rank 1 one) and whose 8 validation images make one (rank 1 none); a variant with random
+    patches, whose draws must not depend on the rank that extracts them."""
+    cfg = tiny(
+        "data.synthetic_train=72",
+        "eval.batch_size=24",
+        "eval.aggregation=[mean_emb, centre]",
+        "eval.probes=[knn, linear]",  # the linear probe sees its training rows in order
+        "eval.linear_epochs=2",
+    )
+    variants = {
+        "": cfg.eval,
+        "rnd": EvalConfig(
+            patches="random", num_patches=3, probes=["knn"], aggregation=["mean_emb"], batch_size=24
+        ),
+    }
+    torch.manual_seed(0)
+    return build_model(cfg.model, cfg.in_channels), cfg, variants
+
+
+def _random_patch_features(
+    model: nn.Module, cfg: TrainConfig, ev: EvalConfig, data: ImageData
+) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    stats = channel_stats(cfg.data.name, data.channels)
+    return extract_split(model, data, eval_variant_config(cfg, ev), ev, torch.device("cpu"), stats)
+
+
+def _eval_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        model, cfg, variants = _eval_parts()
+        train_data = load_split(cfg.data, "train", cfg.run.seed)
+        val = load_split(cfg.data, "val", cfg.run.seed)
+        metrics = evaluate(model, cfg, train_data, {"val": val}, torch.device("cpu"), variants)
+        (Path(out_dir) / f"eval{rank}.json").write_text(json.dumps(metric_names(metrics)))
+        feats = _random_patch_features(model, cfg, variants["rnd"], train_data)
+        torch.save({"feats": feats}, Path(out_dir) / f"feats{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_share_the_extraction_and_probe_as_one_process(tmp_path: Path) -> None:
+    mp.spawn(_eval_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
+    main, other = (json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(WORLD))
+    torch.set_num_threads(1)
+    model, cfg, variants = _eval_parts()
+    train_data = load_split(cfg.data, "train", cfg.run.seed)
+    assert len(train_data) == 64
+    single = metric_names(
+        evaluate(
+            model,
+            cfg,
+            train_data,
+            {"val": load_split(cfg.data, "val", cfg.run.seed)},
+            torch.device("cpu"),
+            variants,
+        )
+    )
+    assert "val/knn_top1/mean_emb:rnd" in single and "val/linear_top1/centre" in single
+    assert main == single  # the same features, in the same order: the same probes, value for value
+    assert other == {n_images("val"): 8.0}  # rank 1 extracted, rank 0 probed
+    # Row for row: rank 0 holds every batch in order, each with the random patches one process draws.
+    (got, got_labels), none = (torch.load(tmp_path / f"feats{r}.pt")["feats"] for r in range(WORLD))
+    want, want_labels = _random_patch_features(model, cfg, variants["rnd"], train_data)
+    assert none is None and torch.equal(got_labels, want_labels)
+    assert torch.equal(got["mean_emb"], want["mean_emb"])
