@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # imported where they run (see _main): torch, Ray and MLflow 
     from sweeps.tracking import MlflowTracker
     from sweeps.trainable import TrialPlan
 
-EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_TRACKING_LOST, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -177,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.local and not args.dry_run:
         prepare_ray_environment(args.address)
+    # MLflow's HTTP client retries a server that does not answer for minutes (7 times, backing off), which
+    # would stall Tune's loop at each trial event; the sweep holds such writes itself and sends them again
+    # (tracking.TrialLogger), so a few seconds of retries are enough.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     driver = Driver()
     try:
@@ -192,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:  # a crash of the driver: the sweep can still be resumed
         driver.end("interrupted", None, f"the driver failed: {type(err).__name__}: {err}")
         raise
-    driver.end("interrupted" if code == EXIT_INTERRUPTED else "finished", code)
+    driver.end("interrupted" if code in (EXIT_INTERRUPTED, EXIT_TRACKING_LOST) else "finished", code)
     return code
 
 
@@ -210,7 +216,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
     # Imported only now, in this one place: ray, torch and mlflow take seconds to import, and --help, a bad
     # spec and --dry-run must answer at once. Ray must be imported after prepare_ray_environment (main).
     from bagssl_core.data import DataError, load_split
-    from sweeps.tracking import TrackingError, check_reachable, resolve_uri
+    from sweeps.tracking import TrackingError, TrackingUnavailable, check_reachable, resolve_uri
     from sweeps.trainable import TrialPlan
 
     root = storage_root(spec)
@@ -240,7 +246,11 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
         mode=spec.mode,
         probe_epochs=tuple(rung_epochs(spec, base_cfg)),
     )
-    tracker, parent, trials, refined = _run(args, spec, plan, exp_dir, uri, base_cfg, driver)
+    try:
+        tracker, parent, trials, refined = _run(args, spec, plan, exp_dir, uri, base_cfg, driver)
+    except TrackingUnavailable as err:
+        print(f"error: {args.spec}: {err}; continue with: {driver.resume_hint}", file=sys.stderr)
+        return EXIT_TRACKING_LOST
     if trials is None or (spec.refine is not None and refined is None):
         tracker.client.set_terminated(parent, status="KILLED")
         print(f"interrupted; continue with: {driver.resume_hint}", file=sys.stderr)
@@ -338,6 +348,7 @@ def _run(
         TAG_SPEC,
         MlflowTracker,
         MlflowTuneCallback,
+        TrackingUnavailable,
         TrialLogger,
         refine_tags,
         sweep_params,
@@ -381,10 +392,14 @@ def _run(
             xspec: SweepSpec, xplan: TrialPlan, xdir: str, resume: bool, tags: dict[str, str], prefix: str
         ) -> list[TrialOutcome] | None:
             """One Tune experiment (the search, or one config's refine runs) at xdir, or its --local loop."""
+            wait_s = spec.tracking.outage_wait_s
             if placement is None:
-                return run_local(xspec, xplan, TrialLogger(tracker, epochs, xplan.describe, tags), prefix)
+                logger = TrialLogger(tracker, epochs, xplan.describe, tags)
+                outcomes = run_local(xspec, xplan, logger, prefix)
+                logger.drain(wait_s)
+                return outcomes
             callback = MlflowTuneCallback(
-                uri, spec.tracking.experiment, exp_dir, parent, epochs, xplan.describe, tags
+                uri, spec.tracking.experiment, exp_dir, parent, epochs, xplan.describe, tags, wait_s
             )
             return run_with_ray(
                 xspec, xplan, xdir, placement, callback, resume, warm if xdir == exp_dir else None
@@ -402,6 +417,8 @@ def _run(
             trials = experiment(spec, plan, exp_dir, restore, {}, "local")
             if trials is not None and spec.refine is not None:
                 refined = run_refine(spec, plan, trials, refine)
+        except TrackingUnavailable:
+            raise  # the parent cannot be closed: it stays RUNNING, as after a crash
         except BaseException:
             tracker.client.set_terminated(parent, status="KILLED")
             raise

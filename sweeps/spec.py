@@ -159,6 +159,14 @@ class TrackingSpec(_Strict):
         None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     )
     experiment: str = "bagssl"
+    outage_wait_s: float = Field(
+        600.0,
+        ge=0,
+        description=(
+            "an MLflow server that stops answering mid-sweep: its writes are held while the trials go on, "
+            "and the end of each experiment waits this long for it before the sweep stops, naming them"
+        ),
+    )
 
 
 class FailureSpec(_Strict):

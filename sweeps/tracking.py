@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+import requests
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
@@ -293,8 +296,22 @@ class MlflowTracker:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, value[:MAX_TAG_LEN])
 
-    def log_epoch(self, trial_id: str, metrics: Mapping[str, float], epoch: int) -> None:
-        self._log_metrics(self._children[trial_id], metrics, step=epoch)
+    def log_epoch(
+        self, trial_id: str, metrics: Mapping[str, float], epoch: int, timestamp_ms: int | None = None
+    ) -> None:
+        """One epoch's metrics, stamped `timestamp_ms` (default now): a write sent again with the same stamp
+        after a lost answer is the same record, which the store keeps once."""
+        self._log_metrics(self._children[trial_id], metrics, step=epoch, timestamp_ms=timestamp_ms)
+
+    def adopt_child(self, trial_id: str) -> None:
+        """Know the trial's child run if the store has one under this parent: a creation whose answer was
+        lost may have been made."""
+        assert self.parent_id is not None
+        found = self._search(
+            f"tags.`{PARENT_TAG}` = '{self.parent_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'"
+        )
+        if found:
+            self._children[trial_id] = found[0].info.run_id
 
     def finish_child(
         self,
@@ -333,8 +350,10 @@ class MlflowTracker:
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def _log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None
+    ) -> None:
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
@@ -378,8 +397,40 @@ def refine_tags(trial_id: str) -> dict[str, str]:
     return {TAG_ROLE: "refine", TAG_REFINES: trial_id}
 
 
+# A server that died mid-answer breaks the connection (ChunkedEncodingError); MLflow's client wraps these
+# in an MlflowException that keeps only their text.
+_NO_ANSWER = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    ConnectionError,
+)
+_NO_ANSWER_SIGNS = ("Max retries exceeded", "Connection refused", "Connection broken", "Read timed out")
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether an MLflow call failed because its server did not answer (refused, reset, timed out), rather
+    than because it refused the request: only then is the write held and sent again."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, _NO_ANSWER) or any(sign in str(seen) for sign in _NO_ANSWER_SIGNS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class TrackingUnavailable(TrackingError):
+    """MLflow stopped answering mid-sweep and did not answer again in time: some writes were not made."""
+
+
 class TrialLogger:
-    """Feeds an MlflowTracker from trial events; shared by the Tune callback and `--local` mode."""
+    """Feeds an MlflowTracker from trial events; shared by the Tune callback and `--local` mode.
+
+    Each event updates what the driver knows at once (statuses, last results) and queues its MLflow
+    writes, which are sent in order. While the server does not answer (`is_unreachable`) the writes are
+    held, training goes on, and they are sent at the next event once it answers again, or by `drain` at
+    the end of the experiment (docs/operations.md, "MLflow stopped mid-sweep").
+    """
 
     def __init__(
         self,
@@ -397,31 +448,49 @@ class TrialLogger:
         self.params: dict[str, dict[str, Any]] = {}
         self.statuses: dict[str, str] = {}
         self.places: dict[str, dict[str, str]] = {}
+        self.held: deque[tuple[str, Callable[[], None]]] = deque()  # (what, the write), oldest first
+        self.down_since: float | None = None
 
+    # --- events ---------------------------------------------------------------------------------
     def start(self, trial_id: str, name: str, params: Mapping[str, Any]) -> None:
         self.params[trial_id] = dict(params)
         flat, artifacts = self.describe(params)
-        existed = self.tracker.has_child(trial_id)
-        run_id = self.tracker.child(trial_id, name, flat, artifacts, self.child_tags)
-        if existed and trial_id not in self.last_epoch:
-            history = self.tracker.client.get_metric_history(run_id, "epoch")
-            self.last_epoch[trial_id] = max((int(m.value) for m in history), default=0)
+
+        tries = 0
+
+        def write() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and not self.tracker.has_child(trial_id):
+                self.tracker.adopt_child(trial_id)
+            existed = self.tracker.has_child(trial_id)
+            run_id = self.tracker.child(trial_id, name, flat, artifacts, self.child_tags)
+            if existed and trial_id not in self.last_epoch:
+                history = self.tracker.client.get_metric_history(run_id, "epoch")
+                self.last_epoch[trial_id] = max((int(m.value) for m in history), default=0)
+
+        self._send(f"trial {trial_id}: its run", write)
 
     def result(self, trial_id: str, result: Mapping[str, Any]) -> None:
         metrics = trainer_metrics(result)
+        self.last_result[trial_id] = metrics
         # Where the trial's workers run (node id and pid per rank, the DDP backend): tags, since they are
         # not numbers, set again when a restarted worker group reports new places.
         places = {k: str(v) for k, v in result.items() if k.startswith(WORKER_TAG_PREFIX)}
-        if places and places != self.places.get(trial_id):
-            self.places[trial_id] = places
-            self.tracker.tag_child(trial_id, places)
         epoch = int(metrics.get("epoch", 0))
-        self.last_result[trial_id] = metrics
-        # A resumed trial re-reports nothing MLflow already has: one value per epoch.
-        if epoch <= self.last_epoch.get(trial_id, 0):
-            return
-        self.last_epoch[trial_id] = epoch
-        self.tracker.log_epoch(trial_id, metrics, epoch)
+        at_ms = int(time.time() * 1000)  # when it happened, also if sent later
+
+        def write() -> None:
+            if places and places != self.places.get(trial_id):
+                self.tracker.tag_child(trial_id, places)
+                self.places[trial_id] = places
+            # A resumed trial re-reports nothing MLflow already has: one value per epoch.
+            if epoch <= self.last_epoch.get(trial_id, 0):
+                return
+            self.tracker.log_epoch(trial_id, metrics, epoch, at_ms)
+            self.last_epoch[trial_id] = epoch
+
+        self._send(f"trial {trial_id}: epoch {epoch}", write)
 
     def complete(self, trial_id: str, figures: Path | None = None) -> None:
         """A trial that ended without an error: FINISHED when it ran the epochs it planned, KILLED when
@@ -429,27 +498,87 @@ class TrialLogger:
 
         Args:
             figures: a local folder holding the trial's analysis figures (`eval.analyses`), logged as the
-                child's `analyses/` artifacts.
+                child's `analyses/` artifacts; copied first, since the caller's folder may be gone by the
+                time a held write is sent.
         """
         last = self.last_result.get(trial_id, {})
         status = trial_status(last, self.params.get(trial_id, {}), False, self.epochs)
         if status == "FAILED":
             self.error(trial_id, f"diverged at step {int(last[DIVERGED_AT_STEP])}: the loss was not finite")
             return
-        table = format_probe_table(last)
-        dirs = {ANALYSES_DIR: figures} if figures is not None and any(figures.glob("*.png")) else {}
-        self.tracker.finish_child(
-            trial_id, status, {"probes.txt": table} if table else {}, artifact_dirs=dirs
-        )
         self.statuses[trial_id] = status
+        table = format_probe_table(last)
+        kept = None
+        if figures is not None and any(figures.glob("*.png")):
+            kept = Path(tempfile.mkdtemp(prefix="bagssl_figures_"))
+            shutil.copytree(figures, kept, dirs_exist_ok=True)
+
+        def write() -> None:
+            dirs = {ANALYSES_DIR: kept} if kept is not None else {}
+            self.tracker.finish_child(
+                trial_id, status, {"probes.txt": table} if table else {}, artifact_dirs=dirs
+            )
+            if kept is not None:
+                shutil.rmtree(kept, ignore_errors=True)
+
+        self._send(f"trial {trial_id}: {status}", write)
 
     def error(self, trial_id: str, message: str) -> None:
         """FAILED, with the reason as the `bagssl.failure` tag (its last line) and `error.txt` (all of it)."""
-        lines = [line for line in message.strip().splitlines() if line.strip()] or ["failed"]
-        self.tracker.finish_child(
-            trial_id, "FAILED", {"error.txt": message}, {TAG_FAILURE: lines[-1].strip()[:MAX_TAG_LEN]}
-        )
         self.statuses[trial_id] = "FAILED"
+        lines = [line for line in message.strip().splitlines() if line.strip()] or ["failed"]
+        tags = {TAG_FAILURE: lines[-1].strip()[:MAX_TAG_LEN]}
+        self._send(
+            f"trial {trial_id}: FAILED",
+            lambda: self.tracker.finish_child(trial_id, "FAILED", {"error.txt": message}, tags),
+        )
+
+    # --- writes ---------------------------------------------------------------------------------
+    def _send(self, what: str, write: Callable[[], None]) -> None:
+        self.held.append((what, write))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send the held writes in order; False, holding the rest, while the server does not answer."""
+        while self.held:
+            what, write = self.held[0]
+            try:
+                write()
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    log.warning(
+                        "MLflow at %s does not answer; training goes on and its writes are held (%s ...), "
+                        "to be sent when it answers",
+                        self.tracker.client.tracking_uri,
+                        what,
+                    )
+                return False
+            self.held.popleft()
+        if self.down_since is not None:
+            log.warning("MLflow answers again: every held write was sent")
+            self.down_since = None
+        return True
+
+    def drain(self, wait_s: float, every_s: float = 5.0) -> None:
+        """Send every held write, trying again every `every_s` for up to `wait_s` seconds.
+
+        Raises:
+            TrackingUnavailable: the server still does not answer; the message lists what was not written.
+        """
+        deadline = time.monotonic() + wait_s
+        while not self.flush():
+            if time.monotonic() >= deadline:
+                held = [what for what, _ in self.held]
+                raise TrackingUnavailable(
+                    f"tracking.uri: the MLflow server at {self.tracker.client.tracking_uri} stopped answering "
+                    f"mid-sweep and did not answer again within tracking.outage_wait_s={wait_s:g} s; "
+                    f"{len(held)} write(s) not made ({'; '.join(held[:6])}{' ...' if len(held) > 6 else ''}). "
+                    "What it holds is intact; the trials' results and checkpoints are in the storage path"
+                )
+            time.sleep(min(every_s, max(0.0, deadline - time.monotonic())))
 
 
 class MlflowTuneCallback(Callback):
@@ -469,11 +598,13 @@ class MlflowTuneCallback(Callback):
         epochs: int,
         describe: Callable[[Mapping[str, Any]], tuple[dict, dict]],
         child_tags: Mapping[str, str] = {},
+        outage_wait_s: float = 600.0,
     ):
         self.settings = (uri, experiment, sweep_key, parent_id)
         self.epochs = epochs
         self.describe = describe
         self.child_tags = dict(child_tags)
+        self.outage_wait_s = outage_wait_s
         self.logger: TrialLogger | None = None
 
     def setup(
@@ -507,6 +638,11 @@ class MlflowTuneCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.logger is not None
         self.logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Every write held while MLflow did not answer is sent before the experiment counts as done."""
+        if self.logger is not None:
+            self.logger.drain(getattr(self, "outage_wait_s", 600.0))  # a callback pickled before the knob
 
 
 def checkpoint_figures(checkpoint: Any, into: Path) -> Path | None:
