@@ -124,13 +124,6 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
             f"# probes: after epochs {', '.join(map(str, rungs))} (ASHA's rungs) and each trial's last; "
             "its other epochs report the loss alone"
         )
-
-
-def rung_epochs(spec: SweepSpec, base_cfg: TrainConfig) -> list[int]:
-    """The epochs a trial probes besides its last with `scheduler.probe_epochs: rungs`; [] otherwise."""
-    if spec.scheduler.probe_epochs != "rungs":
-        return []
-    return asha_probe_epochs(spec, base_cfg.schedule.epochs)
     # Distinct variants (a variant leaves out the knobs its options ignore), times the aggregation values.
     aggregation = spec.eval_axes().get("eval.aggregation")
     evals = len(variant_overrides(spec, base_cfg)) * (len(aggregation.args) if aggregation else 1)
@@ -142,6 +135,13 @@ def rung_epochs(spec: SweepSpec, base_cfg: TrainConfig) -> list[int]:
     for line in describe_refine(spec, base_cfg):
         print(line)
     print(f"# storage: {planned_sweep(spec, local=False)} (a new sweep; --resume continues the latest)")
+
+
+def rung_epochs(spec: SweepSpec, base_cfg: TrainConfig) -> list[int]:
+    """The epochs a trial probes besides its last with `scheduler.probe_epochs: rungs`; [] otherwise."""
+    if spec.scheduler.probe_epochs != "rungs":
+        return []
+    return asha_probe_epochs(spec, base_cfg.schedule.epochs)
 
 
 # --- main --------------------------------------------------------------------------------------------

@@ -110,7 +110,9 @@ class FidelitySearch(OptunaSearch):
     ) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        assert self._ot_study is not None  # set up by Tune's set_search_properties before any trial
+        # Set up by Tune's set_search_properties before any trial; OptunaSearch declares it None-only, so
+        # read it as Any (an `is not None` check would make the rest unreachable to mypy).
+        study: Any = self._ot_study
         ot_trial = self._ot_trials[trial_id]
         result = result or {}
         # Tune passes the searcher no result on which the scheduler stops a trial: the epoch that got
@@ -123,7 +125,7 @@ class FidelitySearch(OptunaSearch):
             if value is None:
                 state = TrialState.FAIL  # ran every epoch but has no objective to learn from
         # skip_if_finished: as above, the journal may already hold this trial's end.
-        self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
+        study.tell(ot_trial, value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
 
 
