@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +97,10 @@ class TwoNodes:
     def start_second_node(self) -> None:
         """`ray start` the second node, joined to the head (again, after `kill_node`: a new node id)."""
         _start_node(self.env, self.temp_dirs["node2"], "node2", {}, 22000, f"--address={self.address}")
-        self.node_ids = _node_ids(self.dashboard, self.env)
+        # The node killed before may still be listed ALIVE until the GCS's health check marks it DEAD.
+        self.node_ids = _node_ids(
+            self.dashboard, self.env, gone=set(self.node_ids.values()) - {self.node_ids.get("head")}
+        )
 
     def kill_node(self, node: str) -> None:
         """SIGKILL every process of the node, as when its machine dies; the other node stays up."""
@@ -154,19 +157,30 @@ def _start_node(
     assert proc.returncode == 0, f"ray start of {name} failed:\n{proc.stderr[-3000:]}"
 
 
-def _node_ids(dashboard: str, env: dict[str, str]) -> dict[str, str]:
+def _node_ids(dashboard: str, env: dict[str, str], gone: Collection[str] = ()) -> dict[str, str]:
     """Node name -> Ray node id, from the State API (`ray list nodes`, in a process of its own: Ray reads
-    its auth mode once, at import), by the `node_<name>` resource of each live node."""
+    its auth mode once, at import), by the `node_<name>` resource of each live node.
+
+    A node SIGKILLed a moment ago stays ALIVE in the GCS until its health checks time out, beside the node
+    started in its place under the same name; `gone` names such ids, and the listing is polled until every
+    name has exactly one live node that is not among them.
+    """
     cmd = [_ray_bin(), "list", "nodes", f"--address={dashboard}", "--detail", "--format=json"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ids = {}
-    for n in json.loads(proc.stdout):
-        if n["state"] != "ALIVE":  # a node killed earlier stays listed, DEAD
-            continue
-        ids.update({k[len("node_") :]: n["node_id"] for k in n["resources_total"] if k.startswith("node_")})
-    assert set(ids) == {"head", "node2"}, ids
-    return ids
+    deadline = time.time() + 120
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ids: dict[str, set[str]] = {}
+        for n in json.loads(proc.stdout):
+            if n["state"] != "ALIVE" or n["node_id"] in gone:  # a node killed earlier stays listed, DEAD
+                continue
+            for k in n["resources_total"]:
+                if k.startswith("node_"):
+                    ids.setdefault(k[len("node_") :], set()).add(n["node_id"])
+        if set(ids) == {"head", "node2"} and all(len(v) == 1 for v in ids.values()):
+            return {name: next(iter(v)) for name, v in ids.items()}
+        assert time.time() < deadline, f"live nodes by name, after 120 s: {ids}"
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

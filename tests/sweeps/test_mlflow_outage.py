@@ -110,27 +110,38 @@ def _epochs_logged(db: Path, experiment: str) -> int:
     return sum(len(client.get_metric_history(r.info.run_id, "epoch")) for r in runs)
 
 
-def _sweep(spec: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
+def _sweep_through_outage(
+    spec: Path, server: Server, experiment: str, meanwhile: Callable[[Path], None] = lambda log: None
+) -> tuple[int, str]:
+    """Run a `--local` sweep, stop the server once the first epoch is stored, then `meanwhile(log)`; wait
+    for the sweep to end. Returns its exit code and output."""
+    log = spec.parent / "sweep.log"
+    proc = subprocess.Popen(
         sweep_cmd(spec, "--local"), cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True
     )
-
-
-def test_writes_held_while_the_server_is_down_land_once_it_answers(tmp_path: Path, server: Server) -> None:
-    spec = tiny_spec(tmp_path, "outage", num_samples=2, tracking={"uri": server.uri, "experiment": "outage"})
-    log = tmp_path / "sweep.log"
-    proc = _sweep(spec, log)
     try:
-        _wait_for("the first epoch in MLflow", lambda: _epochs_logged(server.db, "outage") >= 1)
+        _wait_for("the first epoch in MLflow", lambda: _epochs_logged(server.db, experiment) >= 1)
         server.kill()
-        _wait_for("the sweep holding its writes", lambda: "does not answer" in log.read_text())
-        time.sleep(10)  # more of the sweep's events meet the stopped server
-        server.start()
+        meanwhile(log)
         code = proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
-    out = log.read_text()
+    return code, log.read_text()
+
+
+def _return_after_a_while(server: Server) -> Callable[[Path], None]:
+    def meanwhile(log: Path) -> None:
+        _wait_for("the sweep holding its writes", lambda: "does not answer" in log.read_text())
+        time.sleep(10)  # more of the sweep's events meet the stopped server
+        server.start()
+
+    return meanwhile
+
+
+def test_writes_held_while_the_server_is_down_land_once_it_answers(tmp_path: Path, server: Server) -> None:
+    spec = tiny_spec(tmp_path, "outage", num_samples=2, tracking={"uri": server.uri, "experiment": "outage"})
+    code, out = _sweep_through_outage(spec, server, "outage", _return_after_a_while(server))
     assert code == 0, out[-3000:]
     assert "MLflow answers again: every held write was sent" in out
     client = MlflowClient(server.uri)
@@ -150,16 +161,7 @@ def test_writes_held_while_the_server_is_down_land_once_it_answers(tmp_path: Pat
 def test_a_server_that_never_returns_stops_the_sweep_with_one_message(tmp_path: Path, server: Server) -> None:
     tracking = {"uri": server.uri, "experiment": "gone", "outage_wait_s": 5}
     spec = tiny_spec(tmp_path, "gone", num_samples=1, tracking=tracking)
-    log = tmp_path / "sweep.log"
-    proc = _sweep(spec, log)
-    try:
-        _wait_for("the first epoch in MLflow", lambda: _epochs_logged(server.db, "gone") >= 1)
-        server.kill()
-        code = proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
+    code, out = _sweep_through_outage(spec, server, "gone")
     assert code == 3, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
