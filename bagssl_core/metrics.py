@@ -45,8 +45,26 @@ EPOCHS_PLANNED = "epochs_planned"  # the run's schedule.epochs, so a reader can 
 TRAIN_LOSS = "train/loss"
 LR = "lr"
 PATCHES_PER_S = "patches_per_s"
+# Where an epoch's wall time went, in seconds: this process's set-up before its first epoch (data, model,
+# restoring a checkpoint; 0 on later epochs), the training steps, the probes (0 when none was due) and, on
+# rank 0, writing the checkpoint (0 when none was due, and on the other ranks).
+SETUP_SECONDS = "setup_seconds"
 EPOCH_SECONDS = "epoch_seconds"
-EPOCH_METRICS = (EPOCH, EPOCHS_PLANNED, TRAIN_LOSS, LR, PATCHES_PER_S, EPOCH_SECONDS)
+PROBE_SECONDS = "probe_seconds"
+CHECKPOINT_SECONDS = "checkpoint_seconds"
+EPOCH_METRICS = (
+    EPOCH,
+    EPOCHS_PLANNED,
+    TRAIN_LOSS,
+    LR,
+    PATCHES_PER_S,
+    SETUP_SECONDS,
+    EPOCH_SECONDS,
+    PROBE_SECONDS,
+    CHECKPOINT_SECONDS,
+)
+# Wall-clock measurements: the only metrics an exact rerun or resume of a run may disagree on.
+TIMING_METRICS = frozenset({PATCHES_PER_S, SETUP_SECONDS, EPOCH_SECONDS, PROBE_SECONDS, CHECKPOINT_SECONDS})
 DIVERGED_AT_STEP = "diverged_at_step"  # the 1-based global step whose loss was not finite
 
 WILSON_Z = 1.959963984540054  # two-sided 95%

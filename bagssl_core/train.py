@@ -42,12 +42,15 @@ from bagssl_core.data import ImageData, collate_images, load_split, resolve_imag
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
     ANALYSES_DIR,
+    CHECKPOINT_SECONDS,
     DIVERGED_AT_STEP,
     EPOCH,
     EPOCH_SECONDS,
     EPOCHS_PLANNED,
     LR,
     PATCHES_PER_S,
+    PROBE_SECONDS,
+    SETUP_SECONDS,
     TRAIN_LOSS,
     MetricKey,
     Split,
@@ -67,6 +70,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
 CHECKPOINT_FILE = "state.pt"
+METRICS_FILE = "metrics.json"  # in a checkpoint: the metrics reported for its epoch
 
 
 @dataclass
@@ -498,16 +502,28 @@ def train(
             metrics; on probing epochs the "val" probes; in the last epoch's call of a finished run the "test"
             probes too: `bagssl_core.metrics.expected_metrics` lists them), and on rank 0 with the checkpoint
             directory written for it (None otherwise).
-        resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly.
+        resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly. From
+            the checkpoint of the last epoch nothing is trained, and that epoch's metrics are reported
+            again, with no checkpoint.
         eval_variants: extra evaluation settings probed on the same model (see `evaluate`).
         progress: show a progress bar on rank 0.
     """
     out = Path(out_dir if out_dir is not None else cfg.run.out_dir)
+    t0 = time.perf_counter()
     run = start_run(cfg, out, resume_from, eval_variants)
+    setup_seconds = time.perf_counter() - t0
     epochs = cfg.schedule.epochs
     bar = Progress(epochs, run.steps_per_epoch, run.start_epoch, enabled=progress and dist.is_main())
     result = RunResult(status="finished", epochs=run.start_epoch, out_dir=run.out)
     probe: dict[MetricKey, float] = {}  # the latest probe results, part of every later epoch's result
+    if resume_from is not None and run.start_epoch == epochs:
+        # Nothing left to train, but the caller may never have seen the last report: a sweep driver killed
+        # after the workers reported the final epoch restarts the trial from that very checkpoint.
+        last = checkpoint_metrics(resume_from)
+        if last is not None:
+            result.metrics = last
+            if reporter is not None:
+                reporter(dict(last), None)
     try:
         for epoch in range(run.start_epoch, epochs):
             metrics = train_one_epoch(run, epoch, bar)
@@ -517,15 +533,21 @@ def train(
                 break
             metrics[EPOCH] = epoch + 1
             metrics[EPOCHS_PLANNED] = epochs
+            metrics[SETUP_SECONDS], setup_seconds = setup_seconds, 0.0
+            t0 = time.perf_counter()
             if probe_due(cfg, epoch + 1):
                 # The last epoch always probes; only there, with the training finished, is test scored.
                 probe = _evaluate_sharded(run, ["val", "test"] if epoch + 1 == epochs else ["val"])
                 metrics.update(probe)
+            metrics[PROBE_SECONDS] = time.perf_counter() - t0
             if epoch + 1 == epochs and cfg.eval.analyses:
                 found, result.figures = _analyse_on_main(run)
                 metrics.update(found)
+            t0 = time.perf_counter()
+            ckpt = _save_checkpoint_if_due(run, epoch + 1)
+            metrics[CHECKPOINT_SECONDS] = time.perf_counter() - t0
             named = metric_names(metrics)
-            ckpt = _write_epoch(run, epoch + 1, named)
+            _append_metrics(run, named, ckpt)
             result.epochs, result.metrics = epoch + 1, metric_names({**probe, **metrics})
             if reporter is not None:
                 reporter(named, ckpt)
@@ -709,18 +731,35 @@ def _analyse_on_main(run: Run) -> tuple[dict[MetricKey, float], dict[str, Path]]
     return {k: float(v) for k, v in metrics.items()}, figures
 
 
-def _write_epoch(run: Run, epoch: int, metrics: Mapping[str, float]) -> Path | None:
-    """On rank 0: the epoch's checkpoint when one is due (pruning old ones), then its metrics line.
+def _save_checkpoint_if_due(run: Run, epoch: int) -> Path | None:
+    """On rank 0, when one is due: the epoch's checkpoint (pruning old ones).
 
     Returns:
         The checkpoint directory written, or None (none due, or not rank 0).
     """
-    if not dist.is_main():
+    if not dist.is_main() or not _checkpoint_due(run.cfg, epoch):
         return None
-    ckpt = None
-    if _checkpoint_due(run.cfg, epoch):
-        ckpt = save_checkpoint(run, epoch)
-        prune_checkpoints(ckpt.parent, run.cfg.run.keep_checkpoints)
-    with (run.out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    ckpt = save_checkpoint(run, epoch)
+    prune_checkpoints(ckpt.parent, run.cfg.run.keep_checkpoints)
     return ckpt
+
+
+def _append_metrics(run: Run, metrics: Mapping[str, float], ckpt: Path | None) -> None:
+    """On rank 0: the epoch's line of metrics.jsonl, and the same metrics in its checkpoint, if one was
+    written (`checkpoint_metrics`)."""
+    if not dist.is_main():
+        return
+    line = json.dumps(metrics)
+    if ckpt is not None:
+        tmp = ckpt / f".{METRICS_FILE}"
+        tmp.write_text(line + "\n")
+        tmp.rename(ckpt / METRICS_FILE)
+    with (run.out / "metrics.jsonl").open("a") as f:
+        f.write(line + "\n")
+
+
+def checkpoint_metrics(path: str | Path) -> dict[str, float] | None:
+    """The metrics reported for the epoch of a checkpoint (a checkpoint or run directory, as
+    `find_checkpoint`), or None for a checkpoint written without them."""
+    f = find_checkpoint(path) / METRICS_FILE
+    return {k: float(v) for k, v in json.loads(f.read_text()).items()} if f.is_file() else None

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from bagssl_core.config import load_config
+from bagssl_core.metrics import TIMING_METRICS
 
 TINY = [
     "data.name=synthetic",
@@ -266,12 +267,8 @@ def test_resume_refuses_a_config_that_is_not_the_runs(
     assert sorted(line.strip() for line in listed) == sorted(differences)
 
 
-# Wall-clock measurements: the only metrics two runs of the same config may disagree on.
-TIMING_KEYS = {"patches_per_s", "epoch_seconds"}
-
-
 def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
 
 
 def test_resume_continues_an_interrupted_run_from_its_own_config(work: Path) -> None:

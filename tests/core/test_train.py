@@ -22,7 +22,12 @@ from bagssl_core.config import BagVICRegConfig, ConfigError, EvalConfig, TrainCo
 from bagssl_core.data import ImageData, load_split
 from bagssl_core.losses import build_loss
 from bagssl_core.metrics import (
+    CHECKPOINT_SECONDS,
+    EPOCH_SECONDS,
     EPOCHS_PLANNED,
+    PROBE_SECONDS,
+    SETUP_SECONDS,
+    TIMING_METRICS,
     ProbeKey,
     expected_metrics,
     metric_names,
@@ -59,8 +64,6 @@ TINY = [
     "eval.probes=[knn]",
     "run.threads=1",
 ]
-# Wall-clock measurements: the only metrics two runs of the same config may disagree on.
-TIMING_KEYS = {"patches_per_s", "epoch_seconds"}
 
 
 def tiny(*overrides: str) -> TrainConfig:
@@ -76,7 +79,7 @@ def _restore_threads() -> Iterator[None]:
 
 
 def without_timing(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+    return {k: v for k, v in metrics.items() if k not in TIMING_METRICS}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -105,6 +108,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunRe
                 "metrics": dict(metrics),
                 "ckpt": ckpt,
                 "files": sorted(p.name for p in ckpt.iterdir()) if ckpt else [],
+                "stored": json.loads((ckpt / "metrics.json").read_text()) if ckpt else None,
                 "kept": sorted(p.name for p in (out / "checkpoints").iterdir()),
             }
         )
@@ -155,6 +159,35 @@ def test_resume_after_a_crash_is_exact(
     assert summary_b["status"] == "finished"
 
 
+def test_resuming_from_the_last_epochs_checkpoint_reports_that_epoch_again(
+    tmp_path: Path, uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]]
+) -> None:
+    # As a sweep trial restarted from the final checkpoint its workers reported before the driver died.
+    out_a, result_a, calls_a = uninterrupted
+    calls: list[tuple[dict[str, float], Path | None]] = []
+    result = train(
+        load_config(None, RESUME_CFG),
+        tmp_path / "c",
+        resume_from=out_a,
+        reporter=lambda m, c: calls.append((m, c)),
+    )
+    assert calls == [(calls_a[-1]["metrics"], None)]
+    assert (result.status, result.epochs, result.metrics) == ("finished", 2, result_a.metrics)
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["test/knn_top1/mean_emb"] == result_a.metrics["test/knn_top1/mean_emb"]
+
+
+def test_each_epoch_says_where_its_time_went(
+    uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]],
+) -> None:
+    # Set-up before the first epoch only; probes after the last only (eval.every=0); a checkpoint each epoch.
+    first, last = (c["metrics"] for c in uninterrupted[2])
+    assert first[SETUP_SECONDS] > 0 and last[SETUP_SECONDS] == 0
+    assert first[PROBE_SECONDS] < 0.01 < last[PROBE_SECONDS]
+    assert first[EPOCH_SECONDS] > 0 and last[EPOCH_SECONDS] > 0
+    assert first[CHECKPOINT_SECONDS] > 0 and last[CHECKPOINT_SECONDS] > 0
+
+
 def test_reporter_gets_each_epochs_checkpoint_and_old_ones_are_pruned(
     uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]],
 ) -> None:
@@ -163,7 +196,8 @@ def test_reporter_gets_each_epochs_checkpoint_and_old_ones_are_pruned(
     assert [c["metrics"]["epoch"] for c in calls] == [1, 2]
     for epoch, call in enumerate(calls, start=1):
         assert call["ckpt"] == out / "checkpoints" / f"epoch_{epoch:04d}"
-        assert call["files"] == ["config.yaml", "state.pt"]
+        assert call["files"] == ["config.yaml", "metrics.json", "state.pt"]
+        assert call["stored"] == call["metrics"]
         # keep_checkpoints=1: by the time the reporter runs, the previous checkpoint is gone
         assert call["kept"] == [f"epoch_{epoch:04d}"]
         assert {"train/loss", "train/invariance", "train/variance", "train/covariance", "lr"} <= set(
