@@ -226,12 +226,11 @@ def two_nodes() -> Iterator[TwoNodes]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def tiny_spec(tmp_path: Path, name: str, backbone: str = "resnet18", **changes: object) -> Path:
+def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
     """A real sweep on real Fashion-MNIST images, small enough for 2 cores: 2 epochs of 4 steps.
 
     The ImageNet-stem resnet18 by default: on 14-px patches it downsamples at once and probes 3x faster than
-    the default resnet18_cifar, and these tests check the sweep machinery, not accuracy. A test that needs
-    trials to differ (ASHA must find one below its cutoff) takes `backbone="resnet18_cifar"`.
+    the default resnet18_cifar, and these tests check the sweep machinery, not accuracy.
 
     64 of the 192 training images are the validation split the sweep selects on: with a tenth of 128
     (13 images) the trials tie so often that ASHA finds none below its cutoff and prunes nothing.
@@ -247,7 +246,7 @@ def tiny_spec(tmp_path: Path, name: str, backbone: str = "resnet18", **changes: 
                 "batch_size": 32,
             },
             "patch": {"num": 2, "input_size": 14},
-            "model": {"backbone": backbone, "projector": [64, 64]},
+            "model": {"backbone": "resnet18", "projector": [64, 64]},
             "schedule": {"epochs": 2, "warmup_epochs": 0.5},
             "eval": {"aggregation": ["mean_emb", "centre"], "grid_stride": 7, "every": 1, "linear_epochs": 2},
         },

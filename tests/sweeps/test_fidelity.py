@@ -235,6 +235,13 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
     assert re.fullmatch(
         r"diverged at step \d+: the loss was not finite", runs["diverges"].data.tags["bagssl.failure"]
     )
+    # The test split is scored once, at the end of a finished run; the stopped one has none.
+    assert {k: "test/knn_top1/mean_emb" in r.data.metrics for k, r in runs.items()} == {
+        "two_epochs": True,
+        "diverges": False,
+        "one_epoch": True,
+        "worse": False,
+    }
     for kind in ("two_epochs", "one_epoch", "worse"):  # Optuna learnt what MLflow shows, epoch by epoch
         history = client.get_metric_history(runs[kind].info.run_id, TRAIN_LOSS)
         assert {int(m.step): m.value for m in history} == pytest.approx(state[kind].intermediate_values)

@@ -37,24 +37,21 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(
-    tmp_path: Path, ray_address: str
-) -> None:
-    # The backbone whose trials differ enough at epoch 1 for ASHA to stop one. The refine step under Ray is
+def test_sweep_finishes_with_parent_children_and_probes(tmp_path: Path, ray_address: str) -> None:
+    # Two 2-worker trials, no scheduler. ASHA stopping a trial under Ray (KILLED in MLflow, PRUNED in
+    # Optuna, its workers freed for the next) is test_fidelity's sweep; the refine step under Ray is
     # test_a_sweep_interrupted_in_its_refine_step_resumes_there.
-    spec = tiny_spec(tmp_path, "e2e", backbone="resnet18_cifar")
+    spec = tiny_spec(tmp_path, "e2e", num_samples=2, scheduler={"name": "none"})
     proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout and "best_config.yaml" in proc.stdout
 
     parents, children = _runs(tmp_path, "e2e")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 4
+    assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert len({c.data.tags["bagssl.trial_id"] for c in children}) == 4
-    statuses = [c.info.status for c in children]
-    # ASHA stopped at least one trial and the sweep still ran every trial: its workers were freed.
-    assert "KILLED" in statuses and set(statuses) <= {"FINISHED", "KILLED"}
+    assert len({c.data.tags["bagssl.trial_id"] for c in children}) == 2
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for c in children:
         m = c.data.metrics
@@ -69,18 +66,18 @@ def test_sweep_finishes_with_parent_children_probes_and_asha_pruning(
         ):
             assert key in m, key
         epochs = [int(p.step) for p in client.get_metric_history(c.info.run_id, "val/knn_top1/mean_emb")]
-        assert epochs == ([1, 2] if c.info.status == "FINISHED" else [1])
-        # The test split is scored once, at the end of a finished run; a pruned run has none.
-        assert ("test/knn_top1/mean_emb" in m) == (c.info.status == "FINISHED")
+        assert epochs == [1, 2]
+        # The test split is scored once, at the end of the run.
+        assert [int(p.step) for p in client.get_metric_history(c.info.run_id, "test/knn_top1/mean_emb")] == [
+            2
+        ]
         assert c.data.params["patch.size"] in {"10", "14"}
         artifacts = {a.path for a in client.list_artifacts(c.info.run_id)}
         assert "config.yaml" in artifacts
     assert load_config(tmp_path / "storage" / "e2e" / "best_config.yaml").patch.size in (10, 14)
-    # Optuna learnt what MLflow shows: a stopped trial is PRUNED with its one epoch, not COMPLETE.
+    # Optuna learnt what MLflow shows: each trial COMPLETE, with the objective of both epochs.
     study = optuna.load_study(study_name="e2e", storage=journal_storage(str(tmp_path / "storage" / "e2e")))
-    assert sorted((t.state.name, sorted(t.intermediate_values)) for t in study.trials) == sorted(
-        ("COMPLETE", [1, 2]) if s == "FINISHED" else ("PRUNED", [1]) for s in statuses
-    )
+    assert [(t.state.name, sorted(t.intermediate_values)) for t in study.trials] == [("COMPLETE", [1, 2])] * 2
 
 
 def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:
