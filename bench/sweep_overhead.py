@@ -142,6 +142,12 @@ def main() -> None:
         "(setup: data, model; rest: Ray's start-up of the trial and its workers, reports, checkpoint uploads)"
     )
     print()
+    print("each trial, seconds over its epochs:")
+    for s in (one, two, local):
+        for t in s.trials:
+            cells = ", ".join(f"{p.removesuffix('_seconds')} {v:.1f}" for p, v in t.phases.items())
+            print(f"  {s.label:<16} wall {t.wall:6.1f}, {t.epochs} epochs: {cells}, rest {t.rest:.1f}")
+    print()
     probe_share = two.per_epoch(PROBE_SECONDS) / two.epoch_seconds()
     print(f"probing share of a 2-worker trial's epoch: {probe_share:.0%} (goal <= 25%)")
     speedup = one.per_epoch(PROBE_SECONDS) / two.per_epoch(PROBE_SECONDS)
