@@ -159,24 +159,6 @@ def test_resume_after_a_crash_is_exact(
     assert summary_b["status"] == "finished"
 
 
-def test_resuming_from_the_last_epochs_checkpoint_reports_that_epoch_again(
-    tmp_path: Path, uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]]
-) -> None:
-    # As a sweep trial restarted from the final checkpoint its workers reported before the driver died.
-    out_a, result_a, calls_a = uninterrupted
-    calls: list[tuple[dict[str, float], Path | None]] = []
-    result = train(
-        load_config(None, RESUME_CFG),
-        tmp_path / "c",
-        resume_from=out_a,
-        reporter=lambda m, c: calls.append((m, c)),
-    )
-    assert calls == [(calls_a[-1]["metrics"], None)]
-    assert (result.status, result.epochs, result.metrics) == ("finished", 2, result_a.metrics)
-    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
-    assert summary["test/knn_top1/mean_emb"] == result_a.metrics["test/knn_top1/mean_emb"]
-
-
 def test_each_epoch_says_where_its_time_went(
     uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]],
 ) -> None:
