@@ -70,7 +70,6 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
 CHECKPOINT_FILE = "state.pt"
-METRICS_FILE = "metrics.json"  # in a checkpoint: the metrics reported for its epoch
 
 
 @dataclass
@@ -537,7 +536,7 @@ def train(
             ckpt = _save_checkpoint_if_due(run, epoch + 1)
             metrics[CHECKPOINT_SECONDS] = time.perf_counter() - t0
             named = metric_names(metrics)
-            _append_metrics(run, named, ckpt)
+            _append_metrics(run, named)
             result.epochs, result.metrics = epoch + 1, metric_names({**probe, **metrics})
             if reporter is not None:
                 reporter(named, ckpt)
@@ -734,15 +733,8 @@ def _save_checkpoint_if_due(run: Run, epoch: int) -> Path | None:
     return ckpt
 
 
-def _append_metrics(run: Run, metrics: Mapping[str, float], ckpt: Path | None) -> None:
-    """On rank 0: the epoch's line of metrics.jsonl, and the same metrics in its checkpoint, if one was
-    written, so that a checkpoint says what its epoch scored."""
-    if not dist.is_main():
-        return
-    line = json.dumps(metrics)
-    if ckpt is not None:
-        tmp = ckpt / f".{METRICS_FILE}"
-        tmp.write_text(line + "\n")
-        tmp.rename(ckpt / METRICS_FILE)
-    with (run.out / "metrics.jsonl").open("a") as f:
-        f.write(line + "\n")
+def _append_metrics(run: Run, metrics: Mapping[str, float]) -> None:
+    """On rank 0: the epoch's line of metrics.jsonl."""
+    if dist.is_main():
+        with (run.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")

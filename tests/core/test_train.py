@@ -108,7 +108,6 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunRe
                 "metrics": dict(metrics),
                 "ckpt": ckpt,
                 "files": sorted(p.name for p in ckpt.iterdir()) if ckpt else [],
-                "stored": json.loads((ckpt / "metrics.json").read_text()) if ckpt else None,
                 "kept": sorted(p.name for p in (out / "checkpoints").iterdir()),
             }
         )
@@ -178,8 +177,7 @@ def test_reporter_gets_each_epochs_checkpoint_and_old_ones_are_pruned(
     assert [c["metrics"]["epoch"] for c in calls] == [1, 2]
     for epoch, call in enumerate(calls, start=1):
         assert call["ckpt"] == out / "checkpoints" / f"epoch_{epoch:04d}"
-        assert call["files"] == ["config.yaml", "metrics.json", "state.pt"]
-        assert call["stored"] == call["metrics"]
+        assert call["files"] == ["config.yaml", "state.pt"]
         # keep_checkpoints=1: by the time the reporter runs, the previous checkpoint is gone
         assert call["kept"] == [f"epoch_{epoch:04d}"]
         assert {"train/loss", "train/invariance", "train/variance", "train/covariance", "lr"} <= set(
