@@ -7,12 +7,14 @@ settings at import. docs/operations.md explains each workaround here.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import ray
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from sweeps.ray_env import free_port
 from sweeps.resources import trials_that_fit, worker_group_fits, worker_resources
@@ -21,6 +23,8 @@ from sweeps.spec import SpecError, SweepSpec
 # The trainable's own actor on a cluster without a 'trial_slot' resource: a bundle must not be empty
 # (docs/operations.md, "Resources").
 _TRIAL_ACTOR_MEMORY = 64 * 2**20
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,48 @@ def placement(spec: SweepSpec) -> Placement:
         {"CPU": 0, "trial_slot": 1} if total.get("trial_slot") else {"CPU": 0, "memory": _TRIAL_ACTOR_MEMORY}
     )
     return Placement(trials_at_once=max(1, fit), trial_bundle=bundle)
+
+
+def driver_job() -> str:
+    """This driver's Ray job as `<cluster session>/<job id>`: job ids count from 1 again on every cluster,
+    so the session name tells whose job an id is."""
+    ctx = ray.get_runtime_context()
+    return f"{ctx.get_session_name()}/{ctx.get_job_id()}"
+
+
+def release_leftovers(earlier_jobs: Iterable[str]) -> list[str]:
+    """Remove the placement groups that the earlier, dead drivers of a sweep (`driver_job` values) left
+    alive on this cluster; return their ids.
+
+    Ray Train can leak a trial's worker-group placement group when its driver stops while the trial's
+    controller is starting the group: the controller dies before its placement-group cleaner is told to
+    watch, and the group keeps the trial's CPUs forever. A resumed sweep on the same cluster then waits
+    for resources that never come (docs/operations.md, "Resuming"). A placement group's id ends with the
+    id of the job that created it; only a group of a job that is recorded as one of this sweep's drivers,
+    on this very cluster, and that Ray knows is dead is removed: nothing of another user's.
+    """
+    session = ray.get_runtime_context().get_session_name()
+    ours = {job.split("/", 1)[1] for job in earlier_jobs if job.split("/", 1)[0] == session}
+    if not ours:
+        return []
+    # No public API lists jobs without the dashboard; the GCS job table is what `ray list jobs` reads.
+    from ray._private.state import jobs
+
+    dead = {j["JobID"] for j in jobs() if j.get("IsDead")} & ours
+    removed = []
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info["state"] != "REMOVED" and pg_id[-8:] in dead:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            removed.append(pg_id)
+    if removed:
+        log.warning(
+            "released %d placement group(s) that this sweep's earlier driver (Ray job %s) left holding "
+            "resources: %s",
+            len(removed),
+            ", ".join(sorted(dead)),
+            ", ".join(removed),
+        )
+    return removed
 
 
 @contextlib.contextmanager

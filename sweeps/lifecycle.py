@@ -7,10 +7,11 @@ they never mix with the Tune state of a Ray sweep). The first sweep keeps the pl
 started before this numbering existed are still found and resumed.
 
 Each sweep directory holds `sweep.json`, written atomically by the driver: the spec it ran, its state
-(`running`, `interrupted`, `finished`), the driver's pid and host, the trial count and where MLflow has
-its runs. A driver killed outright (kill -9, a lost machine) never writes its last state, so a `running`
-sweep whose driver pid no longer exists on this host is shown as `interrupted`; on another host its
-liveness cannot be checked, and the sweep is shown as `running` with that host.
+(`running`, `interrupted`, `finished`), the driver's pid and host, the trial count, where MLflow has
+its runs and the Ray jobs of its drivers. A driver killed outright (kill -9, a lost machine) never writes
+its last state, so a `running` sweep whose driver pid no longer exists on this host is shown as
+`interrupted`; on another host its liveness cannot be checked, and the sweep is shown as `running` with
+that host.
 
 Every sweep's MLflow parent run also carries two hashes, `space_hash` (its search space) and `base_hash`
 (its base config): a warm-started sweep (`search.warm_start`) learns only from earlier sweeps with both
@@ -83,6 +84,9 @@ class SweepState:
     parent_run_id: str | None = None
     exit_code: int | None = None
     reason: str | None = None
+    # Every driver that ran this sweep on Ray, `<cluster session>/<job id>` (`cluster.driver_job`): a
+    # resumed sweep releases what an earlier one left on the same cluster (`cluster.release_leftovers`).
+    ray_jobs: list[str] = field(default_factory=list)
 
     def driver_alive(self) -> bool | None:
         """Whether the driver process still runs: None when it ran on another host (cannot tell)."""

@@ -294,6 +294,7 @@ def _start_sweep(
             tracking_uri=absolute_uri(uri),
             experiment=spec.tracking.experiment,
             parent_run_id=previous.parent_run_id if previous else None,
+            ray_jobs=previous.ray_jobs if previous else [],
         )
         if previous is not None:
             state.started = previous.started
@@ -339,7 +340,7 @@ def _run(
     refine step, refined) None when the sweep was interrupted."""
     from ray import tune
 
-    from sweeps.cluster import ray_cluster
+    from sweeps.cluster import driver_job, ray_cluster, release_leftovers
     from sweeps.local import run_local
     from sweeps.searcher import warm_start_trials
     from sweeps.tracking import (
@@ -359,6 +360,9 @@ def _run(
     with contextlib.ExitStack() as stack:
         # Ray first: a trial that can never be placed is an error before anything is written to MLflow.
         placement = None if args.local else stack.enter_context(ray_cluster(spec, args.address))
+        if placement is not None and driver.state is not None:
+            release_leftovers(driver.state.ray_jobs)
+            driver.record(ray_jobs=[*driver.state.ray_jobs, driver_job()])
         tracker = MlflowTracker(uri, spec.tracking.experiment, sweep_key=exp_dir)
         spec_yaml = yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
         hashes = {TAG_SPACE_HASH: lifecycle.space_hash(spec), TAG_BASE_HASH: lifecycle.base_hash(base_cfg)}

@@ -114,6 +114,9 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_ad
 
     resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Both drivers recorded their Ray jobs, for a later resume to release what they might leave.
+    jobs = json.loads((tmp_path / "storage" / "resume" / "sweep.json").read_text())["ray_jobs"]
+    assert len(jobs) == len(set(jobs)) == 2
     for tid in finished_ids:  # a finished trial is never trained again: its checkpoints stay as they were
         assert _checkpoints(train_runs / f"train_{tid}") == before[tid]
     parents, children = _runs(tmp_path, "resume")
@@ -273,6 +276,9 @@ def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ra
 
     resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Both drivers recorded their Ray jobs, for a later resume to release what they might leave.
+    jobs = json.loads((tmp_path / "storage" / "resume" / "sweep.json").read_text())["ray_jobs"]
+    assert len(jobs) == len(set(jobs)) == 2
     assert _checkpoints(train_runs / f"train_{tid}") == before  # the search was not run again
     assert "refine: the top 1 config(s), each re-trained with 2 new seeds" in resumed.stdout
     parents, trials = _runs(tmp_path, "refine_resume")
@@ -285,3 +291,55 @@ def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ra
     assert (tmp_path / "storage" / "refine_resume" / "refine" / tid).is_dir()
     best = load_config(tmp_path / "storage" / "refine_resume" / "best_config.yaml")
     assert best.patch.size == int(trials[0].data.params["patch.size"])
+
+
+# A driver on the test cluster: `prepare_ray_environment` as `sweeps.run` calls it, then the snippet.
+_DRIVER = """
+import json, sys
+from sweeps.ray_env import prepare_ray_environment
+prepare_ray_environment(sys.argv[1])
+import ray
+from ray.util.placement_group import placement_group
+from sweeps.cluster import driver_job, release_leftovers
+ray.init(address=sys.argv[1], logging_level="ERROR")
+"""
+# Detached, so that it outlives its driver as the leaked group of a Train worker group does (that leak
+# is a race, docs/operations.md "Resuming"; a detached group is the same thing deterministically).
+_LEAK = (
+    _DRIVER
+    + """
+pg = placement_group([{"CPU": 0.01}], lifetime="detached")
+ray.get(pg.ready(), timeout=60)
+print(json.dumps({"job": driver_job(), "pg": pg.id.hex()}))
+"""
+)
+_RELEASE = (
+    _DRIVER
+    + """
+print(json.dumps(release_leftovers(json.loads(sys.argv[2]))))
+"""
+)
+
+
+def _driver(script: str, *args: str) -> object:
+    done = _run([sys.executable, "-c", script, *args], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_resumed_sweep_releases_only_the_placement_groups_its_own_dead_driver_left(
+    ray_address: str,
+) -> None:
+    ours, other = (_driver(_LEAK, ray_address) for _ in range(2))
+    assert isinstance(ours, dict) and isinstance(other, dict)
+    session = ours["job"].split("/")[0]
+    # The same job id on another cluster is not this job.
+    assert _driver(_RELEASE, ray_address, json.dumps([f"elsewhere/{ours['job'].split('/')[1]}"])) == []
+    removed: object = []
+    deadline = time.time() + 60
+    while not removed and time.time() < deadline:  # the GCS marks a driver's job dead once it has gone
+        removed = _driver(_RELEASE, ray_address, json.dumps([ours["job"]]))
+    assert removed == [ours["pg"]]
+    assert other["job"].startswith(session + "/")
+    assert _driver(_RELEASE, ray_address, json.dumps([other["job"]])) == [other["pg"]]
+    assert _driver(_RELEASE, ray_address, json.dumps([ours["job"], other["job"]])) == []
