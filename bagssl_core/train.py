@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, float], "Path | None"], None]
 
 CHECKPOINT_FILE = "state.pt"
+METRICS_FILE = "metrics.json"  # in a checkpoint: the metrics reported for its epoch
 
 
 @dataclass
@@ -501,7 +502,9 @@ def train(
             metrics; on probing epochs the "val" probes; in the last epoch's call of a finished run the "test"
             probes too: `bagssl_core.metrics.expected_metrics` lists them), and on rank 0 with the checkpoint
             directory written for it (None otherwise).
-        resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly.
+        resume_from: a checkpoint (or run) directory; training continues after its epoch, exactly. From
+            the checkpoint of the last epoch nothing is trained, and that epoch's metrics are reported
+            again, with no checkpoint.
         eval_variants: extra evaluation settings probed on the same model (see `evaluate`).
         progress: show a progress bar on rank 0.
     """
@@ -513,6 +516,14 @@ def train(
     bar = Progress(epochs, run.steps_per_epoch, run.start_epoch, enabled=progress and dist.is_main())
     result = RunResult(status="finished", epochs=run.start_epoch, out_dir=run.out)
     probe: dict[MetricKey, float] = {}  # the latest probe results, part of every later epoch's result
+    if resume_from is not None and run.start_epoch == epochs:
+        # Nothing left to train, but the caller may never have seen the last report: a sweep driver killed
+        # after the workers reported the final epoch restarts the trial from that very checkpoint.
+        last = checkpoint_metrics(resume_from)
+        if last is not None:
+            result.metrics = last
+            if reporter is not None:
+                reporter(dict(last), None)
     try:
         for epoch in range(run.start_epoch, epochs):
             metrics = train_one_epoch(run, epoch, bar)
@@ -536,7 +547,7 @@ def train(
             ckpt = _save_checkpoint_if_due(run, epoch + 1)
             metrics[CHECKPOINT_SECONDS] = time.perf_counter() - t0
             named = metric_names(metrics)
-            _append_metrics(run, named)
+            _append_metrics(run, named, ckpt)
             result.epochs, result.metrics = epoch + 1, metric_names({**probe, **metrics})
             if reporter is not None:
                 reporter(named, ckpt)
@@ -733,8 +744,22 @@ def _save_checkpoint_if_due(run: Run, epoch: int) -> Path | None:
     return ckpt
 
 
-def _append_metrics(run: Run, metrics: Mapping[str, float]) -> None:
-    """On rank 0: the epoch's line of metrics.jsonl."""
-    if dist.is_main():
-        with (run.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+def _append_metrics(run: Run, metrics: Mapping[str, float], ckpt: Path | None) -> None:
+    """On rank 0: the epoch's line of metrics.jsonl, and the same metrics in its checkpoint, if one was
+    written (`checkpoint_metrics`)."""
+    if not dist.is_main():
+        return
+    line = json.dumps(metrics)
+    if ckpt is not None:
+        tmp = ckpt / f".{METRICS_FILE}"
+        tmp.write_text(line + "\n")
+        tmp.rename(ckpt / METRICS_FILE)
+    with (run.out / "metrics.jsonl").open("a") as f:
+        f.write(line + "\n")
+
+
+def checkpoint_metrics(path: str | Path) -> dict[str, float] | None:
+    """The metrics reported for the epoch of a checkpoint (a checkpoint or run directory, as
+    `find_checkpoint`), or None for a checkpoint written without them."""
+    f = find_checkpoint(path) / METRICS_FILE
+    return {k: float(v) for k, v in json.loads(f.read_text()).items()} if f.is_file() else None

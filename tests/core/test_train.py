@@ -108,6 +108,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunRe
                 "metrics": dict(metrics),
                 "ckpt": ckpt,
                 "files": sorted(p.name for p in ckpt.iterdir()) if ckpt else [],
+                "stored": json.loads((ckpt / "metrics.json").read_text()) if ckpt else None,
                 "kept": sorted(p.name for p in (out / "checkpoints").iterdir()),
             }
         )
@@ -158,6 +159,24 @@ def test_resume_after_a_crash_is_exact(
     assert summary_b["status"] == "finished"
 
 
+def test_resuming_from_the_last_epochs_checkpoint_reports_that_epoch_again(
+    tmp_path: Path, uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]]
+) -> None:
+    # As a sweep trial restarted from the final checkpoint its workers reported before the driver died.
+    out_a, result_a, calls_a = uninterrupted
+    calls: list[tuple[dict[str, float], Path | None]] = []
+    result = train(
+        load_config(None, RESUME_CFG),
+        tmp_path / "c",
+        resume_from=out_a,
+        reporter=lambda m, c: calls.append((m, c)),
+    )
+    assert calls == [(calls_a[-1]["metrics"], None)]
+    assert (result.status, result.epochs, result.metrics) == ("finished", 2, result_a.metrics)
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["test/knn_top1/mean_emb"] == result_a.metrics["test/knn_top1/mean_emb"]
+
+
 def test_each_epoch_says_where_its_time_went(
     uninterrupted: tuple[Path, RunResult, list[dict[str, Any]]],
 ) -> None:
@@ -177,7 +196,8 @@ def test_reporter_gets_each_epochs_checkpoint_and_old_ones_are_pruned(
     assert [c["metrics"]["epoch"] for c in calls] == [1, 2]
     for epoch, call in enumerate(calls, start=1):
         assert call["ckpt"] == out / "checkpoints" / f"epoch_{epoch:04d}"
-        assert call["files"] == ["config.yaml", "state.pt"]
+        assert call["files"] == ["config.yaml", "metrics.json", "state.pt"]
+        assert call["stored"] == call["metrics"]
         # keep_checkpoints=1: by the time the reporter runs, the previous checkpoint is gone
         assert call["kept"] == [f"epoch_{epoch:04d}"]
         assert {"train/loss", "train/invariance", "train/variance", "train/covariance", "lr"} <= set(
