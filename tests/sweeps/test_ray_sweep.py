@@ -276,9 +276,6 @@ def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ra
 
     resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Both drivers recorded their Ray jobs, for a later resume to release what they might leave.
-    jobs = json.loads((tmp_path / "storage" / "resume" / "sweep.json").read_text())["ray_jobs"]
-    assert len(jobs) == len(set(jobs)) == 2
     assert _checkpoints(train_runs / f"train_{tid}") == before  # the search was not run again
     assert "refine: the top 1 config(s), each re-trained with 2 new seeds" in resumed.stdout
     parents, trials = _runs(tmp_path, "refine_resume")
