@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from bagssl_core.config import (
     PRESETS,
     ConfigError,
+    DataError,
     TrainConfig,
     flatten,
     load_config,
@@ -145,16 +146,16 @@ def _baselines(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bagssl_core.probes import format_probe_table
-    from bagssl_core.provenance import provenance
-    from bagssl_core.train import find_checkpoint, train
-
+    # torch is imported only once the command line is known to be good: bad input fails in a fraction of
+    # a second, not after the seconds torch and torchvision take to import.
     resume = None
     ended = None
     if args.resume:
         out, cfg = _resumed_run(args)
         ended = _ended_run(out)
         if ended is None:
+            from bagssl_core.train import find_checkpoint
+
             try:
                 resume = find_checkpoint(out)
             except FileNotFoundError as err:
@@ -164,6 +165,10 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out or cfg.run.out_dir)
         if (out / "summary.json").exists() or (out / "checkpoints").exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
+    from bagssl_core.probes import format_probe_table
+    from bagssl_core.provenance import provenance
+    from bagssl_core.train import train
+
     if ended is not None:
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
         result = ended
@@ -278,8 +283,6 @@ COMMANDS = {"train": _train, "eval": _eval, "analyze": _analyze, "baselines": _b
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from bagssl_core.data import DataError
-
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as err:

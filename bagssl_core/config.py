@@ -75,6 +75,13 @@ class ConfigError(ValueError):
     """A configuration problem, already phrased for the user (file, key, what was expected)."""
 
 
+class DataError(RuntimeError):
+    """A dataset could not be loaded; the message (one line) says what is missing and what to do.
+
+    Defined here, beside ConfigError, and raised by `bagssl_core.data`: the command line catches both
+    without importing torch first."""
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -33,7 +33,14 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
-from bagssl_core.config import NATIVE_IMAGE_SIZE, ConfigError, DataConfig, TrainConfig, validate_config
+from bagssl_core.config import (
+    NATIVE_IMAGE_SIZE,
+    ConfigError,
+    DataConfig,
+    DataError,
+    TrainConfig,
+    validate_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +64,6 @@ _IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 # Errors torchvision raises for missing, corrupted or undownloadable files.
 _DATASET_ERRORS = (RuntimeError, OSError, EOFError, tarfile.TarError, zlib.error)
-
-
-class DataError(RuntimeError):
-    """A dataset could not be loaded; the message (one line) says what is missing and what to do."""
 
 
 class ImageData(Dataset, ABC):
