@@ -234,6 +234,9 @@ def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
 
     64 of the 192 training images are the validation split the sweep selects on: with a tenth of 128
     (13 images) the trials tie so often that ASHA finds none below its cutoff and prunes nothing.
+
+    No baselines (seconds of a sweep's start, before its first trial): `baselines=True` turns them on, as
+    the end-to-end test does to check them.
     """
     spec = {
         "name": name,
@@ -260,6 +263,7 @@ def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": name},
         "storage_path": str(tmp_path / "storage"),
         "failure": {"max_retries": 1},
+        "baselines": False,
     }
     spec.update(changes)
     path = tmp_path / f"{name}.yaml"

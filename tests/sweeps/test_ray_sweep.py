@@ -41,13 +41,16 @@ def test_sweep_finishes_with_parent_children_and_probes(tmp_path: Path, ray_addr
     # Two 2-worker trials, no scheduler. ASHA stopping a trial under Ray (KILLED in MLflow, PRUNED in
     # Optuna, its workers freed for the next) is test_fidelity's sweep; the refine step under Ray is
     # test_a_sweep_interrupted_in_its_refine_step_resumes_there.
-    spec = tiny_spec(tmp_path, "e2e", num_samples=2, scheduler={"name": "none"})
+    spec = tiny_spec(tmp_path, "e2e", num_samples=2, scheduler={"name": "none"}, baselines=True)
     proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout and "best_config.yaml" in proc.stdout
 
     parents, children = _runs(tmp_path, "e2e")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # The baselines, scored once on the parent, on the same splits and probes as the trials.
+    for baseline in ("raw_pixels", "random_init"):
+        assert f"baseline/{baseline}/val/knn_top1/mean_emb" in parents[0].data.metrics, baseline
     assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert len({c.data.tags["bagssl.trial_id"] for c in children}) == 2
