@@ -8,7 +8,9 @@ This runs the real sweep, `python -m sweeps.run search_spaces/smoke.yaml` with p
 in a temporary directory with its own MLflow sqlite store and storage path:
 
 1. under a local Ray, 2 workers a trial (1 CPU each), as the smoke spec says;
-2. under a local Ray, 1 worker a trial (2 CPUs, so 2 threads), `--samples-1w` trials;
+2. under a local Ray, 1 worker a trial, with the spec's own worker (1 CPU, 1 thread), `--samples-1w`
+   trials: what adding the second worker gains is the 2-worker probe's speed-up. Two such trials fit the
+   2 cores at once, so both runs keep the machine as busy;
 3. `--local`: the same trials one after another in one process (2 threads).
 
 Each trial's time is read back from MLflow, where the trainer logs every epoch's `setup_seconds`,
@@ -22,7 +24,7 @@ ratio, each beside the issue's goal; last, the share of the 2-worker trials' wal
 steps.
 
 Run: `python bench/sweep_overhead.py [--samples N] [--samples-1w N]` on an otherwise idle machine (about
-10 min on 2 cores). No other Ray may run here meanwhile: the sweeps start their own.
+20 min on 2 cores). No other Ray may run here meanwhile: the sweeps start their own.
 """
 
 from __future__ import annotations
@@ -126,8 +128,6 @@ def main() -> None:
         args.samples_1w,
         "--set",
         "resources.workers_per_trial=1",
-        "--set",
-        "resources.cpus_per_worker=2",
     )
     local = run_sweep("--local", args.samples, "--local")
 
