@@ -49,8 +49,8 @@ def test_sweep_finishes_with_parent_children_and_probes(tmp_path: Path, ray_addr
     parents, children = _runs(tmp_path, "e2e")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     # The baselines, scored once on the parent, on the same splits and probes as the trials.
-    for baseline in ("raw_pixels", "random_init"):
-        assert f"baseline/{baseline}/val/knn_top1/mean_emb" in parents[0].data.metrics, baseline
+    for name in ("raw_pixels/val/knn_top1/pixels", "random_init/val/knn_top1/mean_emb"):
+        assert f"baseline/{name}" in parents[0].data.metrics, name
     assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert len({c.data.tags["bagssl.trial_id"] for c in children}) == 2
