@@ -117,7 +117,9 @@ def release_leftovers(earlier_jobs: Iterable[str]) -> list[str]:
     on this very cluster, and that Ray knows is dead is removed: nothing of another user's.
     """
     session = ray.get_runtime_context().get_session_name()
-    ours = {job.split("/", 1)[1] for job in earlier_jobs if job.split("/", 1)[0] == session}
+    ours = {
+        job_id for cluster, _, job_id in (job.partition("/") for job in earlier_jobs) if cluster == session
+    }
     if not ours:
         return []
     # No public API lists jobs without the dashboard; the GCS job table is what `ray list jobs` reads.
@@ -134,7 +136,7 @@ def release_leftovers(earlier_jobs: Iterable[str]) -> list[str]:
             "released %d placement group(s) that this sweep's earlier driver (Ray job %s) left holding "
             "resources: %s",
             len(removed),
-            ", ".join(sorted(dead)),
+            ", ".join(sorted({pg_id[-8:] for pg_id in removed})),
             ", ".join(removed),
         )
     return removed
