@@ -90,6 +90,7 @@ def build_tuner(
         search_alg=search_algorithm(spec, trials_at_once, exp_dir, epochs, warm_start),
         scheduler=_scheduler(spec, epochs),
         num_samples=spec.num_samples,
+        reuse_actors=reuse_trial_actors(spec),
     )
     # The live table: the objective and the searched parameters of every trial, best first.
     reporter = tune.CLIReporter(
@@ -113,6 +114,14 @@ def build_tuner(
     return tune.Tuner(
         trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config
     )
+
+
+def reuse_trial_actors(spec: SweepSpec) -> bool:
+    """Whether a finished trial's Tune actor runs the next trial, instead of a new actor (a new process
+    that imports Ray and torch again): only when no scheduler stops trials early. A trial stopped early
+    is still inside `TorchTrainer.fit`, Tune's reset of its actor waits 2 s for that thread and then
+    fails the next trial ("Could not re-use actor"); docs/operations.md, "Reusing trial actors"."""
+    return spec.scheduler.name == "none"
 
 
 def search_algorithm(
