@@ -33,18 +33,33 @@ def _runs(tmp_path: Path, experiment: str, role: str = "trial") -> tuple[list, l
     return parents, children
 
 
-def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_sweep_finishes_with_parent_children_and_probes(tmp_path: Path, ray_address: str) -> None:
-    # Two 2-worker trials, no scheduler. ASHA stopping a trial under Ray (KILLED in MLflow, PRUNED in
-    # Optuna, its workers freed for the next) is test_fidelity's sweep; the refine step under Ray is
-    # test_a_sweep_interrupted_in_its_refine_step_resumes_there.
+def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_children_and_probes(
+    tmp_path: Path, ray_address: str
+) -> None:
+    """The main job as the README runs it, with no --address: two 2-worker trials, no scheduler.
+
+    With another Ray running on the machine (the session's cluster), the sweep starts a Ray of its own
+    (sweeps.cluster: address="local") instead of joining the other one and refusing its num_cpus, and
+    leaves the other cluster as it found it: the same node, alive, with the same resources.
+
+    ASHA stopping a trial under Ray (KILLED in MLflow, PRUNED in Optuna, its workers freed for the next)
+    is test_fidelity's sweep; the refine step under Ray is
+    test_a_sweep_interrupted_in_its_refine_step_resumes_there.
+    """
+    before = _cluster_nodes(ray_address)
+    assert len(before) == 1 and before[0][1:] == [True, 2.0, 2.0]
     spec = tiny_spec(tmp_path, "e2e", num_samples=2, scheduler={"name": "none"}, baselines=True)
-    proc = _run(sweep_cmd(spec, "--address", ray_address), timeout=1200)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = _run(sweep_cmd(spec), timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout and "best_config.yaml" in proc.stdout
+    assert "Started a local Ray instance" in proc.stderr
+    assert "Connecting to existing Ray cluster" not in proc.stderr
+    assert _cluster_nodes(ray_address) == before
 
     parents, children = _runs(tmp_path, "e2e")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -81,6 +96,14 @@ def test_sweep_finishes_with_parent_children_and_probes(tmp_path: Path, ray_addr
     # Optuna learnt what MLflow shows: each trial COMPLETE, with the objective of both epochs.
     study = optuna.load_study(study_name="e2e", storage=journal_storage(str(tmp_path / "storage" / "e2e")))
     assert [(t.state.name, sorted(t.intermediate_values)) for t in study.trials] == [("COMPLETE", [1, 2])] * 2
+    # No scheduler stops a trial early, so the second trial ran in the first one's Tune actor (the `pid`
+    # of Tune's results), without starting a new process (docs/operations.md, "Reusing trial actors").
+    pids = {
+        json.loads(line)["pid"]
+        for result in (tmp_path / "storage" / "e2e").glob("*/result.json")
+        for line in result.read_text().splitlines()
+    }
+    assert len(pids) == 1, pids
 
 
 def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:
@@ -199,40 +222,6 @@ def _cluster_nodes(address: str) -> list[list[object]]:
     proc = _run([sys.executable, "-c", _NODES, address], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_a_sweep_without_address_starts_its_own_ray_beside_a_running_cluster(
-    tmp_path: Path, ray_address: str
-) -> None:
-    """With another Ray running on the machine (the session's cluster), a sweep given no --address starts
-    a Ray of its own (sweeps.cluster: address="local"), instead of joining the other one and refusing its
-    num_cpus, and leaves the other cluster as it found it: the same node, alive, with the same resources."""
-    before = _cluster_nodes(ray_address)
-    assert len(before) == 1 and before[0][1:] == [True, 2.0, 2.0]
-    spec = tiny_spec(
-        tmp_path,
-        "own_ray",
-        num_samples=1,
-        scheduler={"name": "none"},
-        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
-    )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        sweep_cmd(spec, "--set", "base.schedule.epochs=1"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Started a local Ray instance" in proc.stderr
-    assert "Connecting to existing Ray cluster" not in proc.stderr
-    parents, children = _runs(tmp_path, "own_ray")
-    assert [p.info.status for p in parents] == ["FINISHED"]
-    assert [c.info.status for c in children] == ["FINISHED"]
-    assert "val/knn_top1/mean_emb" in children[0].data.metrics
-    assert _cluster_nodes(ray_address) == before
 
 
 def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ray_address: str) -> None:
