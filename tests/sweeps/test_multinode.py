@@ -32,9 +32,14 @@ def last_results(exp_dir: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_spread_trial_runs_one_worker_per_node_with_gloo_ddp_between_them(
+def test_a_sweep_submitted_to_the_head_spreads_a_trial_one_worker_per_node_with_gloo_ddp(
     tmp_path: Path, two_nodes: TwoNodes
 ) -> None:
+    """`ray job submit --working-dir . -- python -m sweeps.run SPEC`, as the README says, of a sweep whose
+    trial has 2 workers placed `spread`: rank 0 and rank 1 run on the two nodes, one each, with gloo DDP
+    between them (as the workers report it). The spec's MLflow store and storage path are absolute paths
+    every node sees (the job runs in a copy of the working directory that Ray deletes with its session),
+    and the trial's checkpoints land in that storage path."""
     spec = tiny_spec(
         tmp_path,
         "spread",
@@ -42,40 +47,6 @@ def test_a_spread_trial_runs_one_worker_per_node_with_gloo_ddp_between_them(
         scheduler={"name": "none"},
         resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
     )
-    proc = subprocess.run(
-        sweep_cmd(spec, "--address", two_nodes.address, "--set", "base.schedule.epochs=1"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exp_dir = tmp_path / "storage" / "spread"
-    (result,) = last_results(exp_dir).values()
-    ranks = result[WORKER_NODES].split(",")
-    print("node ids per rank:", ranks, "cluster:", two_nodes.node_ids)
-    # Rank 0 and rank 1 on the two distinct nodes of the cluster, one each, talking over gloo.
-    assert sorted(ranks) == sorted(two_nodes.node_ids.values())
-    assert result[WORKER_BACKEND] == "gloo"
-    assert result["epoch"] == 1 and result["val/knn_top1/mean_emb"] > 0
-    # The trial's checkpoint landed in the sweep's storage path, a directory both nodes write to.
-    run_dir = exp_dir / "train_runs" / f"train_{result['trial_id']}"
-    checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
-    assert checkpoints and all(any(c.iterdir()) for c in checkpoints)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (child,) = client.search_runs(
-        [client.get_experiment_by_name("spread").experiment_id], "tags.`bagssl.role` = 'trial'"
-    )
-    assert child.info.status == "FINISHED"
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_ray_job_submit_runs_a_sweep_from_the_head(tmp_path: Path, two_nodes: TwoNodes) -> None:
-    """`ray job submit --working-dir . -- python -m sweeps.run SPEC`, as the README says: the spec's MLflow
-    store and storage path are absolute paths every node sees (the job runs in a copy of the working
-    directory that Ray deletes with its session)."""
-    spec = tiny_spec(tmp_path, "job", num_samples=1, scheduler={"name": "none"})
     cmd = [
         *(str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={two_nodes.dashboard}"),
         *("--working-dir", ".", "--", "python", "-m", "sweeps.run", str(spec)),
@@ -84,12 +55,23 @@ def test_ray_job_submit_runs_a_sweep_from_the_head(tmp_path: Path, two_nodes: Tw
     proc = subprocess.run(cmd, cwd=ROOT, env=two_nodes.env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "succeeded" in proc.stdout and "best trial" in proc.stdout
+    exp_dir = tmp_path / "storage" / "spread"
+    assert (exp_dir / "best_config.yaml").is_file()
+
+    (result,) = last_results(exp_dir).values()
+    ranks = result[WORKER_NODES].split(",")
+    print("node ids per rank:", ranks, "cluster:", two_nodes.node_ids)
+    assert sorted(ranks) == sorted(two_nodes.node_ids.values())
+    assert result[WORKER_BACKEND] == "gloo"
+    assert result["epoch"] == 1 and result["val/knn_top1/mean_emb"] > 0
+    run_dir = exp_dir / "train_runs" / f"train_{result['trial_id']}"
+    checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+    assert checkpoints and all(any(c.iterdir()) for c in checkpoints)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (child,) = client.search_runs(
-        [client.get_experiment_by_name("job").experiment_id], "tags.`bagssl.role` = 'trial'"
+        [client.get_experiment_by_name("spread").experiment_id], "tags.`bagssl.role` = 'trial'"
     )
     assert child.info.status == "FINISHED"
-    assert (tmp_path / "storage" / "job" / "best_config.yaml").is_file()
 
 
 @pytest.mark.slow
