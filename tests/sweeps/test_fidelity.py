@@ -153,6 +153,16 @@ def test_searched_epochs_set_asha_max_t_and_the_plan(
     assert asha_max_t(SPEC, 5) == 6
 
 
+@pytest.mark.parametrize(("scheduler", "reuse"), [("none", True), ("asha", False), ("median", False)])
+def test_trial_actors_are_reused_only_when_no_scheduler_stops_a_trial(scheduler: str, reuse: bool) -> None:
+    # A trial stopped early is still inside TorchTrainer.fit: Tune's reset of its actor for the next
+    # trial would fail that next trial (docs/operations.md, "Reusing trial actors").
+    from sweeps.tuner import reuse_trial_actors
+
+    spec = SPEC.model_copy(update={"scheduler": SPEC.scheduler.model_copy(update={"name": scheduler})})
+    assert reuse_trial_actors(spec) is reuse
+
+
 # --- a real sweep -------------------------------------------------------------------------------------------
 
 
