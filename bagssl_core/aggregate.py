@@ -223,7 +223,7 @@ def _embed_group(
     """Embed a group's patches at most `chunk` (default `cfg.eval_patch_chunk`) at a time: (i0, i1, g0, g1,
     h, z), h of shape (i1 - i0, g1 - g0, D_h). Only the chunk's patches are ever cut out (`crop_patches`
     indexes a view of the images)."""
-    chunk = chunk or cfg.eval_patch_chunk(group.px)
+    chunk = chunk or cfg.eval_patch_chunk(group.px, images.device.type)
     mean, std = mean_std
     size = cfg.input_size
     n_img, n_patch = images.shape[0], group.boxes.shape[-2]

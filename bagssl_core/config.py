@@ -54,6 +54,10 @@ TINY_PATCH_AREA = 0.01
 # channel, at the larger of their cut-out and input sides: extraction memory then stays bounded whatever
 # the image size and the backbone's input size (about 70 MB per ResNet activation at 14 px).
 EVAL_CHUNK_PIXELS = 2**18
+# On a GPU that bound leaves the device idle between small forwards: on an H100 the default config's probe
+# (334 patches of 28 px a forward) took 11 s against a 14-s training epoch, launch-bound. A GPU forwards 16x
+# more at once (about 0.5 GB per activation in bf16 at 28 px); bench/eval_chunk.py measures the choice.
+EVAL_CHUNK_PIXELS_CUDA = 2**22
 # Datasets whose images have one channel (replicated to 3 unless data.to_rgb is false).
 GRAYSCALE_DATASETS = frozenset({"fashion_mnist"})
 # Datasets torchvision can download into data.root (fashion_mnist only when Debian's copy is missing).
@@ -361,7 +365,8 @@ class EvalConfig(_Part):
         ge=1,
         description="Most patches cut out and forwarded at once in feature extraction, whatever the image "
         f"size, grid or schemes (bounds its memory); None = as many as make {EVAL_CHUNK_PIXELS} pixels "
-        "at the larger of their cut-out and input sides (1337 patches of 14 px, 256 of 32 px).",
+        "at the larger of their cut-out and input sides (1337 patches of 14 px, 256 of 32 px), "
+        f"{EVAL_CHUNK_PIXELS_CUDA} on a CUDA device.",
     )
     analyses: list[AnalysisName] = Field(
         default_factory=list,
@@ -484,10 +489,12 @@ class TrainConfig(_Part):
     def eval_num_patches(self) -> int:
         return self.eval.num_patches or self.patch.num
 
-    def eval_patch_chunk(self, patch_px: int) -> int:
+    def eval_patch_chunk(self, patch_px: int, device_type: str = "cpu") -> int:
         """Most `patch_px`-px patches per forward in feature extraction: eval.patch_chunk, else as many as
-        make EVAL_CHUNK_PIXELS pixels at the larger of their cut-out and input sides."""
-        return self.eval.patch_chunk or max(1, EVAL_CHUNK_PIXELS // max(patch_px, self.input_size) ** 2)
+        make EVAL_CHUNK_PIXELS (EVAL_CHUNK_PIXELS_CUDA on "cuda") pixels at the larger of their cut-out
+        and input sides."""
+        pixels = EVAL_CHUNK_PIXELS_CUDA if device_type == "cuda" else EVAL_CHUNK_PIXELS
+        return self.eval.patch_chunk or max(1, pixels // max(patch_px, self.input_size) ** 2)
 
     def effective_lr(self) -> float:
         """lr actually used at the schedule's peak: base_lr * global batch / 256."""

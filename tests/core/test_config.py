@@ -13,6 +13,7 @@ from bagssl_core.aggregate import SCHEMES
 from bagssl_core.config import (
     BAG_SCHEMES,
     EVAL_CHUNK_PIXELS,
+    EVAL_CHUNK_PIXELS_CUDA,
     KNOB_RULES,
     PRESETS,
     TINY_PATCH_AREA,
@@ -304,6 +305,10 @@ def test_eval_patch_chunk_bounds_pixels_per_forward() -> None:
     assert cfg.eval_patch_chunk(7) == 1337 and cfg.eval_patch_chunk(21) == 594  # 2**18 // 21**2
     assert load_config(None, ["data.image_size=224"]).eval_patch_chunk(16) == 5  # input = the image
     assert load_config(None, ["eval.patch_chunk=64"]).eval_patch_chunk(100) == 64
+    # A GPU forwards 16x the pixels at once (bench/eval_chunk.py); an explicit eval.patch_chunk still wins.
+    assert EVAL_CHUNK_PIXELS_CUDA == 2**22 and cfg.eval_patch_chunk(7, "cuda") == 21399  # 2**22 // 14**2
+    assert cfg.eval_patch_chunk(7, "mps") == 1337  # any device but CUDA keeps the CPU's bound
+    assert load_config(None, ["eval.patch_chunk=64"]).eval_patch_chunk(100, "cuda") == 64
     assert "eval.patch_chunk: expected greater than or equal to 1" in config_error(["eval.patch_chunk=0"])
 
 
