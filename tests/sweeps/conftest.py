@@ -273,3 +273,15 @@ def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
 
 def sweep_cmd(spec: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "sweeps.run", str(spec), *args]
+
+
+def tune_results(exp_dir: Path, trial_id: str = "") -> dict[str, list[dict]]:
+    """Tune trial id -> every result Tune recorded for that trial, in order, read from the result.json
+    files under the sweep's storage path (`exp_dir`); only the trials whose directory names `trial_id`
+    when one is given. A trial that has reported nothing yet is left out."""
+    out = {}
+    for f in sorted(exp_dir.glob(f"*{trial_id}*/result.json")):
+        lines = [json.loads(line) for line in f.read_text().splitlines()]
+        if lines:
+            out[lines[0]["trial_id"]] = lines
+    return out

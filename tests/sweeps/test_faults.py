@@ -6,7 +6,6 @@ the trials' own reports (node ids, pids) are read back after the fault.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -20,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.trainable import WORKER_NODES, WORKER_PIDS
-from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec
+from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec, tune_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,11 +139,6 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
         assert [step for step, _ in _epochs(tmp_path, c.info.run_id)] == [1]
 
 
-def _result_lines(exp_dir: Path, trial_id: str) -> list[dict]:
-    (path,) = exp_dir.glob(f"*{trial_id}*/result.json")
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_same_result(
     tmp_path: Path, two_nodes: TwoNodes
 ) -> None:
@@ -185,7 +179,7 @@ def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_s
     log = (tmp_path / "sweep.log").read_text()
     assert out_code == 0, log[-3000:]
     exp_dir = tmp_path / "storage" / "workerkill"
-    reports = _result_lines(exp_dir, victim_trial)
+    (reports,) = tune_results(exp_dir, victim_trial).values()
     # The killed worker reported epoch 1; the restarted group, with a new worker there, epoch 2.
     assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
     assert str(victim) in reports[0][WORKER_PIDS].split(",")
@@ -243,7 +237,7 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
             two_nodes.start_second_node()
     log = (tmp_path / "sweep.log").read_text()
     assert out_code == 0, log[-3000:]
-    reports = _result_lines(tmp_path / "storage" / "nodeloss", victim_trial)
+    (reports,) = tune_results(tmp_path / "storage" / "nodeloss", victim_trial).values()
     assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
     assert first_node2 in reports[0][WORKER_NODES].split(",")
     # The restarted group ran on the head and the node that joined in the lost one's place.

@@ -23,7 +23,7 @@ from sweeps.run import main
 from sweeps.searcher import FidelitySearch, journal_storage
 from sweeps.space import param_space
 from sweeps.spec import SweepSpec, asha_max_t, epoch_range
-from tests.sweeps.conftest import sweep_cmd, tiny_spec
+from tests.sweeps.conftest import sweep_cmd, tiny_spec, tune_results
 
 ROOT = Path(__file__).resolve().parents[2]
 METRIC = "val/knn_top1/mean_emb"
@@ -265,8 +265,7 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
             trial = json.loads(trial_json)
             statuses[trial["trial_id"]] = trial["status"]
     assert set(statuses.values()) == {"TERMINATED"} and len(statuses) == 4
-    (result_file,) = exp_dir.glob(f"*{tid}*/result.json")
-    reports = [json.loads(line) for line in result_file.read_text().splitlines()]
+    (reports,) = tune_results(exp_dir, tid).values()
     assert sum(DIVERGED_AT_STEP in r for r in reports) == 1
 
 

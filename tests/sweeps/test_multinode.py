@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +12,10 @@ from mlflow.tracking import MlflowClient
 from sweeps.resources import ddp_backend, trials_that_fit, worker_group_fits
 from sweeps.spec import ResourcesSpec
 from sweeps.trainable import WORKER_BACKEND, WORKER_NODES
-from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec
+from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec, tune_results
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_CPU = {"CPU": 1.0}
-
-
-def last_results(exp_dir: Path) -> dict[str, dict]:
-    """Each Tune trial's last result, from the result.json Tune wrote under the sweep's storage path."""
-    out = {}
-    for f in exp_dir.glob("*/result.json"):
-        lines = f.read_text().splitlines()
-        if lines:
-            last = json.loads(lines[-1])
-            out[last["trial_id"]] = last
-    return out
 
 
 @pytest.mark.slow
@@ -58,7 +46,7 @@ def test_a_sweep_submitted_to_the_head_spreads_a_trial_one_worker_per_node_with_
     exp_dir = tmp_path / "storage" / "spread"
     assert (exp_dir / "best_config.yaml").is_file()
 
-    (result,) = last_results(exp_dir).values()
+    ((*_, result),) = tune_results(exp_dir).values()  # the trial's last result
     ranks = result[WORKER_NODES].split(",")
     print("node ids per rank:", ranks, "cluster:", two_nodes.node_ids)
     assert sorted(ranks) == sorted(two_nodes.node_ids.values())

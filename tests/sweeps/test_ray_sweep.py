@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from bagssl_core.config import load_config
 from sweeps.searcher import journal_storage
-from tests.sweeps.conftest import sweep_cmd, tiny_spec
+from tests.sweeps.conftest import sweep_cmd, tiny_spec, tune_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,11 +98,7 @@ def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_childre
     assert [(t.state.name, sorted(t.intermediate_values)) for t in study.trials] == [("COMPLETE", [1, 2])] * 2
     # No scheduler stops a trial early, so the second trial ran in the first one's Tune actor (the `pid`
     # of Tune's results), without starting a new process (docs/operations.md, "Reusing trial actors").
-    pids = {
-        json.loads(line)["pid"]
-        for result in (tmp_path / "storage" / "e2e").glob("*/result.json")
-        for line in result.read_text().splitlines()
-    }
+    pids = {r["pid"] for rs in tune_results(tmp_path / "storage" / "e2e").values() for r in rs}
     assert len(pids) == 1, pids
 
 
