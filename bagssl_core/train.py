@@ -317,7 +317,7 @@ def evaluate(
         (train_feats, train_labels), *evals = (e for e in extracted if e is not None)
         by_split = dict(zip(eval_data, evals, strict=True))
         probes = run_probes(
-            train_feats, train_labels, by_split, train_data.num_classes, ev, cfg.run.seed, name
+            train_feats, train_labels, by_split, train_data.num_classes, ev, cfg.run.seed, name, device
         )
         metrics.update(probes.items())
     return metrics

@@ -185,6 +185,9 @@ def test_run_probes_keys_every_split_scheme_and_probe_with_intervals():
         metrics[top5.with_bound("hi")] - metrics[top5.with_bound("lo")]
     )  # 45 test images pin the accuracy down more than 20 validation images
 
+    # kNN on a device named apart from the features' (the GPU in training) scores the same.
+    assert run_probes(train, ytr, evals, 7, cfg, seed=1, variant="v", knn_device="cpu") == metrics
+
     knn_only = run_probes(
         train, ytr, {"val": evals["val"]}, 7, cfg.model_copy(update={"probes": ["knn"]}), seed=1
     )
