@@ -10,6 +10,11 @@ imagefolder decodes lazily, per image, so the work happens in DataLoader workers
 
 Every missing file or failed download surfaces as a `DataError`: one line that says what is missing and
 what to do about it.
+
+torchvision is imported inside the functions that need it (the torchvision datasets, ImageFolder's decoding
+and resizing), not here: importing it costs about 3 s of CPU (its `ops` pull in torch's compiler stack), and
+the sweep driver, which loads the splits only to check them before a sweep starts, reads Fashion-MNIST's idx
+files without it.
 """
 
 from __future__ import annotations
@@ -27,11 +32,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 from bagssl_core.config import (
     NATIVE_IMAGE_SIZE,
@@ -168,6 +170,9 @@ class ImageFolderData(ImageData):
         )
 
     def _load(self, path: Path) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as TF
+        from torchvision.io import ImageReadMode, decode_image
+
         try:
             img = decode_image(str(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as err:
@@ -437,6 +442,8 @@ def _load_fashion_mnist(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, t
             f"{root / 'FashionMNIST' / 'raw'}; install Debian's dataset-fashion-mnist "
             "(apt-get install dataset-fashion-mnist) or set data.download=true"
         )
+    import torchvision
+
     ds = _torchvision_dataset(torchvision.datasets.FashionMNIST, "fashion_mnist", cfg, train=split == "train")
     return ds.data.unsqueeze(1).contiguous(), ds.targets.to(torch.int64), 10
 
@@ -481,6 +488,8 @@ def _torchvision_dataset(cls: type, name: str, cfg: DataConfig, **kwargs: object
 
 
 def _load_cifar(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Tensor, int]:
+    import torchvision
+
     cls, classes = (
         (torchvision.datasets.CIFAR10, 10) if cfg.name == "cifar10" else (torchvision.datasets.CIFAR100, 100)
     )
@@ -491,6 +500,8 @@ def _load_cifar(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Ten
 
 
 def _load_stl10(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Tensor, int]:
+    import torchvision
+
     ds = _torchvision_dataset(torchvision.datasets.STL10, "stl10", cfg, split=split)
     return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), 10
 

@@ -122,7 +122,6 @@ def param_importance(
 ) -> Importance:
     """The importance of each training axis for the validation objective, by Optuna's fANOVA evaluator."""
     import optuna
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     study = build_study(spec, trials)
     completed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
@@ -137,6 +136,10 @@ def param_importance(
             "the noise of its random forest",
             completed,
         )
+    # Only now: optuna.importance imports scikit-learn for fANOVA's random forest, about 2-3 s of CPU that
+    # the report of a sweep too small to rank its axes (every test sweep, a smoke sweep) need not pay.
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
     values = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), normalize=True)
     return Importance({k: float(v) for k, v in values.items()}, None, completed)
 
