@@ -7,9 +7,11 @@ settings at import. docs/operations.md explains each workaround here.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
+import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -45,9 +47,18 @@ def init_ray(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, log_to_driver=True)
+            ctx = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise SpecError(f"--address: cannot join the Ray cluster at {address}: {err}") from None
+        if cluster_auth_mode(ctx.dashboard_url) == "disabled" and driver_auth_mode() == "token":
+            ray.shutdown()
+            raise SpecError(
+                f"--address: the Ray cluster at {address} runs without token authentication, but this driver "
+                "has it on (RAY_AUTH_MODE=token, set by you or, since this machine holds a Ray token in "
+                "~/.ray/auth_token, by the sweep), so the cluster's processes could not call the driver back "
+                "and every trial would fail at once; expected the same mode on both sides: run the sweep "
+                "with RAY_AUTH_MODE=disabled, or restart the cluster on a machine that holds the token"
+            )
         return
     # The dashboard serves the State API that Train's placement-group cleaner needs; the cleaner finds it by
     # auto-detection, which fails while another Ray runs on this machine, so its address is pinned in
@@ -64,6 +75,33 @@ def init_ray(address: str | None) -> None:
         dashboard_port=port,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
+
+
+def driver_auth_mode() -> str:
+    """This process's Ray authentication mode, "token" or "disabled": Ray's own reading, which `ray.init`
+    may have turned on by itself (docs/operations.md, "Token authentication")."""
+    from ray._private.authentication.authentication_utils import get_authentication_mode_name
+    from ray._raylet import get_authentication_mode  # type: ignore[attr-defined]  # compiled; its stub lacks it
+
+    return get_authentication_mode_name(get_authentication_mode())
+
+
+def cluster_auth_mode(dashboard_url: str | None) -> str | None:
+    """The authentication mode a cluster's head runs with, "token" or "disabled", from its dashboard;
+    None when it has no dashboard or does not say.
+
+    Why it is asked: a cluster started before this machine held a token runs without authentication, and a
+    driver that turned token auth on (docs/operations.md, "Token authentication") then rejects the
+    cluster's own calls to it; the joined cluster is the only one that knows which mode it runs."""
+    if not dashboard_url:
+        return None
+    url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    try:
+        with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=10) as resp:
+            mode = json.load(resp).get("authentication_mode")
+    except (OSError, ValueError, AttributeError):  # unreachable, or an answer without the field
+        return None
+    return mode if mode in ("token", "disabled") else None
 
 
 def placement(spec: SweepSpec) -> Placement:

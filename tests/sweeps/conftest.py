@@ -30,8 +30,24 @@ import yaml
 from sweeps.ray_env import free_port, has_auth_token
 
 
+def ensure_ray_token() -> None:
+    """Give this machine a Ray auth token before any cluster of the session starts, as the first local
+    `ray.init` on it would (`ray get-auth-token --generate`; nothing is done where one exists).
+
+    Why: a head started without a token runs without authentication, and the first sweep that starts its own
+    Ray creates the token, after which every driver joining that head turns token auth on and is cut off
+    from it (docs/operations.md, "Token authentication"). With the token there first, every cluster and
+    driver of the session uses it; the mixed case is tested on its own
+    (test_ray_sweep.py::test_a_cluster_without_token_auth_joined_by_a_driver_with_it_is_refused_at_start)."""
+    if not has_auth_token():
+        subprocess.run(
+            [_ray_bin(), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120
+        )
+
+
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
+    ensure_ray_token()
     ray_bin = _ray_bin()
     port, dash = free_port(), free_port()
     # As a sweep's own local Ray: the dashboard pinned for Train's placement-group cleaner, and a
@@ -96,7 +112,7 @@ class TwoNodes:
 
     def start_second_node(self) -> None:
         """`ray start` the second node, joined to the head (again, after `kill_node`: a new node id)."""
-        _start_node(self.env, self.temp_dirs["node2"], "node2", {}, 22000, f"--address={self.address}")
+        start_node(self.env, self.temp_dirs["node2"], "node2", {}, 22000, f"--address={self.address}")
         # The node killed before may still be listed ALIVE until the GCS's health check marks it DEAD.
         self.node_ids = _node_ids(
             self.dashboard, self.env, gone=set(self.node_ids.values()) - {self.node_ids.get("head")}
@@ -131,7 +147,7 @@ def _processes() -> dict[int, tuple[int, str]]:
     return out
 
 
-def _start_node(
+def start_node(
     env: dict[str, str], temp_dir: Path, name: str, resources: dict[str, float], worker_ports: int, *args: str
 ) -> None:
     """`ray start` one node: 1 CPU, `resources`, and a resource `node_<name>` that pins work to it.
@@ -185,6 +201,7 @@ def _node_ids(dashboard: str, env: dict[str, str], gone: Collection[str] = ()) -
 
 @pytest.fixture(scope="session")
 def two_nodes() -> Iterator[TwoNodes]:
+    ensure_ray_token()
     port, dash, client = free_port(), free_port(), free_port()
     # Short, because Ray's unix sockets live under it (at most 107 bytes a path).
     root = Path(tempfile.mkdtemp(prefix="bgr", dir="/tmp"))
@@ -202,7 +219,7 @@ def two_nodes() -> Iterator[TwoNodes]:
     join_env = {**env, "RAY_AUTH_MODE": "token"} if has_auth_token() and "RAY_AUTH_MODE" not in env else env
     cluster = TwoNodes(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, join_env)
     try:
-        _start_node(
+        start_node(
             env,
             dirs["head"],
             "head",

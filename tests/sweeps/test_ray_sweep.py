@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,8 +18,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bagssl_core.config import load_config
+from sweeps.ray_env import free_port
 from sweeps.searcher import journal_storage
-from tests.sweeps.conftest import sweep_cmd, tiny_spec, tune_results
+from tests.sweeps.conftest import TwoNodes, ensure_ray_token, start_node, sweep_cmd, tiny_spec, tune_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +105,15 @@ def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_childre
     assert len(pids) == 1, pids
 
 
+def _assert_running(proc: subprocess.Popen) -> None:
+    """Fail at once, with what the sweep printed, when a sweep that a test waits on has already ended."""
+    if proc.poll() is not None:
+        out = proc.stdout.read() if proc.stdout else ""
+        raise AssertionError(
+            f"the sweep ended (exit {proc.returncode}) while the test waited on it:\n{out[-3000:]}"
+        )
+
+
 def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:
     spec = tiny_spec(tmp_path, "resume", num_samples=3, scheduler={"name": "none"})
     proc = subprocess.Popen(
@@ -117,6 +129,7 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_ad
     try:
         while time.time() < deadline:
             time.sleep(2)
+            _assert_running(proc)
             statuses = _trial_statuses(db)
             if "FINISHED" in statuses and len(statuses) >= 2:
                 break
@@ -201,6 +214,48 @@ def test_a_trial_that_can_never_be_placed_is_an_error_at_start(tmp_path: Path, r
     assert time.time() - t0 < 120
 
 
+def test_a_cluster_without_token_auth_joined_by_a_driver_with_it_is_refused_at_start(tmp_path: Path) -> None:
+    """A head started with RAY_AUTH_MODE=disabled (as one started before this machine held a token runs),
+    and a sweep joining it from this machine, which holds a token: the driver turns token auth on
+    (docs/operations.md, "Token authentication"), so the head's processes could not call it back and every
+    trial would fail at once. The sweep says so and what to do before anything is written; with the
+    remedy it names, the same sweep gets as far as placing its trials."""
+    ensure_ray_token()
+    port, dash = free_port(), free_port()
+    head = Path(tempfile.mkdtemp(prefix="bgr", dir="/tmp"))  # short: Ray's unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    cluster = TwoNodes(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": head}, env)
+    try:
+        start_node(
+            {**env, "RAY_AUTH_MODE": "disabled"},
+            head,
+            "head",
+            {},
+            23000,
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+        )
+        spec = tiny_spec(tmp_path, "nauth")
+        proc = _run(sweep_cmd(spec, "--address", cluster.address), timeout=180, env=env)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "--address" in proc.stderr and "RAY_AUTH_MODE=disabled" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not list((tmp_path / "storage").glob("*")), "a refused sweep leaves nothing behind"
+        # The remedy: the head has 1 CPU, so the 2-worker trial is refused next, past the auth check.
+        fixed = _run(
+            sweep_cmd(spec, "--address", cluster.address),
+            timeout=180,
+            env={**env, "RAY_AUTH_MODE": "disabled"},
+        )
+        assert fixed.returncode == 2 and "can never be placed" in fixed.stderr, fixed.stderr[-3000:]
+    finally:
+        cluster.kill_node("head")
+        shutil.rmtree(head, ignore_errors=True)
+
+
 # A driver that joins the cluster at argv[1] and prints its nodes as JSON: [id, alive, CPU, trial_slot].
 _NODES = """
 import json, sys
@@ -245,6 +300,7 @@ def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ra
     try:
         while time.time() < deadline and not refining:
             time.sleep(2)
+            _assert_running(proc)
             refining = [s for s in _trial_statuses(db, "refine") if s == "RUNNING"]
         assert refining, "no refine run started in time"
         time.sleep(5)  # into its training, past the Tune experiment's first saved state
