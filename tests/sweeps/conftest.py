@@ -11,6 +11,7 @@ one for the session too (a fault test that loses the second node starts it again
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -243,6 +244,30 @@ def two_nodes() -> Iterator[TwoNodes]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+_EMPTY_STORE: list[Path] = []  # the session's empty MLflow store, made on first use
+
+
+def empty_mlflow_store(db: Path) -> None:
+    """Put an empty MLflow sqlite store at `db`, a copy of one MLflow created once for the session.
+
+    MLflow creates a new sqlite store by running every one of its schema migrations: 3 to 7 s of CPU here,
+    which each sweep under test would otherwise pay before its first trial. The copy is the real thing, a
+    store at MLflow's current schema with its Default experiment. Creating a store from nothing stays
+    tested where the store is the subject (tests/sweeps/test_tracking.py). An existing `db` is left as it
+    is."""
+    if db.exists():
+        return
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="mlflow-empty-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+        atexit.register(shutil.rmtree, template.parent, True)
+        _EMPTY_STORE.append(template)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], db)
+
+
 def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
     """A real sweep on real Fashion-MNIST images, small enough for 2 cores: 2 epochs of 4 steps.
 
@@ -254,6 +279,8 @@ def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
 
     No baselines (seconds of a sweep's start, before its first trial): `baselines=True` turns them on, as
     the end-to-end test does to check them.
+
+    Its sqlite MLflow store starts as a copy of an empty one (`empty_mlflow_store`).
     """
     spec = {
         "name": name,
@@ -283,6 +310,8 @@ def tiny_spec(tmp_path: Path, name: str, **changes: object) -> Path:
         "baselines": False,
     }
     spec.update(changes)
+    if "tracking" not in changes:
+        empty_mlflow_store(tmp_path / "mlflow.db")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

@@ -6,6 +6,7 @@ the trials' own reports (node ids, pids) are read back after the fault.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -53,6 +54,20 @@ def _wait_for(what: str, ready: Callable[[], Any], proc: subprocess.Popen, timeo
         assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before {what}"
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _saved_trial_states(exp_dir: Path) -> dict[str, str]:
+    """Tune trial id -> status, as Tune's latest saved experiment state in the storage path holds them:
+    what `--resume` will read."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        saved = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught in the middle of a write
+        return {}
+    trials = (json.loads(t[0]) for t in saved["trial_data"])
+    return {t["trial_id"]: t["status"] for t in trials}
 
 
 def _mlflow_runs(tmp_path: Path, experiment: str) -> tuple[list, list]:
@@ -106,7 +121,12 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
             lambda: sorted(s for s, _ in _trial_rows(db).values()) == ["FINISHED", "RUNNING"],
             proc,
         )
-        time.sleep(25)  # two of Tune's state saves (10 s apart at least) after the first trial ended
+        # The finished trial in the state Tune saved: what a resume starts from.
+        _wait_for(
+            "Tune's saved state to hold the finished trial",
+            lambda: "TERMINATED" in _saved_trial_states(tmp_path / "storage" / "driverkill").values(),
+            proc,
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.ray_env import free_port
-from tests.sweeps.conftest import sweep_cmd, tiny_spec
+from tests.sweeps.conftest import empty_mlflow_store, sweep_cmd, tiny_spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,7 @@ class Server:
 
     def __init__(self, root: Path):
         self.db = root / "mlflow.db"
+        empty_mlflow_store(self.db)
         self.artifacts = root / "artifacts"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
