@@ -1,8 +1,9 @@
 """Real Ray clusters on this machine for the sweeps under test, which join them with --address.
 
-`ray_address`: one single-node Ray for the whole session. Starting Ray costs 5-14 s here and a second
-Ray on the machine confuses Train's placement-group cleaner unless its dashboard is pinned
-(docs/operations.md, "The dashboard"), so the single-node tests share this one.
+`ray_address`: one single-node Ray for the whole session (for each of the suite's parallel workers).
+Starting Ray costs 5-14 s here and a second Ray on the machine confuses Train's placement-group cleaner
+unless its dashboard is pinned (docs/operations.md, "The dashboard"), so the single-node tests share this
+one.
 
 `two_nodes`: a head and a second node that joins it, both started with `ray start` as on a real
 cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -40,38 +42,51 @@ def ensure_ray_token() -> None:
     from it (docs/operations.md, "Token authentication"). With the token there first, every cluster and
     driver of the session uses it; the mixed case is tested on its own
     (test_ray_sweep.py::test_a_cluster_without_token_auth_joined_by_a_driver_with_it_is_refused_at_start)."""
-    if not has_auth_token():
-        subprocess.run(
-            [_ray_bin(), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120
-        )
+    # Under a lock: the suite's parallel workers (tests/conftest.py) may both find no token at once, and two
+    # generations would leave the clusters of the one that wrote first holding a token that is no longer
+    # the machine's.
+    with open(Path(tempfile.gettempdir()) / "bagssl-tests-ray-token.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not has_auth_token():
+            subprocess.run(
+                [_ray_bin(), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120
+            )
 
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     ensure_ray_token()
-    ray_bin = _ray_bin()
     port, dash = free_port(), free_port()
+    # Short, because Ray's unix sockets live under it (at most 107 bytes a path); its own, so that only this
+    # cluster's processes are stopped at the end: `ray stop` would stop every Ray on the machine, a
+    # parallel test worker's too.
+    temp_dir = Path(tempfile.mkdtemp(prefix="bgr", dir="/tmp"))
     # As a sweep's own local Ray: the dashboard pinned for Train's placement-group cleaner, and a
     # 'trial_slot' per core for the trials' own actors (docs/operations.md, "The dashboard", "Resources").
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
     cmd = [
-        ray_bin,
+        _ray_bin(),
         "start",
         "--head",
         f"--port={port}",
         "--num-cpus=2",
         "--resources",
         json.dumps({"trial_slot": 2}),
+        f"--temp-dir={temp_dir}",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": temp_dir}, env)
     try:
-        yield f"127.0.0.1:{port}"
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"ray start of the session cluster failed:\n{proc.stderr[-3000:]}"
+        yield cluster.address
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+        cluster.kill_node("head")
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ray_bin() -> str:
@@ -79,8 +94,9 @@ def _ray_bin() -> str:
 
 
 @dataclass
-class TwoNodes:
-    """A 2-node Ray cluster on this machine: the head and `node2`, each a `ray start` with its own temp dir.
+class LocalCluster:
+    """A Ray cluster on this machine, each node a `ray start` with its own temp dir: the head, and for the
+    multi-node tests `node2`.
 
     Attributes:
         address: the GCS address a sweep joins (--address).
@@ -201,7 +217,7 @@ def _node_ids(dashboard: str, env: dict[str, str], gone: Collection[str] = ()) -
 
 
 @pytest.fixture(scope="session")
-def two_nodes() -> Iterator[TwoNodes]:
+def two_nodes() -> Iterator[LocalCluster]:
     ensure_ray_token()
     port, dash, client = free_port(), free_port(), free_port()
     # Short, because Ray's unix sockets live under it (at most 107 bytes a path).
@@ -218,7 +234,7 @@ def two_nodes() -> Iterator[TwoNodes]:
     # The head turns token auth on by itself when this machine has a token; a node joining an explicit
     # address must be told (docs/operations.md, "Token authentication").
     join_env = {**env, "RAY_AUTH_MODE": "token"} if has_auth_token() and "RAY_AUTH_MODE" not in env else env
-    cluster = TwoNodes(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, join_env)
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, join_env)
     try:
         start_node(
             env,

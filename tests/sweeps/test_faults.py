@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.trainable import WORKER_NODES, WORKER_PIDS
-from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec, tune_results
+from tests.sweeps.conftest import LocalCluster, sweep_cmd, tiny_spec, tune_results
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def _checkpoints(run_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
 
 
-def _sweep(spec: Path, cluster: TwoNodes, log: Path, *args: str) -> subprocess.Popen:
+def _sweep(spec: Path, cluster: LocalCluster, log: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         sweep_cmd(spec, "--address", cluster.address, *args),
         cwd=ROOT,
@@ -98,7 +98,7 @@ def _sweep(spec: Path, cluster: TwoNodes, log: Path, *args: str) -> subprocess.P
 
 
 def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
-    tmp_path: Path, two_nodes: TwoNodes
+    tmp_path: Path, two_nodes: LocalCluster
 ) -> None:
     """SIGKILL of the driver (`python -m sweeps.run`), the one process that drives Tune and MLflow.
 
@@ -160,7 +160,7 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
 
 
 def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_same_result(
-    tmp_path: Path, two_nodes: TwoNodes
+    tmp_path: Path, two_nodes: LocalCluster
 ) -> None:
     """SIGKILL of the Train worker on the second node after its trial's first epoch.
 
@@ -220,7 +220,7 @@ def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_s
 
 
 def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_returns(
-    tmp_path: Path, two_nodes: TwoNodes
+    tmp_path: Path, two_nodes: LocalCluster
 ) -> None:
     """The second node dies (every process of it SIGKILLed) after the trial's first epoch, and a node
     joins again in its place.

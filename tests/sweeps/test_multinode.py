@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from sweeps.resources import ddp_backend, trials_that_fit, worker_group_fits
 from sweeps.spec import ResourcesSpec
 from sweeps.trainable import WORKER_BACKEND, WORKER_NODES
-from tests.sweeps.conftest import TwoNodes, sweep_cmd, tiny_spec, tune_results
+from tests.sweeps.conftest import LocalCluster, sweep_cmd, tiny_spec, tune_results
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_CPU = {"CPU": 1.0}
@@ -21,7 +21,7 @@ ONE_CPU = {"CPU": 1.0}
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_sweep_submitted_to_the_head_spreads_a_trial_one_worker_per_node_with_gloo_ddp(
-    tmp_path: Path, two_nodes: TwoNodes
+    tmp_path: Path, two_nodes: LocalCluster
 ) -> None:
     """`ray job submit --working-dir . -- python -m sweeps.run SPEC`, as the README says, of a sweep whose
     trial has 2 workers placed `spread`: rank 0 and rank 1 run on the two nodes, one each, with gloo DDP
@@ -65,7 +65,7 @@ def test_a_sweep_submitted_to_the_head_spreads_a_trial_one_worker_per_node_with_
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_spread_trial_wider_than_the_cluster_is_refused_before_it_starts(
-    tmp_path: Path, two_nodes: TwoNodes
+    tmp_path: Path, two_nodes: LocalCluster
 ) -> None:
     spec = tiny_spec(
         tmp_path, "wide", resources={"workers_per_trial": 3, "cpus_per_worker": 0.5, "placement": "spread"}
