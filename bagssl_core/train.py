@@ -191,10 +191,29 @@ def eval_loader(
     return DataLoader(data, batch_sampler=index, collate_fn=collate_images, num_workers=num_workers)
 
 
-def shard_batches(n_images: int, batch_size: int, rank: int, world: int) -> list[int]:
-    """The evaluation batches one rank extracts: every world-th, from its rank on. Whole batches, so that
-    each is the batch a single process forms, with the same random patches (`extract_features`)."""
-    return list(range(rank, math.ceil(n_images / batch_size), world))
+def shard_batches(split_sizes: Sequence[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """The evaluation batches one rank extracts, for each split of `split_sizes` images, all of which the
+    ranks extract together (`evaluate`). Whole batches, so that each is the batch a single process forms,
+    with the same random patches (`extract_features`).
+
+    The batches of all the splits are shared out together, largest first, each to the rank with the
+    fewest images so far (the lowest rank on a tie), so that the ranks finish together. Sharing each split
+    on its own leaves its last, short batch and any split of one batch to rank 0: the smoke spec's 461
+    training images and 51 validation images in batches of 256 were 307 images for rank 0 and 205 for
+    rank 1; shared together, 256 and 256."""
+    batches = [
+        (min(batch_size, n - b * batch_size), split, b)
+        for split, n in enumerate(split_sizes)
+        for b in range(math.ceil(n / batch_size))
+    ]
+    load = [0] * world
+    mine: list[list[int]] = [[] for _ in split_sizes]
+    for size, split, b in sorted(batches, key=lambda t: -t[0]):  # stable: ties stay in split, batch order
+        to = min(range(world), key=lambda r: load[r])
+        load[to] += size
+        if to == rank:
+            mine[split].append(b)
+    return [sorted(bs) for bs in mine]
 
 
 def default_wrapper(model: nn.Module, device: torch.device) -> nn.Module:
@@ -297,7 +316,7 @@ def evaluate(
         `ProbeKey(split, probe, stat, scheme, variant)` -> accuracy (%) with its Wilson interval bounds (see
         `run_probes`), and `n_images(split)` -> the number of images each split's accuracies are over.
 
-    Under torch.distributed every rank calls it: each extracts every world-th batch of features
+    Under torch.distributed every rank calls it: each extracts its share of the batches of all the splits
     (`shard_batches`), rank 0 gathers them in order and probes, and the other ranks return the image
     counts alone. The metrics are those of one process extracting everything.
     """
@@ -308,10 +327,9 @@ def evaluate(
     metrics: dict[MetricKey, float] = {n_images(split): len(data) for split, data in eval_data.items()}
     for name, ev in variants.items():
         vcfg = eval_variant_config(cfg, ev)
-        extracted = [
-            extract_split(model, data, vcfg, ev, device, mean_std, autocast)
-            for data in (train_data, *eval_data.values())
-        ]
+        extracted = extract_splits(
+            model, [train_data, *eval_data.values()], vcfg, ev, device, mean_std, autocast
+        )
         if not dist.is_main():
             continue
         (train_feats, train_labels), *evals = (e for e in extracted if e is not None)
@@ -335,17 +353,46 @@ def extract_split(
     mean_std: MeanStd,
     autocast: bool = False,
 ) -> Features | None:
-    """A split's features under every scheme of `ev`, `ev.batch_size` images a batch. Under
-    torch.distributed each rank extracts every world-th batch (`shard_batches`) and rank 0 gets them all,
-    in order (None on the other ranks): what one process extracting every batch gets."""
-    batches = shard_batches(len(data), ev.batch_size, dist.rank(), dist.world_size())
-    loader = eval_loader(data, ev.batch_size, cfg.data.num_workers, batches)
-    share = (
-        extract_features(model, loader, cfg, ev.aggregation, device, mean_std, autocast, batches)
-        if batches  # a rank beyond the split's batch count has none to extract
+    """A split's features under every scheme of `ev` (`extract_splits` of the one split)."""
+    return extract_splits(model, [data], cfg, ev, device, mean_std, autocast)[0]
+
+
+def extract_splits(
+    model: nn.Module,
+    splits: Sequence[ImageData],
+    cfg: TrainConfig,
+    ev: EvalConfig,
+    device: torch.device,
+    mean_std: MeanStd,
+    autocast: bool = False,
+) -> list[Features | None]:
+    """Each split's features under every scheme of `ev`, `ev.batch_size` images a batch.
+
+    Under torch.distributed each rank extracts its share of the batches of all the splits
+    (`shard_batches`), and only then are the shares gathered, split by split: rank 0 gets every split's
+    features in order (None on the other ranks), what one process extracting every batch gets. Gathering
+    after each split instead would make a rank that finished its share of one split wait for the others
+    there, and the sharing over all the splits would even out nothing."""
+    shares = shard_batches([len(d) for d in splits], ev.batch_size, dist.rank(), dist.world_size())
+    extracted = [
+        extract_features(
+            model,
+            eval_loader(data, ev.batch_size, cfg.data.num_workers, batches),
+            cfg,
+            ev.aggregation,
+            device,
+            mean_std,
+            autocast,
+            batches,
+        )
+        if batches  # a rank may have no batch of a split
         else None
-    )
-    return _gather_shares(batches, share, len(data), ev.batch_size)
+        for data, batches in zip(splits, shares, strict=True)
+    ]
+    return [
+        _gather_shares(batches, share, len(data), ev.batch_size)
+        for data, batches, share in zip(splits, shares, extracted, strict=True)
+    ]
 
 
 def _gather_shares(batches: list[int], share: Features | None, n: int, batch_size: int) -> Features | None:

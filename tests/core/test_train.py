@@ -45,6 +45,7 @@ from bagssl_core.train import (
     evaluate,
     extract_split,
     load_checkpoint,
+    shard_batches,
     train,
     train_step,
 )
@@ -554,6 +555,48 @@ def _eval_worker(rank: int, store: str, out_dir: str) -> None:
         torch.save({"feats": feats}, Path(out_dir) / f"feats{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _images_per_rank(sizes: tuple[int, ...], batch_size: int, world: int) -> list[int]:
+    shares = [shard_batches(sizes, batch_size, r, world) for r in range(world)]
+    return [
+        sum(min(batch_size, n - b * batch_size) for n, bs in zip(sizes, share, strict=True) for b in bs)
+        for share in shares
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "batch_size", "world"),
+    [
+        ((461, 51), 256, 2),
+        ((461, 51, 256), 256, 2),
+        ((64, 8), 16, 2),
+        ((1000, 100, 10), 64, 3),
+        ((5,), 256, 4),
+    ],
+)
+def test_shard_batches_gives_every_batch_to_one_rank_and_evens_the_images(
+    sizes: tuple[int, ...], batch_size: int, world: int
+) -> None:
+    shares = [shard_batches(sizes, batch_size, r, world) for r in range(world)]
+    for split, n in enumerate(sizes):
+        got = sorted(b for share in shares for b in share[split])
+        assert got == list(range(-(-n // batch_size)))  # each batch once, by one rank
+        assert all(share[split] == sorted(share[split]) for share in shares)
+    loads = _images_per_rank(sizes, batch_size, world)
+    assert sum(loads) == sum(sizes)
+    assert max(loads) - min(loads) <= batch_size  # greedy, largest first: within one batch of even
+    assert shares == [
+        shard_batches(sizes, batch_size, r, world) for r in range(world)
+    ]  # the same on every rank
+
+
+def test_shard_batches_evens_the_smoke_specs_probe() -> None:
+    """The smoke spec's probe (461 training, 51 validation images, batches of 256; at the last epoch 256
+    test images too): shared split by split, rank 0 took 307 images and rank 1 205 (563 and 205 with the
+    test split)."""
+    assert _images_per_rank((461, 51), 256, 2) == [256, 256]
+    assert _images_per_rank((461, 51, 256), 256, 2) == [461, 307]
 
 
 def test_two_gloo_ranks_share_the_extraction_and_probe_as_one_process(tmp_path: Path) -> None:
