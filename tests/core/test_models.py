@@ -84,13 +84,21 @@ def test_unknown_backbone_lists_valid_names() -> None:
         build_model(cfg, 3)
 
 
-def test_prepare_for_device_on_cpu_keeps_layout_and_bn() -> None:
+def test_prepare_for_device_on_cpu_uses_channels_last_as_asked_and_keeps_bn() -> None:
     cfg = ModelConfig(projector=[16], sync_bn=True, channels_last=True)
     model = prepare_for_device(build_model(cfg, 3), "cpu", cfg)
-    # Not distributed: plain BatchNorm stays; CPU: no channels_last.
+    # Not distributed: plain BatchNorm stays.
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
-    assert model.backbone.conv1.weight.is_contiguous()
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert next(model.parameters()).device.type == "cpu"
+    x = torch.randn(4, 3, 16, 16)
+    off = ModelConfig(projector=[16], channels_last=False)
+    plain = prepare_for_device(build_model(off, 3), "cpu", off)
+    assert plain.backbone.conv1.weight.is_contiguous()
+    plain.load_state_dict(model.state_dict())
+    # The same function either way, up to float summation order.
+    for a, b in zip(model.eval()(x), plain.eval()(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_sync_bn_on_cpu_under_distributed_uses_global_batchnorm(tmp_path: Path) -> None:

@@ -455,11 +455,16 @@ def _views() -> torch.Tensor:
 
 
 def _step_parts(optim: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, float]:
-    """Model (seeded, through prepare_for_device), loss and optimizer of one step; the same on every rank."""
+    """Model (seeded, through prepare_for_device), loss and optimizer of one step; the same on every rank.
+
+    Contiguous weights: with channels_last the CPU convolutions round differently for a half batch than
+    for the whole one, and one pre-activation within rounding of 0 then flips its ReLU mask, moving a
+    gradient by that element's whole share (12% of one BatchNorm bias's here). That is rounding, not
+    what this compares (the ranks' step against one process's), which needs every rounding the same."""
     cfg = TrainConfig.model_validate(
         {
             "data": {"batch_size": BATCH},
-            "model": {"projector": [32, 32], "sync_bn": True},
+            "model": {"projector": [32, 32], "sync_bn": True, "channels_last": False},
             "optim": {"name": optim, "base_lr": 4.0, "weight_decay": 1e-3},
         }
     )

@@ -1,0 +1,135 @@
+"""Benchmark: channels_last against contiguous (NCHW) weights on the CPU, for extraction and training steps.
+
+`models.prepare_for_device` turns the model to channels_last (model.channels_last, default true). It did so
+on CUDA only, from a belief that on the CPU it slows the convolutions down, never measured. This measures
+it with the real code paths, both memory formats of the same seeded model taking turns:
+
+- extraction: `aggregate.reduce_batch` of one batch of Fashion-MNIST images (mean_emb over the grid), the
+  patches forwarded `cfg.eval_patch_chunk` at a time, as every probe does;
+- training: `train.train_step` (forward of B x N augmented patches, bag VICReg, backward, LARS step).
+
+Shapes (ResNet-18, CIFAR stem, 3 input channels):
+- smoke: the smoke spec's trial, 14-px patches input at 14 px, 9 grid patches at stride 7; a training
+  step of 32 images x 4 patches, one Ray worker's half of the 64-image batch;
+- default: the default config, 16-px patches resized to 28 px, grid stride 8; 32 images x 16 patches.
+
+Run: `python bench/memory_format.py [--threads N] [--repeat R]` on an idle machine (a few minutes on 2
+cores). Each line gives the median seconds of each format over R rounds and their ratio; the last line
+is the ratio for the smoke shape's extraction, e.g. `smoke extraction, channels_last vs contiguous: 1.5x`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# bench/ is the script's directory, so its sibling benchmark imports as a top-level module.
+from patches import load_images
+
+from bagssl_core.aggregate import reduce_batch
+from bagssl_core.config import TrainConfig
+from bagssl_core.losses import build_loss
+from bagssl_core.models import BagSSLModel, build_model
+from bagssl_core.optim import build_optimizer
+from bagssl_core.patches import channel_stats
+from bagssl_core.train import train_step
+
+SHAPES = {
+    "smoke": {"patch": {"num": 4, "size": 14, "input_size": 14}, "eval": {"grid_stride": 7}},
+    "default": {},
+}
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def config(shape: str) -> TrainConfig:
+    return TrainConfig.model_validate(
+        {"data": {"name": "fashion_mnist"}, "model": {"backbone": "resnet18_cifar"}, **SHAPES[shape]}
+    )
+
+
+def models(cfg: TrainConfig) -> dict[str, BagSSLModel]:
+    """The same seeded model in each memory format."""
+    out = {}
+    for name, fmt in FORMATS.items():
+        torch.manual_seed(0)
+        out[name] = build_model(cfg.model, cfg.in_channels).to(memory_format=fmt)
+    return out
+
+
+def rounds(work: dict[str, Callable[[], None]], repeat: int) -> dict[str, float]:
+    """Median seconds of each callable over `repeat` rounds, after one untimed call each; the callables
+    take turns, so that all see the same background load."""
+    for f in work.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in work}
+    for _ in range(repeat):
+        for name, f in work.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(label: str, seconds: dict[str, float]) -> float:
+    ratio = seconds["contiguous"] / seconds["channels_last"]
+    cells = ", ".join(f"{name} {s:.2f} s" for name, s in seconds.items())
+    print(f"{label}: {cells}; channels_last vs contiguous: {ratio:.2f}x", flush=True)
+    return ratio
+
+
+def extraction(cfg: TrainConfig, images: torch.Tensor, repeat: int) -> dict[str, float]:
+    mean_std = channel_stats(cfg.data.name, cfg.in_channels)
+    work = {}
+    for name, model in models(cfg).items():
+        model.eval()
+        work[name] = lambda m=model: reduce_batch(m, images, cfg, ["mean_emb"], mean_std)  # type: ignore[misc]
+    return rounds(work, repeat)
+
+
+def training(cfg: TrainConfig, batch: int, repeat: int) -> dict[str, float]:
+    n, s = cfg.patch.num, cfg.input_size
+    views = torch.rand(batch, n, cfg.in_channels, s, s, generator=torch.Generator().manual_seed(0))
+    loss_fn = build_loss(cfg.loss)
+    work = {}
+    for name, model in models(cfg).items():
+        model.train()
+        opt = build_optimizer(model, cfg)
+        work[name] = lambda m=model, o=opt: train_step(m, views, loss_fn, o, cfg.effective_lr())  # type: ignore[misc]
+    return rounds(work, repeat)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds per format")
+    ap.add_argument("--images", type=int, default=128, help="images extracted per round")
+    ap.add_argument("--batch", type=int, default=16, help="images per training step")
+    args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    images, source = load_images(args.images, seed=0)
+    print(
+        f"images: {source}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; median of {args.repeat}"
+    )
+    smoke = 0.0
+    for shape in SHAPES:
+        cfg = config(shape)
+        chunk = cfg.eval_patch_chunk(cfg.patch_px)
+        what = f"{cfg.patch_px}-px patches at {cfg.input_size} px, {chunk} a forward"
+        ratio = report(
+            f"{shape} extraction ({args.images} images, {what})", extraction(cfg, images, args.repeat)
+        )
+        smoke = smoke or ratio
+        report(
+            f"{shape} training step ({args.batch} x {cfg.patch.num} patches)",
+            training(cfg, args.batch, args.repeat),
+        )
+    print(f"smoke extraction, channels_last vs contiguous: {smoke:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
