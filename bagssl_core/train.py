@@ -191,6 +191,11 @@ def eval_loader(
     return DataLoader(data, batch_sampler=index, collate_fn=collate_images, num_workers=num_workers)
 
 
+def batch_length(n: int, batch_size: int, b: int) -> int:
+    """Images in batch b of a split of n images cut into batches of `batch_size` (the last may be short)."""
+    return min(batch_size, n - b * batch_size)
+
+
 def shard_batches(split_sizes: Sequence[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
     """The evaluation batches one rank extracts, for each split of `split_sizes` images, all of which the
     ranks extract together (`evaluate`). Whole batches, so that each is the batch a single process forms,
@@ -202,7 +207,7 @@ def shard_batches(split_sizes: Sequence[int], batch_size: int, rank: int, world:
     training images and 51 validation images in batches of 256 were 307 images for rank 0 and 205 for
     rank 1; shared together, 256 and 256."""
     batches = [
-        (min(batch_size, n - b * batch_size), split, b)
+        (batch_length(n, batch_size, b), split, b)
         for split, n in enumerate(split_sizes)
         for b in range(math.ceil(n / batch_size))
     ]
@@ -411,7 +416,7 @@ def _gather_shares(batches: list[int], share: Features | None, n: int, batch_siz
         feats, labels = got
         start = 0
         for b in ids:
-            stop = start + min(batch_size, n - b * batch_size)
+            stop = start + batch_length(n, batch_size, b)
             pieces.append((b, {k: f[start:stop] for k, f in feats.items()}, labels[start:stop]))
             start = stop
     pieces.sort(key=lambda piece: piece[0])

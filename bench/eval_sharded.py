@@ -111,7 +111,7 @@ def main() -> None:
     for label, share in (("now", train.shard_batches), ("split by split", split_by_split)):
         images = [
             sum(
-                min(args.batch_size, n - b * args.batch_size)
+                train.batch_length(n, args.batch_size, b)
                 for n, bs in zip(sizes, share(sizes, args.batch_size, r, 2), strict=True)
                 for b in bs
             )

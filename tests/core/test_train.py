@@ -41,6 +41,7 @@ from bagssl_core.patches import channel_stats
 from bagssl_core.syncbn import GlobalBatchNorm
 from bagssl_core.train import (
     RunResult,
+    batch_length,
     eval_variant_config,
     evaluate,
     extract_split,
@@ -565,7 +566,7 @@ def _eval_worker(rank: int, store: str, out_dir: str) -> None:
 def _images_per_rank(sizes: tuple[int, ...], batch_size: int, world: int) -> list[int]:
     shares = [shard_batches(sizes, batch_size, r, world) for r in range(world)]
     return [
-        sum(min(batch_size, n - b * batch_size) for n, bs in zip(sizes, share, strict=True) for b in bs)
+        sum(batch_length(n, batch_size, b) for n, bs in zip(sizes, share, strict=True) for b in bs)
         for share in shares
     ]
 
