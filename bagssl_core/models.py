@@ -145,8 +145,8 @@ def prepare_for_device(model: BagSSLModel, device: torch.device | str, cfg: Mode
     With `cfg.sync_bn` under torch.distributed, BatchNorm statistics span all ranks: torch's SyncBatchNorm
     on CUDA, and `GlobalBatchNorm` elsewhere (torch's rejects CPU inputs in training mode).
     channels_last speeds up the ResNets on the CPU as on CUDA: on 2 AMD EPYC (Zen 3) cores with torch 2.14,
-    1.54x for the smoke trial's feature extraction and 1.18x for its training step, 1.36x and 1.23x at the
-    default config's 28-px input (`bench/memory_format.py`, one thread). oneDNN's convolutions run in
+    1.44x for the smoke trial's feature extraction and 1.26x for its training step, 1.32x and 1.20x at the
+    default config's 28-px input (`bench/memory_format.py --threads 1`). oneDNN's convolutions run in
     NHWC natively; from NCHW they reorder every activation.
     """
     device = torch.device(device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +72,7 @@ def pil_reference(cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def best_times(
-    fns: dict[str, Callable[[], torch.Tensor]], reps: dict[str, int], device: torch.device
+    fns: Mapping[str, Callable[[], object]], reps: dict[str, int], device: torch.device
 ) -> dict[str, float]:
     """Fastest seconds per call of each function: one warm-up call each, then timed calls interleaved
     round by round, so that both pipelines see the same background load (other jobs share the cores)."""
