@@ -4,7 +4,9 @@ pyproject.toml).
 Most of the suite's time is Ray and MLflow processes starting, so two workers on two cores finish it in
 well under the time of one (docs/operations.md, "Costs"). A unit of work goes to one worker whole:
 
-- every test on the 2-node cluster (`two_nodes`): one such cluster for the session, not one a worker;
+- every test on the 2-node cluster (`two_nodes`), and every test on the single-node one (`ray_address`):
+  each cluster starts once for the suite, not once a worker, and stops after the last of its tests
+  (tests/sweeps/conftest.py);
 - every test of a module that holds module-scoped fixtures (a trained checkpoint, a finished sweep): built
   once, not once a worker;
 - any other test alone.
@@ -21,8 +23,9 @@ _SLOW_WEIGHT = 10  # a `slow` test (a real sweep or training) takes minutes, the
 
 
 def _unit(item: pytest.Item) -> str:
-    if "two_nodes" in item.fixturenames:
-        return "two_nodes"
+    for cluster in ("two_nodes", "ray_address"):
+        if cluster in item.fixturenames:
+            return cluster
     defs = getattr(item, "_fixtureinfo", None)
     scopes = {d.scope for fds in (defs.name2fixturedefs.values() if defs else ()) for d in fds}
     if "module" in scopes:

@@ -1,13 +1,17 @@
 """Real Ray clusters on this machine for the sweeps under test, which join them with --address.
 
-`ray_address`: one single-node Ray for the whole session (for each of the suite's parallel workers).
-Starting Ray costs 5-14 s here and a second Ray on the machine confuses Train's placement-group cleaner
-unless its dashboard is pinned (docs/operations.md, "The dashboard"), so the single-node tests share this
-one.
+`ray_address`: a single-node Ray, which every test asking for it shares. Starting Ray costs 5-14 s here and
+a second Ray on the machine confuses Train's placement-group cleaner unless its dashboard is pinned
+(docs/operations.md, "The dashboard").
 
 `two_nodes`: a head and a second node that joins it, both started with `ray start` as on a real
-cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests,
-one for the session too (a fault test that loses the second node starts it again).
+cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests
+(a fault test that loses the second node starts it again).
+
+Each cluster starts for the first test that asks for it and stops as soon as the next test does not:
+an idle Ray node's daemons take about 6% of a core here, and its log monitor more as its log files pile
+up (docs/operations.md, "Costs"). tests/conftest.py sends each cluster's tests to one test worker, one
+after another, so the suite starts each once.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -53,8 +58,39 @@ def ensure_ray_token() -> None:
             )
 
 
-@pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
+# A shared cluster's fixture name -> what it gives the tests, and how to stop it.
+_RUNNING: dict[str, tuple[Any, Callable[[], None]]] = {}
+
+
+def _shared(name: str, start: Callable[[], tuple[Any, Callable[[], None]]]) -> Any:
+    """The running cluster of fixture `name`, started (`start()`) if none runs."""
+    if name not in _RUNNING:
+        _RUNNING[name] = start()
+    return _RUNNING[name][0]
+
+
+def _stop_unused(nextitem: pytest.Item | None) -> None:
+    for name in list(_RUNNING):
+        if nextitem is None or name not in nextitem.fixturenames:
+            _RUNNING.pop(name)[1]()
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop each shared cluster that the next test does not use. Under xdist `nextitem` is None whenever a
+    worker has no further test queued, as when pytest tears down its session fixtures there too."""
+    _stop_unused(nextitem)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _stop_unused(None)  # an interrupted session stops its clusters too
+
+
+@pytest.fixture
+def ray_address() -> str:
+    return _shared("ray_address", _start_single_node)
+
+
+def _start_single_node() -> tuple[str, Callable[[], None]]:
     ensure_ray_token()
     port, dash = free_port(), free_port()
     # Short, because Ray's unix sockets live under it (at most 107 bytes a path); its own, so that only this
@@ -80,13 +116,18 @@ def ray_address() -> Iterator[str]:
         "--disable-usage-stats",
     ]
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": temp_dir}, env)
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, f"ray start of the session cluster failed:\n{proc.stderr[-3000:]}"
-        yield cluster.address
-    finally:
+
+    def stop() -> None:
         cluster.kill_node("head")
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"ray start of the single-node cluster failed:\n{proc.stderr[-3000:]}"
+    except BaseException:
+        stop()
+        raise
+    return cluster.address, stop
 
 
 def _ray_bin() -> str:
@@ -216,8 +257,12 @@ def _node_ids(dashboard: str, env: dict[str, str], gone: Collection[str] = ()) -
         time.sleep(1)
 
 
-@pytest.fixture(scope="session")
-def two_nodes() -> Iterator[LocalCluster]:
+@pytest.fixture
+def two_nodes() -> LocalCluster:
+    return _shared("two_nodes", _start_two_nodes)
+
+
+def _start_two_nodes() -> tuple[LocalCluster, Callable[[], None]]:
     ensure_ray_token()
     port, dash, client = free_port(), free_port(), free_port()
     # Short, because Ray's unix sockets live under it (at most 107 bytes a path).
@@ -235,6 +280,13 @@ def two_nodes() -> Iterator[LocalCluster]:
     # address must be told (docs/operations.md, "Token authentication").
     join_env = {**env, "RAY_AUTH_MODE": "token"} if has_auth_token() and "RAY_AUTH_MODE" not in env else env
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, join_env)
+
+    def stop() -> None:
+        # This cluster's processes only, by their pids: `ray stop` would stop every Ray on the machine.
+        for node in ("node2", "head"):
+            cluster.kill_node(node)
+        shutil.rmtree(root, ignore_errors=True)
+
     try:
         start_node(
             env,
@@ -252,12 +304,10 @@ def two_nodes() -> Iterator[LocalCluster]:
             f"--dashboard-port={dash}",
         )
         cluster.start_second_node()
-        yield cluster
-    finally:
-        # This cluster's processes only, by their pids: `ray stop` would stop every Ray on the machine.
-        for node in ("node2", "head"):
-            cluster.kill_node(node)
-        shutil.rmtree(root, ignore_errors=True)
+    except BaseException:
+        stop()
+        raise
+    return cluster, stop
 
 
 _EMPTY_STORE: list[Path] = []  # the session's empty MLflow store, made on first use

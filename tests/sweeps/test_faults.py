@@ -148,6 +148,9 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
         timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The killed driver had recorded its Ray job, so that the resume could release what it left.
+    jobs = json.loads((tmp_path / "storage" / "driverkill" / "sweep.json").read_text())["ray_jobs"]
+    assert len(jobs) == len(set(jobs)) == 2
     for tid in finished:  # not trained again: its checkpoints are the ones it had
         assert _checkpoints(train_runs / f"train_{tid}") == before[tid]
     parents, children = _mlflow_runs(tmp_path, "driverkill")

@@ -1,6 +1,6 @@
 """What a trial did, told right: Optuna hears COMPLETE, PRUNED or FAIL at the trainer's epochs; a diverged
 run is a failed result, not a retried error; a searched schedule.epochs sets ASHA's max_t and each
-trial's status. The end-to-end test runs a real sweep on the session's Ray cluster."""
+trial's status. The end-to-end test runs a real sweep on the suite's single-node Ray cluster."""
 
 from __future__ import annotations
 

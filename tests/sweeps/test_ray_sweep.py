@@ -52,7 +52,7 @@ def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_childre
 ) -> None:
     """The main job as the README runs it, with no --address: two 2-worker trials, no scheduler.
 
-    With another Ray running on the machine (the session's cluster), the sweep starts a Ray of its own
+    With another Ray running on the machine (the suite's single-node cluster), the sweep starts a Ray of its own
     (sweeps.cluster: address="local") instead of joining the other one and refusing its num_cpus, and
     leaves the other cluster as it found it: the same node, alive, with the same resources.
 
@@ -119,59 +119,6 @@ def _assert_running(proc: subprocess.Popen) -> None:
         raise AssertionError(
             f"the sweep ended (exit {proc.returncode}) while the test waited on it:\n{out[-3000:]}"
         )
-
-
-def test_interrupted_sweep_resumes_only_unfinished_trials(tmp_path: Path, ray_address: str) -> None:
-    # Two trials, one at a time on the session cluster's 2 CPUs: stopped once the first has finished and the
-    # second runs, so the resume has one finished trial to leave alone and one unfinished to run again.
-    spec = tiny_spec(tmp_path, "resume", num_samples=2, scheduler={"name": "none"})
-    proc = subprocess.Popen(
-        sweep_cmd(spec, "--address", ray_address),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    db = tmp_path / "mlflow.db"
-    deadline = time.time() + 600
-    statuses: list[str] = []
-    try:
-        while time.time() < deadline:
-            time.sleep(2)
-            _assert_running(proc)
-            statuses = _trial_statuses(db)
-            if "FINISHED" in statuses and len(statuses) >= 2:
-                break
-        assert "FINISHED" in statuses, "no trial finished in time"
-        proc.send_signal(signal.SIGTERM)  # the sweep routes SIGTERM to Tune's graceful stop
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out[-3000:]
-    _, children = _runs(tmp_path, "resume")
-    finished_ids = {c.data.tags["bagssl.trial_id"] for c in children if c.info.status == "FINISHED"}
-    assert finished_ids
-    train_runs = tmp_path / "storage" / "resume" / "train_runs"
-    before = {tid: _checkpoints(train_runs / f"train_{tid}") for tid in finished_ids}
-    assert all(before.values())
-
-    resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # Both drivers recorded their Ray jobs, for a later resume to release what they might leave.
-    jobs = json.loads((tmp_path / "storage" / "resume" / "sweep.json").read_text())["ray_jobs"]
-    assert len(jobs) == len(set(jobs)) == 2
-    for tid in finished_ids:  # a finished trial is never trained again: its checkpoints stay as they were
-        assert _checkpoints(train_runs / f"train_{tid}") == before[tid]
-    parents, children = _runs(tmp_path, "resume")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    ids = [c.data.tags["bagssl.trial_id"] for c in children]
-    assert len(ids) == len(set(ids)) == 2  # one child per trial, no duplicate from the restore
-    assert all(c.info.status == "FINISHED" for c in children)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    for c in children:
-        steps = [int(p.step) for p in client.get_metric_history(c.info.run_id, "epoch")]
-        assert steps == [1, 2], (c.data.tags["bagssl.trial_id"], steps)
 
 
 def _checkpoints(run_dir: Path) -> dict[str, int]:
@@ -287,7 +234,12 @@ def _cluster_nodes(address: str) -> list[list[object]]:
 def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ray_address: str) -> None:
     """SIGTERM while the refine runs train, then --resume: the search is not run again (its trial's
     checkpoints stay as they were), the refine experiment goes on with one MLflow child per seed (none
-    duplicated by the restore), and the sweep ends with its refined best config."""
+    duplicated by the restore, each epoch logged once), and the sweep ends with its refined best config.
+
+    This is also the suite's SIGTERM-and-resume test: Tune's graceful stop with trials running, exit 130 and
+    the resume hint, and both drivers' Ray jobs recorded for a later resume to release. The same resume of
+    an unfinished search trial after the harsher SIGKILL is
+    test_faults.py::test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating."""
     spec = tiny_spec(
         tmp_path,
         "refine_resume",
@@ -338,6 +290,12 @@ def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ra
     assert sorted(r.data.params["run.seed"] for r in refines) == ["1000", "2000"]  # one child per seed
     assert all(r.info.status == "FINISHED" and r.data.tags["bagssl.refines"] == tid for r in refines)
     assert all("test/knn_top1/mean_emb" in r.data.metrics for r in refines)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for r in refines:  # the interrupted runs went on where they were: no epoch logged twice
+        assert [int(m.step) for m in client.get_metric_history(r.info.run_id, "epoch")] == [1, 2]
+    # Both drivers recorded their Ray jobs, for a later resume to release what they might leave.
+    jobs = json.loads((tmp_path / "storage" / "refine_resume" / "sweep.json").read_text())["ray_jobs"]
+    assert len(jobs) == len(set(jobs)) == 2
     assert (tmp_path / "storage" / "refine_resume" / "refine" / tid).is_dir()
     best = load_config(tmp_path / "storage" / "refine_resume" / "best_config.yaml")
     assert best.patch.size == int(trials[0].data.params["patch.size"])
