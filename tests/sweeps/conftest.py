@@ -100,21 +100,6 @@ def _start_single_node() -> tuple[str, Callable[[], None]]:
     # As a sweep's own local Ray: the dashboard pinned for Train's placement-group cleaner, and a
     # 'trial_slot' per core for the trials' own actors (docs/operations.md, "The dashboard", "Resources").
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
-    cmd = [
-        _ray_bin(),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--num-cpus=2",
-        "--resources",
-        json.dumps({"trial_slot": 2}),
-        f"--temp-dir={temp_dir}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        "--disable-usage-stats",
-    ]
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": temp_dir}, env)
 
     def stop() -> None:
@@ -122,8 +107,19 @@ def _start_single_node() -> tuple[str, Callable[[], None]]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, f"ray start of the single-node cluster failed:\n{proc.stderr[-3000:]}"
+        start_node(
+            env,
+            temp_dir,
+            "head",
+            {"trial_slot": 2},
+            24000,
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            cpus=2,
+        )
     except BaseException:
         stop()
         raise
@@ -206,9 +202,15 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 def start_node(
-    env: dict[str, str], temp_dir: Path, name: str, resources: dict[str, float], worker_ports: int, *args: str
+    env: dict[str, str],
+    temp_dir: Path,
+    name: str,
+    resources: dict[str, float],
+    worker_ports: int,
+    *args: str,
+    cpus: int = 1,
 ) -> None:
-    """`ray start` one node: 1 CPU, `resources`, and a resource `node_<name>` that pins work to it.
+    """`ray start` one node: `cpus` CPUs, `resources`, and a resource `node_<name>` that pins work to it.
 
     Ports a second Ray on this machine would also want are picked free; its workers bind ports from a
     range of its own, `worker_ports` and the 999 above (Ray's default range is the same for every node).
@@ -218,7 +220,7 @@ def start_node(
         _ray_bin(),
         "start",
         *args,
-        "--num-cpus=1",
+        f"--num-cpus={cpus}",
         "--resources",
         json.dumps({**resources, f"node_{name}": 1}),
         f"--temp-dir={temp_dir}",
