@@ -100,12 +100,7 @@ def _start_single_node() -> tuple[str, Callable[[], None]]:
     # As a sweep's own local Ray: the dashboard pinned for Train's placement-group cleaner, and a
     # 'trial_slot' per core for the trials' own actors (docs/operations.md, "The dashboard", "Resources").
     env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
-    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": temp_dir}, env)
-
-    def stop() -> None:
-        cluster.kill_node("head")
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": temp_dir}, temp_dir, env)
     try:
         start_node(
             env,
@@ -121,9 +116,9 @@ def _start_single_node() -> tuple[str, Callable[[], None]]:
             cpus=2,
         )
     except BaseException:
-        stop()
+        cluster.stop()
         raise
-    return cluster.address, stop
+    return cluster.address, cluster.stop
 
 
 def _ray_bin() -> str:
@@ -140,11 +135,13 @@ class LocalCluster:
         dashboard: the head's dashboard (`ray job submit --address`, the State API).
         temp_dirs: node name -> the node's Ray temp dir, which every one of its daemons names on its
             command line: how the node's own processes are told apart from any other Ray's.
+        root: the directory that holds the temp dirs, removed by `stop`.
     """
 
     address: str
     dashboard: str
     temp_dirs: dict[str, Path]
+    root: Path
     env: dict[str, str]  # for a client of this cluster (`ray job submit`, `ray list`)
     node_ids: dict[str, str] = field(default_factory=dict)  # node name -> Ray node id
 
@@ -171,6 +168,13 @@ class LocalCluster:
         self.node_ids = _node_ids(
             self.dashboard, self.env, gone=set(self.node_ids.values()) - {self.node_ids.get("head")}
         )
+
+    def stop(self) -> None:
+        """Kill every node, the head last, and remove their temp dirs. This cluster's processes only, by
+        their pids: `ray stop` would stop every Ray on the machine, a parallel test worker's too."""
+        for node in reversed(self.temp_dirs):
+            self.kill_node(node)
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def kill_node(self, node: str) -> None:
         """SIGKILL every process of the node, as when its machine dies; the other node stays up."""
@@ -281,14 +285,7 @@ def _start_two_nodes() -> tuple[LocalCluster, Callable[[], None]]:
     # The head turns token auth on by itself when this machine has a token; a node joining an explicit
     # address must be told (docs/operations.md, "Token authentication").
     join_env = {**env, "RAY_AUTH_MODE": "token"} if has_auth_token() and "RAY_AUTH_MODE" not in env else env
-    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, join_env)
-
-    def stop() -> None:
-        # This cluster's processes only, by their pids: `ray stop` would stop every Ray on the machine.
-        for node in ("node2", "head"):
-            cluster.kill_node(node)
-        shutil.rmtree(root, ignore_errors=True)
-
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", dirs, root, join_env)
     try:
         start_node(
             env,
@@ -307,9 +304,9 @@ def _start_two_nodes() -> tuple[LocalCluster, Callable[[], None]]:
         )
         cluster.start_second_node()
     except BaseException:
-        stop()
+        cluster.stop()
         raise
-    return cluster, stop
+    return cluster, cluster.stop
 
 
 _EMPTY_STORE: list[Path] = []  # the session's empty MLflow store, made on first use

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -52,9 +51,9 @@ def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_childre
 ) -> None:
     """The main job as the README runs it, with no --address: two 2-worker trials, no scheduler.
 
-    With another Ray running on the machine (the suite's single-node cluster), the sweep starts a Ray of its own
-    (sweeps.cluster: address="local") instead of joining the other one and refusing its num_cpus, and
-    leaves the other cluster as it found it: the same node, alive, with the same resources.
+    With another Ray running on the machine (the suite's single-node cluster), the sweep starts a Ray of
+    its own (sweeps.cluster: address="local") instead of joining the other one and refusing its num_cpus,
+    and leaves the other cluster as it found it: the same node, alive, with the same resources.
 
     ASHA stopping a trial under Ray (KILLED in MLflow, PRUNED in Optuna, its workers freed for the next)
     is test_fidelity's sweep; the refine step under Ray is
@@ -180,7 +179,7 @@ def test_a_cluster_without_token_auth_joined_by_a_driver_with_it_is_refused_at_s
     port, dash = free_port(), free_port()
     head = Path(tempfile.mkdtemp(prefix="bgr", dir="/tmp"))  # short: Ray's unix sockets live under it
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": head}, env)
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", {"head": head}, head, env)
     try:
         start_node(
             {**env, "RAY_AUTH_MODE": "disabled"},
@@ -208,8 +207,7 @@ def test_a_cluster_without_token_auth_joined_by_a_driver_with_it_is_refused_at_s
         )
         assert fixed.returncode == 2 and "can never be placed" in fixed.stderr, fixed.stderr[-3000:]
     finally:
-        cluster.kill_node("head")
-        shutil.rmtree(head, ignore_errors=True)
+        cluster.stop()
 
 
 # A driver that joins the cluster at argv[1] and prints its nodes as JSON: [id, alive, CPU, trial_slot].
