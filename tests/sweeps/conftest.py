@@ -218,6 +218,14 @@ def start_node(
 
     Ports a second Ray on this machine would also want are picked free; its workers bind ports from a
     range of its own, `worker_ports` and the 999 above (Ray's default range is the same for every node).
+
+    Two of Ray's background services that no test reads are left off, where a user's cluster keeps them
+    (their cost here: docs/operations.md, "Costs"):
+    - the log monitor, which streams the workers' output to the drivers' consoles: the tests read what
+      the sweeps write (MLflow, the storage path, Tune's results), never a worker's console;
+    - Train's preemption watcher (`RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`, inherited by every Train
+      controller of the node), an actor and its process per worker-group start, which reacts only to a
+      node being drained, never done here: the fault tests kill processes and nodes outright.
     """
     lo = worker_ports
     cmd = [
@@ -232,7 +240,9 @@ def start_node(
         f"--min-worker-port={lo}",
         f"--max-worker-port={lo + 999}",
         "--disable-usage-stats",
+        "--include-log-monitor=false",
     ]
+    env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"ray start of {name} failed:\n{proc.stderr[-3000:]}"
 
