@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -317,6 +318,37 @@ def _start_two_nodes() -> tuple[LocalCluster, Callable[[], None]]:
         cluster.stop()
         raise
     return cluster, cluster.stop
+
+
+def store_rows(db: Path, query: str, *params: str) -> list[tuple[Any, ...]]:
+    """The rows of `query` on the sweep's sqlite MLflow store, read-only and straight from the file while
+    the sweep writes it: opening it with MLflow would race with the sweep creating its tables. No rows
+    while the store or its tables do not exist yet, or while it is locked for a moment."""
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute(query, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def sweep_runs(tmp_path: Path, experiment: str, role: str = "trial") -> tuple[list[Any], list[Any]]:
+    """The sweep's parent runs and its children of one role (trial, or refine), from the sqlite store of
+    `tiny_spec` under `tmp_path`."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("bagssl.role") == "sweep"]
+    return parents, [r for r in runs if r.data.tags.get("bagssl.role") == role]
+
+
+def checkpoint_mtimes(run_dir: Path) -> dict[str, int]:
+    """A Train run's checkpoint directories and their modification times (ns): unchanged after a resume
+    means not trained again."""
+    return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
 
 
 _EMPTY_STORE: list[Path] = []  # the session's empty MLflow store, made on first use

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,28 +19,30 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.trainable import WORKER_NODES, WORKER_PIDS
-from tests.sweeps.conftest import LocalCluster, sweep_cmd, tiny_spec, tune_results
+from tests.sweeps.conftest import (
+    LocalCluster,
+    checkpoint_mtimes,
+    store_rows,
+    sweep_cmd,
+    sweep_runs,
+    tiny_spec,
+    tune_results,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _trial_rows(db: Path) -> dict[str, tuple[str, int]]:
-    """trial id -> (MLflow status, last epoch logged), read-only straight from the store while the sweep
-    writes it (opening it with MLflow would race with the sweep creating its tables)."""
-    if not db.exists():
-        return {}
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute(
-                "SELECT t.value, r.status, (SELECT MAX(m.step) FROM metrics m "
-                "  WHERE m.run_uuid = r.run_uuid AND m.key = 'epoch') "
-                "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'bagssl.trial_id' "
-                "JOIN tags role ON role.run_uuid = r.run_uuid AND role.key = 'bagssl.role' "
-                "AND role.value = 'trial'"
-            ).fetchall()
-    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
-        return {}
+    """trial id -> (MLflow status, last epoch logged), read while the sweep runs."""
+    rows = store_rows(
+        db,
+        "SELECT t.value, r.status, (SELECT MAX(m.step) FROM metrics m "
+        "  WHERE m.run_uuid = r.run_uuid AND m.key = 'epoch') "
+        "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'bagssl.trial_id' "
+        "JOIN tags role ON role.run_uuid = r.run_uuid AND role.key = 'bagssl.role' "
+        "AND role.value = 'trial'",
+    )
     return {tid: (status, int(epoch or 0)) for tid, status, epoch in rows}
 
 
@@ -70,21 +71,9 @@ def _saved_trial_states(exp_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def _mlflow_runs(tmp_path: Path, experiment: str) -> tuple[list, list]:
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("bagssl.role") == "sweep"]
-    return parents, [r for r in runs if r.data.tags.get("bagssl.role") == "trial"]
-
-
 def _epochs(tmp_path: Path, run_id: str, key: str = "epoch") -> list[tuple[int, float]]:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     return sorted((int(m.step), m.value) for m in client.get_metric_history(run_id, key))
-
-
-def _checkpoints(run_dir: Path) -> dict[str, int]:
-    """A Train run's checkpoint directories and their modification times (ns)."""
-    return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
 
 
 def _sweep(spec: Path, cluster: LocalCluster, log: Path, *args: str) -> subprocess.Popen:
@@ -132,12 +121,12 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
     finally:
         if proc.poll() is None:
             proc.kill()
-    parents, children = _mlflow_runs(tmp_path, "driverkill")
+    parents, children = sweep_runs(tmp_path, "driverkill")
     assert [p.info.status for p in parents] == ["RUNNING"]  # SIGKILL: the parent was never closed
     finished = {c.data.tags["bagssl.trial_id"] for c in children if c.info.status == "FINISHED"}
     assert len(finished) == 1
     train_runs = tmp_path / "storage" / "driverkill" / "train_runs"
-    before = {tid: _checkpoints(train_runs / f"train_{tid}") for tid in finished}
+    before = {tid: checkpoint_mtimes(train_runs / f"train_{tid}") for tid in finished}
     assert all(before.values())
 
     resumed = subprocess.run(
@@ -152,8 +141,8 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
     jobs = json.loads((tmp_path / "storage" / "driverkill" / "sweep.json").read_text())["ray_jobs"]
     assert len(jobs) == len(set(jobs)) == 2
     for tid in finished:  # not trained again: its checkpoints are the ones it had
-        assert _checkpoints(train_runs / f"train_{tid}") == before[tid]
-    parents, children = _mlflow_runs(tmp_path, "driverkill")
+        assert checkpoint_mtimes(train_runs / f"train_{tid}") == before[tid]
+    parents, children = sweep_runs(tmp_path, "driverkill")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [c.data.tags["bagssl.trial_id"] for c in children]
     assert len(ids) == len(set(ids)) == 2
@@ -209,7 +198,7 @@ def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_s
     assert str(victim) not in reports[-1][WORKER_PIDS].split(",")
     assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
 
-    _, children = _mlflow_runs(tmp_path, "workerkill")
+    _, children = sweep_runs(tmp_path, "workerkill")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     by_trial = {c.data.tags["bagssl.trial_id"]: c for c in children}
     twin = next(t for t in by_trial if t != victim_trial)
@@ -266,6 +255,6 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
     # The restarted group ran on the head and the node that joined in the lost one's place.
     assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
     assert first_node2 not in two_nodes.node_ids.values()
-    _, children = _mlflow_runs(tmp_path, "nodeloss")
+    _, children = sweep_runs(tmp_path, "nodeloss")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert [step for step, _ in _epochs(tmp_path, children[0].info.run_id)] == [1, 2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -21,25 +20,18 @@ from sweeps.ray_env import free_port
 from sweeps.searcher import journal_storage
 from tests.sweeps.conftest import (
     LocalCluster,
+    checkpoint_mtimes,
     ensure_ray_token,
     start_node,
+    store_rows,
     sweep_cmd,
+    sweep_runs,
     tiny_spec,
     tune_results,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _runs(tmp_path: Path, experiment: str, role: str = "trial") -> tuple[list, list]:
-    """The sweep's parent runs and its children of one role (trial, or refine)."""
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("bagssl.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("bagssl.role") == role]
-    return parents, children
 
 
 def _run(cmd: list[str], timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -70,7 +62,7 @@ def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_childre
     assert "Connecting to existing Ray cluster" not in proc.stderr
     assert _cluster_nodes(ray_address) == before
 
-    parents, children = _runs(tmp_path, "e2e")
+    parents, children = sweep_runs(tmp_path, "e2e")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     # The baselines, scored once on the parent, on the same splits and probes as the trials.
     for name in ("raw_pixels/val/knn_top1/pixels", "random_init/val/knn_top1/mean_emb"):
@@ -120,26 +112,13 @@ def _assert_running(proc: subprocess.Popen) -> None:
         )
 
 
-def _checkpoints(run_dir: Path) -> dict[str, int]:
-    """A Train run's checkpoint directories and their modification times (ns)."""
-    return {p.name: p.stat().st_mtime_ns for p in run_dir.glob("checkpoint_*")}
-
-
-def _trial_statuses(db: Path, role: str = "trial") -> list[str]:
-    """The statuses of the sweep's runs of one role (trial, refine) read straight from the store,
-    read-only: opening it with MLflow while the sweep creates its tables would race with that creation."""
-    if not db.exists():
-        return []
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute(
-                "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                "WHERE t.key = 'bagssl.role' AND t.value = ?",
-                (role,),
-            ).fetchall()
-    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
-        return []
-    return [r[0] for r in rows]
+def _trial_statuses(db: Path, role: str) -> list[str]:
+    """The statuses of the sweep's runs of one role (trial, refine), read while the sweep runs."""
+    query = (
+        "SELECT r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+        "WHERE t.key = 'bagssl.role' AND t.value = ?"
+    )
+    return [status for (status,) in store_rows(db, query, role)]
 
 
 def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None:
@@ -150,7 +129,7 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
     assert (
         "Started a local Ray instance" not in proc.stderr and "Connecting to existing Ray" not in proc.stderr
     )
-    parents, children = _runs(tmp_path, "local")
+    parents, children = sweep_runs(tmp_path, "local")
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
     assert "val/knn_top1/mean_emb" in children[0].data.metrics
@@ -270,21 +249,21 @@ def test_a_sweep_interrupted_in_its_refine_step_resumes_there(tmp_path: Path, ra
             proc.kill()
     assert proc.returncode == 130, out[-3000:]
     assert "refine" in out and "continue with: python -m sweeps.run" in out
-    _, trials = _runs(tmp_path, "refine_resume")
+    _, trials = sweep_runs(tmp_path, "refine_resume")
     assert [t.info.status for t in trials] == ["FINISHED"]
     (tid,) = [t.data.tags["bagssl.trial_id"] for t in trials]
     train_runs = tmp_path / "storage" / "refine_resume" / "train_runs"
-    before = _checkpoints(train_runs / f"train_{tid}")
+    before = checkpoint_mtimes(train_runs / f"train_{tid}")
     assert before
 
     resumed = _run(sweep_cmd(spec, "--address", ray_address, "--resume"), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _checkpoints(train_runs / f"train_{tid}") == before  # the search was not run again
+    assert checkpoint_mtimes(train_runs / f"train_{tid}") == before  # the search was not run again
     assert "refine: the top 1 config(s), each re-trained with 2 new seeds" in resumed.stdout
-    parents, trials = _runs(tmp_path, "refine_resume")
+    parents, trials = sweep_runs(tmp_path, "refine_resume")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert [t.data.tags["bagssl.trial_id"] for t in trials] == [tid]
-    refines = _runs(tmp_path, "refine_resume", role="refine")[1]
+    refines = sweep_runs(tmp_path, "refine_resume", role="refine")[1]
     assert sorted(r.data.params["run.seed"] for r in refines) == ["1000", "2000"]  # one child per seed
     assert all(r.info.status == "FINISHED" and r.data.tags["bagssl.refines"] == tid for r in refines)
     assert all("test/knn_top1/mean_emb" in r.data.metrics for r in refines)
