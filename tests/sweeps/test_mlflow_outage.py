@@ -56,9 +56,13 @@ class Server:
             "--workers",
             "1",
         ]
+        # Without MLflow's job runner (on by default since MLflow 3.x: a runner and seven huey consumer
+        # processes for its GenAI jobs, each importing MLflow): tracking never uses it, and it made each
+        # start cost about 60 s of CPU here instead of 10 (docs/operations.md, "Costs").
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         # A session of its own: the server's workers die with it.
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
         )
         _wait_for("the MLflow server", self.answers, timeout=180)
 
