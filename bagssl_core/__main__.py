@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bagssl_core.checkpoint_files import find_checkpoint
 from bagssl_core.config import (
     PRESETS,
     ConfigError,
@@ -154,8 +155,6 @@ def _train(args: argparse.Namespace) -> int:
         out, cfg = _resumed_run(args)
         ended = _ended_run(out)
         if ended is None:
-            from bagssl_core.train import find_checkpoint
-
             try:
                 resume = find_checkpoint(out)
             except FileNotFoundError as err:
@@ -247,11 +246,6 @@ def _ended_run(out: Path) -> RunResult | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bagssl_core.baselines import probe_backbone
-    from bagssl_core.metrics import EPOCH, metric_names
-    from bagssl_core.probes import format_probe_table
-    from bagssl_core.train import load_checkpoint
-
     if args.random_init and args.checkpoint is not None and "=" in args.checkpoint:
         # argparse hands the first key=value to the optional CHECKPOINT positional
         args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None
@@ -259,6 +253,18 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval: expected either a CHECKPOINT or --random-init (with an optional --config)")
     if args.random_init:
         cfg = load_config(args.config, args.overrides)
+    else:
+        try:  # before torch is imported: a wrong path fails at once
+            find_checkpoint(args.checkpoint)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+
+    from bagssl_core.baselines import probe_backbone
+    from bagssl_core.metrics import EPOCH, metric_names
+    from bagssl_core.probes import format_probe_table
+    from bagssl_core.train import load_checkpoint
+
+    if args.random_init:
         state, epoch = None, 0
     else:
         try:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bagssl_core import dist
 from bagssl_core.aggregate import MeanStd, extract_features
+from bagssl_core.checkpoint_files import CHECKPOINT_FILE, METRICS_FILE, find_checkpoint
 from bagssl_core.config import (
     ConfigError,
     EvalConfig,
@@ -68,9 +69,6 @@ log = logging.getLogger(__name__)
 # metrics (name -> float, see bagssl_core.metrics) and, on rank 0 when one was written, the checkpoint
 # directory
 Reporter = Callable[[dict[str, float], "Path | None"], None]
-
-CHECKPOINT_FILE = "state.pt"
-METRICS_FILE = "metrics.json"  # in a checkpoint: the metrics reported for its epoch
 
 
 @dataclass
@@ -460,21 +458,6 @@ def save_checkpoint(run: Run, epoch: int) -> Path:
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     for old in sorted(ckpt_dir.glob("epoch_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from itself, a run directory (its latest checkpoint), or a state.pt file."""
-    p = Path(path)
-    if p.is_file():
-        return p.parent
-    if (p / CHECKPOINT_FILE).is_file():
-        return p
-    found = sorted((p / "checkpoints").glob("epoch_*/" + CHECKPOINT_FILE))
-    if not found:
-        raise FileNotFoundError(
-            f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or checkpoints/epoch_*/)"
-        )
-    return found[-1].parent
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

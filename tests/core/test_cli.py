@@ -140,6 +140,45 @@ def test_bad_input_is_one_message_and_exit_2(
     assert re.search(BAD_INPUT[case][1], lines[0]), lines[0]
 
 
+# Refused from the command line and the files it names alone: no dataset to read, no checkpoint to load.
+REFUSED_BEFORE_TORCH = (
+    "unknown_key",
+    "wrong_type",
+    "patch_too_large",
+    "malformed_yaml",
+    "missing_config",
+    "eval_missing_checkpoint",
+    "eval_nothing_to_probe",
+    "resume_nothing",
+)
+
+
+def test_bad_input_that_needs_no_data_is_refused_before_torch_is_imported(work: Path) -> None:
+    """Each case in one fresh interpreter, through `main` as `python -m bagssl_core` calls it: the message
+    comes in a fraction of a second, not after the seconds torch and torchvision take to import."""
+    script = (
+        "import json, sys\n"
+        "from bagssl_core.__main__ import main\n"
+        "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n"
+    )
+    argvs = [BAD_INPUT[case][0] for case in REFUSED_BEFORE_TORCH]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(argvs)],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"codes": [2] * len(argvs), "torch": False}, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(argvs), proc.stderr
+    for case, line in zip(REFUSED_BEFORE_TORCH, errors, strict=True):
+        assert re.search(BAD_INPUT[case][1], line), (case, line)
+
+
 def test_a_run_directory_is_never_overwritten(
     work: Path, trained: Trained, results: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
