@@ -22,9 +22,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from bagssl_core.checkpoint_files import find_checkpoint
 from bagssl_core.config import (
     PRESETS,
     ConfigError,
@@ -37,9 +35,8 @@ from bagssl_core.config import (
     show_value,
     validate_config,
 )
-
-if TYPE_CHECKING:
-    from bagssl_core.train import RunResult
+from bagssl_core.metrics import format_probe_table
+from bagssl_core.run_files import SUMMARY_FILE, ended_run, find_checkpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -153,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
     ended = None
     if args.resume:
         out, cfg = _resumed_run(args)
-        ended = _ended_run(out)
+        ended = ended_run(out)
         if ended is None:
             try:
                 resume = find_checkpoint(out)
@@ -162,16 +159,15 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = _given_config(args)
         out = Path(args.out or cfg.run.out_dir)
-        if (out / "summary.json").exists() or (out / "checkpoints").exists():
+        if (out / SUMMARY_FILE).exists() or (out / "checkpoints").exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
-    from bagssl_core.probes import format_probe_table
-    from bagssl_core.provenance import provenance
-    from bagssl_core.train import train
-
-    if ended is not None:
+    if ended is not None:  # answered from the run directory alone, without importing torch
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
         result = ended
     else:
+        from bagssl_core.provenance import provenance
+        from bagssl_core.train import train
+
         out.mkdir(parents=True, exist_ok=True)
         (out / "provenance.json").write_text(json.dumps(provenance(), indent=2) + "\n")
         result = train(cfg, out, resume_from=resume, progress=not args.quiet)
@@ -231,20 +227,6 @@ def _shown(flat: dict[str, object], key: str) -> str:
     return show_value(flat[key]) if key in flat else "(not used)"
 
 
-def _ended_run(out: Path) -> RunResult | None:
-    """The result of the run in `out` if it has ended (its summary.json is written last), else None."""
-    from bagssl_core.metrics import ANALYSES_DIR
-    from bagssl_core.train import RunResult
-
-    path = out / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text())
-    status, epochs = summary.pop("status"), summary.pop("epochs")
-    figures = {p.stem: p for p in sorted((out / ANALYSES_DIR).glob("*.png"))}
-    return RunResult(status=status, epochs=epochs, metrics=summary, out_dir=out, figures=figures)
-
-
 def _eval(args: argparse.Namespace) -> int:
     if args.random_init and args.checkpoint is not None and "=" in args.checkpoint:
         # argparse hands the first key=value to the optional CHECKPOINT positional
@@ -261,7 +243,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     from bagssl_core.baselines import probe_backbone
     from bagssl_core.metrics import EPOCH, metric_names
-    from bagssl_core.probes import format_probe_table
     from bagssl_core.train import load_checkpoint
 
     if args.random_init:

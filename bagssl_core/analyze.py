@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from bagssl_core.analyses import ANALYSES, AnalysisReport, run_analyses
-from bagssl_core.checkpoint_files import find_checkpoint
 from bagssl_core.config import ConfigError, TrainConfig, parse_overrides, validate_config
 from bagssl_core.data import load_split
 from bagssl_core.metrics import ANALYSES_DIR
 from bagssl_core.models import build_model, prepare_for_device
+from bagssl_core.run_files import find_checkpoint
 from bagssl_core.train import (
     load_checkpoint,
     resolve_device,

@@ -25,10 +25,10 @@ import torch
 
 from bagssl_core.config import TrainConfig
 from bagssl_core.data import ImageData
-from bagssl_core.metrics import MetricKey, ProbeKey, Split, baseline_name, parse_baseline
+from bagssl_core.metrics import MetricKey, ProbeKey, Split, baseline_name, format_probe_table, parse_baseline
 from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.patches import channel_stats, normalize
-from bagssl_core.probes import format_probe_table, run_probes
+from bagssl_core.probes import run_probes
 from bagssl_core.train import eval_loader, evaluate, load_splits, resolve_device, seed_everything
 
 RAW_PIXELS, RANDOM_INIT = "raw_pixels", "random_init"

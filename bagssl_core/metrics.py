@@ -16,7 +16,9 @@ Epoch metrics (`train/loss`, `train/<loss part>`, `lr`, `patches_per_s`, `epoch_
 
 Inside the trainer a metrics dict is keyed by `ProbeKey`s and those constants (`MetricKey`); `metric_names`
 turns it into names where it leaves (the reporter, metrics.jsonl, summary.json). `expected_metrics` says
-which names a run of a config reports, and when.
+which names a run of a config reports, and when; `format_probe_table` prints them as a table.
+
+This module imports no torch: the CLI and the sweep driver read and print metrics without it.
 """
 
 from __future__ import annotations
@@ -407,3 +409,55 @@ def expected_metrics(cfg: TrainConfig, variants: Mapping[str, EvalConfig] | None
         scales = [patch_pixels(s, cfg.image_size) for s in cfg.eval.analysis.scales]
         at_end |= {str(k) for k in analysis_keys(cfg.eval.analyses, grid, scales)}
     return ExpectedMetrics(frozenset(epoch | probes("val")), frozenset(at_end))
+
+
+def format_probe_table(metrics: Mapping[str, float]) -> str:
+    """A plain-text table of probe metrics: one row per scheme (and variant), probe and statistic, one
+    column per split (val, then test), each cell the accuracy with its 95% interval, `62.50 [59.1, 65.8]`.
+
+    Metric names are read with `ProbeKey.parse`; other metrics (losses, epoch, ...) are ignored, a missing
+    cell reads "-", and a split's header carries its `{split}/n_images` when present. The variant column
+    appears only when some key has a variant. Rows keep the order in which they first appear.
+
+    Args:
+        metrics: metric name -> value, as reported (e.g. "val/knn_top1/mean_emb", "val/knn_top1_lo/mean_emb").
+
+    Returns:
+        The table, lines joined by newlines without a trailing one; "" when no probe metric is present.
+    """
+    cells: dict[tuple[str, str, str, str], dict[Split, dict[str, float]]] = {}
+    for name, value in metrics.items():
+        key = ProbeKey.parse(name)
+        if key is not None:
+            row = (key.scheme, key.variant, key.probe, key.stat)
+            cells.setdefault(row, {}).setdefault(key.split, {})[key.bound] = value
+    if not cells:
+        return ""
+    splits = [s for s in SPLITS if any(s in row for row in cells.values())]
+    with_variant = any(variant for _, variant, _, _ in cells)
+
+    def cell(found: dict[str, float] | None) -> str:
+        if not found or "" not in found:
+            return "-"
+        if "lo" in found and "hi" in found:
+            return f"{found['']:.2f} [{found['lo']:.1f}, {found['hi']:.1f}]"
+        return f"{found['']:.2f}"
+
+    def header(split: Split) -> str:
+        n = metrics.get(n_images(split))
+        return split if n is None else f"{split} (n={int(n)})"
+
+    labels = ["scheme", *(["variant"] if with_variant else []), "probe", "stat"]
+    lines = [[*labels, *(header(s) for s in splits)]]
+    for (scheme, variant, probe, stat), by_split in cells.items():
+        label = [scheme, *([variant or "base"] if with_variant else []), probe, stat]
+        lines.append([*label, *(cell(by_split.get(s)) for s in splits)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    left = len(labels)
+    return "\n".join(
+        "  ".join(
+            [c.ljust(w) for c, w in zip(line[:left], widths[:left], strict=True)]
+            + [c.rjust(w) for c, w in zip(line[left:], widths[left:], strict=True)]
+        ).rstrip()
+        for line in lines
+    )

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bagssl_core.config import EvalConfig
-from bagssl_core.metrics import SPLITS, ProbeKey, Split, Stat, n_images, with_intervals
+from bagssl_core.metrics import ProbeKey, Split, Stat, with_intervals
 
 logger = logging.getLogger(__name__)
 
@@ -355,55 +355,3 @@ def run_probes(
                 )
             logger.info("%s probe on %s: %.1f s", probe, scheme, time.perf_counter() - began)
     return metrics
-
-
-def format_probe_table(metrics: Mapping[str, float]) -> str:
-    """A plain-text table of probe metrics: one row per scheme (and variant), probe and statistic, one
-    column per split (val, then test), each cell the accuracy with its 95% interval, `62.50 [59.1, 65.8]`.
-
-    Metric names are read with `ProbeKey.parse`; other metrics (losses, epoch, ...) are ignored, a missing
-    cell reads "-", and a split's header carries its `{split}/n_images` when present. The variant column
-    appears only when some key has a variant. Rows keep the order in which they first appear.
-
-    Args:
-        metrics: metric name -> value, as reported (e.g. "val/knn_top1/mean_emb", "val/knn_top1_lo/mean_emb").
-
-    Returns:
-        The table, lines joined by newlines without a trailing one; "" when no probe metric is present.
-    """
-    cells: dict[tuple[str, str, str, str], dict[Split, dict[str, float]]] = {}
-    for name, value in metrics.items():
-        key = ProbeKey.parse(name)
-        if key is not None:
-            row = (key.scheme, key.variant, key.probe, key.stat)
-            cells.setdefault(row, {}).setdefault(key.split, {})[key.bound] = value
-    if not cells:
-        return ""
-    splits = [s for s in SPLITS if any(s in row for row in cells.values())]
-    with_variant = any(variant for _, variant, _, _ in cells)
-
-    def cell(found: dict[str, float] | None) -> str:
-        if not found or "" not in found:
-            return "-"
-        if "lo" in found and "hi" in found:
-            return f"{found['']:.2f} [{found['lo']:.1f}, {found['hi']:.1f}]"
-        return f"{found['']:.2f}"
-
-    def header(split: Split) -> str:
-        n = metrics.get(n_images(split))
-        return split if n is None else f"{split} (n={int(n)})"
-
-    labels = ["scheme", *(["variant"] if with_variant else []), "probe", "stat"]
-    lines = [[*labels, *(header(s) for s in splits)]]
-    for (scheme, variant, probe, stat), by_split in cells.items():
-        label = [scheme, *([variant or "base"] if with_variant else []), probe, stat]
-        lines.append([*label, *(cell(by_split.get(s)) for s in splits)])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    left = len(labels)
-    return "\n".join(
-        "  ".join(
-            [c.ljust(w) for c, w in zip(line[:left], widths[:left], strict=True)]
-            + [c.rjust(w) for c, w in zip(line[left:], widths[left:], strict=True)]
-        ).rstrip()
-        for line in lines
-    )

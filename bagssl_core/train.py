@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bagssl_core import dist
 from bagssl_core.aggregate import MeanStd, extract_features
-from bagssl_core.checkpoint_files import CHECKPOINT_FILE, METRICS_FILE, find_checkpoint
 from bagssl_core.config import (
     ConfigError,
     EvalConfig,
@@ -63,25 +62,13 @@ from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.optim import build_optimizer, lr_schedule, set_lr
 from bagssl_core.patches import channel_stats, train_batch
 from bagssl_core.probes import run_probes
+from bagssl_core.run_files import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, RunResult, find_checkpoint
 
 log = logging.getLogger(__name__)
 
 # metrics (name -> float, see bagssl_core.metrics) and, on rank 0 when one was written, the checkpoint
 # directory
 Reporter = Callable[[dict[str, float], "Path | None"], None]
-
-
-@dataclass
-class RunResult:
-    status: str  # "finished" | "diverged"
-    epochs: int  # epochs completed
-    # by name: the last validation probes and final epoch metrics, the test probes of a finished run
-    # (+ DIVERGED_AT_STEP of a diverged one)
-    metrics: dict[str, float] = field(default_factory=dict)
-    out_dir: Path | None = None
-    # analysis name -> its PNG under out_dir/analyses/, written on rank 0 at the end of a finished run
-    # whose eval.analyses asked for it (their metrics are in `metrics`)
-    figures: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -590,7 +577,7 @@ def train(
         bar.close()
     if dist.is_main():
         summary = {"status": result.status, "epochs": result.epochs, **result.metrics}
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (run.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return result
 
 

@@ -29,8 +29,7 @@ from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
 from bagssl_core.config import flatten
-from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP, EPOCH
-from bagssl_core.probes import format_probe_table
+from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP, EPOCH, format_probe_table
 from bagssl_core.provenance import provenance
 from sweeps.report import trial_status
 from sweeps.resources import WORKER_TAG_PREFIX

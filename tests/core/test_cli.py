@@ -153,30 +153,47 @@ REFUSED_BEFORE_TORCH = (
 )
 
 
-def test_bad_input_that_needs_no_data_is_refused_before_torch_is_imported(work: Path) -> None:
-    """Each case in one fresh interpreter, through `main` as `python -m bagssl_core` calls it: the message
-    comes in a fraction of a second, not after the seconds torch and torchvision take to import."""
+def _main_in_a_fresh_interpreter(argvs: list[list[str]], cwd: Path) -> tuple[list[int], bool, str, str]:
+    """Run `main(argv)` for each argv, one after another, in one new Python process, as `python -m
+    bagssl_core` would each: (exit codes, whether torch was imported by the end, stdout, stderr)."""
     script = (
         "import json, sys\n"
         "from bagssl_core.__main__ import main\n"
         "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
         "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules}))\n"
     )
-    argvs = [BAD_INPUT[case][0] for case in REFUSED_BEFORE_TORCH]
     proc = subprocess.run(
         [sys.executable, "-c", script, json.dumps(argvs)],
-        cwd=work,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"codes": [2] * len(argvs), "torch": False}, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == len(argvs), proc.stderr
+    out, last = proc.stdout.rstrip("\n").rsplit("\n", 1) if "\n" in proc.stdout.strip() else ("", proc.stdout)
+    got = json.loads(last)
+    return got["codes"], got["torch"], out + "\n" if out else "", proc.stderr
+
+
+def test_bad_input_that_needs_no_data_is_refused_before_torch_is_imported(work: Path) -> None:
+    """The message comes in a fraction of a second, not after the seconds torch and torchvision take to
+    import."""
+    argvs = [BAD_INPUT[case][0] for case in REFUSED_BEFORE_TORCH]
+    codes, torch_imported, _, stderr = _main_in_a_fresh_interpreter(argvs, work)
+    assert codes == [2] * len(argvs) and not torch_imported, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(argvs), stderr
     for case, line in zip(REFUSED_BEFORE_TORCH, errors, strict=True):
         assert re.search(BAD_INPUT[case][1], line), (case, line)
+
+
+def test_resuming_an_ended_run_is_answered_without_importing_torch(work: Path, trained: Trained) -> None:
+    """Its results come from the run directory alone (summary.json), as at the run's end."""
+    argvs = [RESUME["resume_ended"], RESUME["resume_same_config"]]
+    codes, torch_imported, stdout, stderr = _main_in_a_fresh_interpreter(argvs, work)
+    assert codes == [0, 0] and not torch_imported, stderr
+    assert stdout == trained.proc.stdout * 2
+    assert stderr.count("run: the run has already ended; nothing to resume, nothing changed") == 2
 
 
 def test_a_run_directory_is_never_overwritten(

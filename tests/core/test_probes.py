@@ -8,8 +8,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from bagssl_core.config import EvalConfig
-from bagssl_core.metrics import ProbeKey, probe_keys, wilson_interval
-from bagssl_core.probes import format_probe_table, knn_classify, linear_probe, run_probes
+from bagssl_core.metrics import ProbeKey, format_probe_table, probe_keys, wilson_interval
+from bagssl_core.probes import knn_classify, linear_probe, run_probes
 
 
 @pytest.fixture(scope="module")

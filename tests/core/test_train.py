@@ -38,9 +38,9 @@ from bagssl_core.metrics import (
 from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.optim import LARS, build_optimizer, lr_schedule, set_lr
 from bagssl_core.patches import channel_stats
+from bagssl_core.run_files import RunResult
 from bagssl_core.syncbn import GlobalBatchNorm
 from bagssl_core.train import (
-    RunResult,
     batch_length,
     eval_variant_config,
     evaluate,
