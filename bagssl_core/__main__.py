@@ -36,7 +36,7 @@ from bagssl_core.config import (
     validate_config,
 )
 from bagssl_core.metrics import format_probe_table
-from bagssl_core.run_files import SUMMARY_FILE, ended_run, find_checkpoint
+from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find_checkpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -159,7 +159,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = _given_config(args)
         out = Path(args.out or cfg.run.out_dir)
-        if (out / SUMMARY_FILE).exists() or (out / "checkpoints").exists():
+        if (out / SUMMARY_FILE).exists() or (out / CHECKPOINTS_DIR).exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
     if ended is not None:  # answered from the run directory alone, without importing torch
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
@@ -237,7 +237,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
     else:
         try:  # before torch is imported: a wrong path fails at once
-            find_checkpoint(args.checkpoint)
+            ckpt = find_checkpoint(args.checkpoint)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
 
@@ -249,7 +249,7 @@ def _eval(args: argparse.Namespace) -> int:
         state, epoch = None, 0
     else:
         try:
-            state = load_checkpoint(args.checkpoint)
+            state = load_checkpoint(ckpt)
         except (FileNotFoundError, RuntimeError) as err:
             raise ConfigError(str(err)) from None
         source = f"{args.checkpoint} + overrides"

@@ -16,7 +16,7 @@ from bagssl_core.config import ConfigError, TrainConfig, parse_overrides, valida
 from bagssl_core.data import load_split
 from bagssl_core.metrics import ANALYSES_DIR
 from bagssl_core.models import build_model, prepare_for_device
-from bagssl_core.run_files import find_checkpoint
+from bagssl_core.run_files import CHECKPOINTS_DIR, find_checkpoint
 from bagssl_core.train import (
     load_checkpoint,
     resolve_device,
@@ -77,7 +77,7 @@ def default_out_dir(path: str | Path) -> Path:
     """`RUN_DIR/analyses` for a run directory or a checkpoint inside one (`RUN_DIR/checkpoints/epoch_*/`);
     `CHECKPOINT_DIR/analyses` for a checkpoint elsewhere."""
     ckpt = find_checkpoint(path)
-    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    run = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS_DIR else ckpt
     return run / ANALYSES_DIR
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bagssl_core.metrics import ANALYSES_DIR
 
+CHECKPOINTS_DIR = "checkpoints"  # in a run directory: one epoch_XXXX/ per checkpoint kept
 CHECKPOINT_FILE = "state.pt"
 METRICS_FILE = "metrics.json"  # in a checkpoint: the metrics reported for its epoch
 
@@ -24,7 +25,7 @@ def find_checkpoint(path: str | Path) -> Path:
         return p.parent
     if (p / CHECKPOINT_FILE).is_file():
         return p
-    found = sorted((p / "checkpoints").glob("epoch_*/" + CHECKPOINT_FILE))
+    found = sorted((p / CHECKPOINTS_DIR).glob("epoch_*/" + CHECKPOINT_FILE))
     if not found:
         raise FileNotFoundError(
             f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or checkpoints/epoch_*/)"

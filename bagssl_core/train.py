@@ -62,7 +62,14 @@ from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.optim import build_optimizer, lr_schedule, set_lr
 from bagssl_core.patches import channel_stats, train_batch
 from bagssl_core.probes import run_probes
-from bagssl_core.run_files import CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, RunResult, find_checkpoint
+from bagssl_core.run_files import (
+    CHECKPOINT_FILE,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunResult,
+    find_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +425,7 @@ def _gather_shares(batches: list[int], share: Features | None, n: int, batch_siz
 def save_checkpoint(run: Run, epoch: int) -> Path:
     """Write `checkpoints/epoch_XXXX/state.pt` (+ config.yaml) in the run directory atomically: a crash
     mid-write never leaves a torn checkpoint."""
-    ckpt_dir = run.out / "checkpoints"
+    ckpt_dir = run.out / CHECKPOINTS_DIR
     final = ckpt_dir / f"epoch_{epoch:04d}"
     tmp = ckpt_dir / f".tmp_epoch_{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)

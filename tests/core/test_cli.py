@@ -170,9 +170,9 @@ def _main_in_a_fresh_interpreter(argvs: list[list[str]], cwd: Path) -> tuple[lis
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    out, last = proc.stdout.rstrip("\n").rsplit("\n", 1) if "\n" in proc.stdout.strip() else ("", proc.stdout)
+    *printed, last = proc.stdout.splitlines(keepends=True)  # the script's own line comes last
     got = json.loads(last)
-    return got["codes"], got["torch"], out + "\n" if out else "", proc.stderr
+    return got["codes"], got["torch"], "".join(printed), proc.stderr
 
 
 def test_bad_input_that_needs_no_data_is_refused_before_torch_is_imported(work: Path) -> None:

@@ -58,7 +58,8 @@ class Server:
         ]
         # Without MLflow's job runner (on by default since MLflow 3.x: a runner and seven huey consumer
         # processes for its GenAI jobs, each importing MLflow): tracking never uses it, and it made each
-        # start cost about 60 s of CPU here instead of 10 (docs/operations.md, "Costs").
+        # start cost about 60 s of CPU here instead of about 12 (docs/operations.md, "MLflow stopped
+        # mid-sweep").
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         # A session of its own: the server's workers die with it.
         self.proc = subprocess.Popen(
