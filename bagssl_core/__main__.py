@@ -36,6 +36,7 @@ from bagssl_core.config import (
     validate_config,
 )
 from bagssl_core.metrics import format_probe_table
+from bagssl_core.openmp import prefer_passive_wait
 from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find_checkpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -268,6 +269,7 @@ COMMANDS = {"train": _train, "eval": _eval, "analyze": _analyze, "baselines": _b
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_passive_wait()  # before any command imports torch
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bagssl_core.config import ConfigError, TrainConfig, flatten
+from bagssl_core.openmp import prefer_passive_wait
 from sweeps import lifecycle
 from sweeps.lifecycle import STATE_FILE, SweepNotFound, SweepState
 from sweeps.ray_env import prepare_ray_environment
@@ -176,6 +177,8 @@ class Driver:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Before torch is imported, and before a local Ray starts: its workers inherit the setting.
+    prefer_passive_wait()
     if not args.local and not args.dry_run:
         prepare_ray_environment(args.address)
     # MLflow's HTTP client retries a server that does not answer for minutes (7 times, backing off), which
