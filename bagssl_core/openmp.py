@@ -10,9 +10,9 @@ another process's thread needs, and that process's next barrier waits on a threa
 `bench/omp_wait.py` measured it on the project's 2-core machine (2026-11-27): two copies of the smoke
 trial's work side by side, each with torch's 2 threads, took 43.4 s and 85.8 CPU-s with the default,
 27.2 s and 53.4 CPU-s with passive waiting (`OMP_WAIT_POLICY=PASSIVE`: a thread sleeps as soon as it has
-nothing to do), 1.6x; one copy alone took 15.8 s default, 15.0 s passive. libgomp reads the variable once, when torch loads it, so this must run before the first
-`import torch` of the process; processes started later (a local Ray's workers, a run's subprocesses)
-inherit it. A value the user set is kept.
+nothing to do), 1.6x; one copy alone took 15.8 s default, 15.0 s passive. libgomp reads the variable
+once, when torch loads it, so this must run before the first `import torch` of the process; processes
+started later (a local Ray's workers, a run's subprocesses) inherit it. A value the user set is kept.
 """
 
 from __future__ import annotations

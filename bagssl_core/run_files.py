@@ -28,7 +28,7 @@ def find_checkpoint(path: str | Path) -> Path:
     found = sorted((p / CHECKPOINTS_DIR).glob("epoch_*/" + CHECKPOINT_FILE))
     if not found:
         raise FileNotFoundError(
-            f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or checkpoints/epoch_*/)"
+            f"{p}: no checkpoint here (expected {CHECKPOINT_FILE} or {CHECKPOINTS_DIR}/epoch_*/)"
         )
     return found[-1].parent
 

@@ -11,9 +11,9 @@ and passive cases take turns, so both see the same background load.
 
 Each line gives, for one case, the wall time of its slowest copy (imports excluded) and the CPU seconds
 of all its copies; then, per K, default over passive. The last line is the ratio for 2 copies, e.g.
-`2 copies side by side, default vs passive wall: 3.0x`.
+`2 copies side by side, default vs passive wall: 1.60x`.
 
-Run: `python bench/omp_wait.py [--copies 1 2] [--rounds R]` on an otherwise idle machine (about 5
+Run: `python bench/omp_wait.py [--copies 1 2] [--rounds R]` on an otherwise idle machine (about 2.5
 minutes on 2 cores with the defaults).
 """
 
@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-WAIT_POLICY = "OMP_WAIT_POLICY"  # bagssl_core.openmp.WAIT_POLICY; not imported, so no worker inherits it
+from bagssl_core.openmp import WAIT_POLICY
+
 CASES = {"default": None, "passive": "PASSIVE"}
 
 
@@ -36,31 +37,24 @@ def worker(rounds: int, images: int, batch: int) -> None:
     """The work of one copy; prints {"wall": s, "cpu": s} of the work alone (after the imports)."""
     import torch
 
-    # bench/ is the script's directory, so its sibling benchmark imports as a top-level module.
+    # bench/ is the script's directory, so its sibling benchmarks import as top-level modules.
+    from memory_format import config
     from patches import load_images
 
     from bagssl_core.aggregate import reduce_batch
-    from bagssl_core.config import TrainConfig
     from bagssl_core.losses import build_loss
     from bagssl_core.models import build_model
     from bagssl_core.optim import build_optimizer
     from bagssl_core.patches import channel_stats
     from bagssl_core.train import train_step
 
-    cfg = TrainConfig.model_validate(
-        {
-            "data": {"name": "fashion_mnist"},
-            "model": {"backbone": "resnet18_cifar"},
-            "patch": {"num": 4, "size": 14, "input_size": 14},
-            "eval": {"grid_stride": 7},
-        }
-    )
+    cfg = config("smoke")
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.in_channels).to(memory_format=torch.channels_last)
     pixels, _ = load_images(images, seed=0)
     views = torch.rand(batch, cfg.patch.num, cfg.in_channels, cfg.input_size, cfg.input_size)
     loss_fn, opt = build_loss(cfg.loss), build_optimizer(model, cfg)
-    mean_std = channel_stats("fashion_mnist", 3)
+    mean_std = channel_stats(cfg.data.name, cfg.in_channels)
 
     start, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(rounds):
