@@ -22,6 +22,11 @@ def prepare_ray_environment(address: str | None) -> None:
     # Tune's newer console output ignores a ProgressReporter; the classic one shows our columns.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # The sweep's own Ray, on this machine alone: Train's preemption watcher (an actor and its process
+        # at every worker-group start, polling every 5 s) reacts only to a cluster draining a node, which
+        # cannot happen here (docs/operations.md, "Costs"). A joined cluster keeps its own setting.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and has_auth_token():
         # Ray turns token auth on by itself only for address="auto" (docs/operations.md, "Token
         # authentication"); the cluster would reject us with InvalidAuthToken.
