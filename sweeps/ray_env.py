@@ -10,6 +10,9 @@ import os
 import socket
 from pathlib import Path
 
+# Ray Train's switch for its preemption watcher, read by each Train controller from its trial's environment.
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def prepare_ray_environment(address: str | None) -> None:
     """Set what Ray reads at import or start, for a sweep joining `address` (or RAY_ADDRESS, else local).
@@ -26,7 +29,7 @@ def prepare_ray_environment(address: str | None) -> None:
         # The sweep's own Ray, on this machine alone: Train's preemption watcher (an actor and its process
         # at every worker-group start, polling every 5 s) reacts only to a cluster draining a node, which
         # cannot happen here (docs/operations.md, "Costs"). A joined cluster keeps its own setting.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault(PREEMPTION_WATCHER, "0")
     if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and has_auth_token():
         # Ray turns token auth on by itself only for address="auto" (docs/operations.md, "Token
         # authentication"); the cluster would reject us with InvalidAuthToken.

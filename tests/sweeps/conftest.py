@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sweeps.ray_env import free_port, has_auth_token
+from sweeps.ray_env import PREEMPTION_WATCHER, free_port, has_auth_token
 
 
 def ensure_ray_token() -> None:
@@ -243,7 +243,7 @@ def start_node(
         "--disable-usage-stats",
         "--include-log-monitor=false",
     ]
-    env = {**env, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    env = {**env, PREEMPTION_WATCHER: "0"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"ray start of {name} failed:\n{proc.stderr[-3000:]}"
 
