@@ -6,7 +6,8 @@ a second Ray on the machine confuses Train's placement-group cleaner unless its 
 
 `two_nodes`: a head and a second node that joins it, both started with `ray start` as on a real
 cluster, each with its own temp dir, ports and a resource naming it; for the multi-node and fault tests
-(a fault test that loses the second node starts it again).
+(a fault test that loses the second node starts it again). `spread_sweep`: the one sweep that two of those
+tests read, the multi-node test and the Train-worker fault, run once for both.
 
 Each cluster starts for the first test that asks for it and stops as soon as the next test does not:
 an idle Ray node's daemons take about 6% of a core here, and its log monitor more as its log files pile
@@ -37,6 +38,8 @@ import pytest
 import yaml
 
 from sweeps.ray_env import PREEMPTION_WATCHER, free_port, has_auth_token
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ensure_ray_token() -> None:
@@ -318,6 +321,99 @@ def _start_two_nodes() -> tuple[LocalCluster, Callable[[], None]]:
         cluster.stop()
         raise
     return cluster, cluster.stop
+
+
+@dataclass
+class SpreadSweep:
+    """The sweep that the multi-node test and the worker-fault test both read, run once for the two.
+
+    Submitted with `ray job submit --working-dir .` as the README says, to the 2-node cluster: two trials
+    of one config and one seed (a grid of one point, run twice), each with 2 workers placed `spread`, one
+    at a time. After the first trial's first epoch, its Train worker on the second node was SIGKILLed; the
+    second trial ran uninterrupted, the first one's twin.
+
+    Attributes:
+        root: holds the spec, the MLflow store (`mlflow.db`) and the storage path (`storage/spread`).
+        returncode, output: what `ray job submit` exited with and printed (the job's own output).
+        node_ids: the cluster's node name -> Ray node id while the sweep ran (a later test may replace
+            the second node).
+        victim_trial: the Tune trial id of the interrupted trial.
+        victim_pid: the pid of the worker killed.
+    """
+
+    root: Path
+    returncode: int
+    output: str
+    node_ids: dict[str, str]
+    victim_trial: str
+    victim_pid: int
+
+
+@pytest.fixture(scope="session")
+def spread_sweep(tmp_path_factory: pytest.TempPathFactory) -> SpreadSweep:
+    """Run `SpreadSweep` on the 2-node cluster, for the first test that asks for it. Each such test also
+    asks for `two_nodes`, which keeps the cluster up while they run and sends them to its test worker."""
+    cluster = _shared("two_nodes", _start_two_nodes)
+    root = tmp_path_factory.mktemp("spread")
+    spec = tiny_spec(
+        root,
+        "spread",
+        num_samples=2,
+        search={"algo": "grid"},
+        space={"loss.inv_weight": {"grid": [25.0]}},
+        scheduler={"name": "none"},
+        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
+    )
+    cmd = [
+        *(_ray_bin(), "job", "submit", f"--address={cluster.dashboard}", "--working-dir", "."),
+        *("--", "python", "-m", "sweeps.run", str(spec)),
+    ]
+    log = root / "job.log"
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        rows = wait_for(
+            "a trial's first epoch",
+            lambda: {t: r for t, r in trial_rows(root / "mlflow.db").items() if r == ("RUNNING", 1)},
+            proc,
+        )
+        (victim_trial,) = rows
+        # Tune's actor and the Train controller sit on the head; on the second node only the workers.
+        procs = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in cluster.node_pids("node2")}
+        (victim,) = [pid for pid, cmd in procs.items() if b"RayTrainWorker" in cmd]
+        os.kill(victim, signal.SIGKILL)
+        code = proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return SpreadSweep(root, code, log.read_text(), dict(cluster.node_ids), victim_trial, victim)
+
+
+def trial_rows(db: Path) -> dict[str, tuple[str, int]]:
+    """trial id -> (MLflow status, last epoch logged) of a sweep's trial runs, read while the sweep runs."""
+    rows = store_rows(
+        db,
+        "SELECT t.value, r.status, (SELECT MAX(m.step) FROM metrics m "
+        "  WHERE m.run_uuid = r.run_uuid AND m.key = 'epoch') "
+        "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'bagssl.trial_id' "
+        "JOIN tags role ON role.run_uuid = r.run_uuid AND role.key = 'bagssl.role' "
+        "AND role.value = 'trial'",
+    )
+    return {tid: (status, int(epoch or 0)) for tid, status, epoch in rows}
+
+
+def wait_for(what: str, ready: Callable[[], Any], proc: subprocess.Popen, timeout: float = 600) -> Any:
+    """Poll `ready()` each second until it returns something true, and return that; fail when `proc` (the
+    sweep) ends first or `timeout` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = ready()
+        if found:
+            return found
+        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before {what}"
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def store_rows(db: Path, query: str, *params: str) -> list[tuple[Any, ...]]:

@@ -11,9 +11,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,40 +19,18 @@ from mlflow.tracking import MlflowClient
 from sweeps.trainable import WORKER_NODES, WORKER_PIDS
 from tests.sweeps.conftest import (
     LocalCluster,
+    SpreadSweep,
     checkpoint_mtimes,
-    store_rows,
     sweep_cmd,
     sweep_runs,
     tiny_spec,
+    trial_rows,
     tune_results,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _trial_rows(db: Path) -> dict[str, tuple[str, int]]:
-    """trial id -> (MLflow status, last epoch logged), read while the sweep runs."""
-    rows = store_rows(
-        db,
-        "SELECT t.value, r.status, (SELECT MAX(m.step) FROM metrics m "
-        "  WHERE m.run_uuid = r.run_uuid AND m.key = 'epoch') "
-        "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'bagssl.trial_id' "
-        "JOIN tags role ON role.run_uuid = r.run_uuid AND role.key = 'bagssl.role' "
-        "AND role.value = 'trial'",
-    )
-    return {tid: (status, int(epoch or 0)) for tid, status, epoch in rows}
-
-
-def _wait_for(what: str, ready: Callable[[], Any], proc: subprocess.Popen, timeout: float = 600) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = ready()
-        if found:
-            return found
-        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before {what}"
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _saved_trial_states(exp_dir: Path) -> dict[str, str]:
@@ -105,13 +81,13 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
     proc = _sweep(spec, two_nodes, tmp_path / "first.log", *one_epoch)
     try:
         # One trial finished and the next one started: the cluster holds one 2-worker trial at a time.
-        _wait_for(
+        wait_for(
             "a finished trial and a running one",
-            lambda: sorted(s for s, _ in _trial_rows(db).values()) == ["FINISHED", "RUNNING"],
+            lambda: sorted(s for s, _ in trial_rows(db).values()) == ["FINISHED", "RUNNING"],
             proc,
         )
         # The finished trial in the state Tune saved: what a resume starts from.
-        _wait_for(
+        wait_for(
             "Tune's saved state to hold the finished trial",
             lambda: "TERMINATED" in _saved_trial_states(tmp_path / "storage" / "driverkill").values(),
             proc,
@@ -152,60 +128,32 @@ def test_driver_killed_with_sigkill_resumes_without_rerunning_or_duplicating(
 
 
 def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_same_result(
-    tmp_path: Path, two_nodes: LocalCluster
+    two_nodes: LocalCluster, spread_sweep: SpreadSweep
 ) -> None:
-    """SIGKILL of the Train worker on the second node after its trial's first epoch.
+    """SIGKILL of the Train worker on the second node after its trial's first epoch (`spread_sweep`, whose
+    sweep is the multi-node test's too).
 
     Lost: the worker's epoch in progress. Train restarts the trial's worker group from the last
     checkpoint (`failure.max_retries`), and the trial ends as an uninterrupted twin with the same
     config and seed does, metric for metric; MLflow holds one value per epoch.
     """
-    # Two trials of one config: the first is interrupted, the second is the uninterrupted twin.
-    spec = tiny_spec(
-        tmp_path,
-        "workerkill",
-        num_samples=2,
-        search={"algo": "grid"},
-        space={"loss.inv_weight": {"grid": [25.0]}},
-        scheduler={"name": "none"},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
-    )
-    db = tmp_path / "mlflow.db"
-    proc = _sweep(spec, two_nodes, tmp_path / "sweep.log")
-    try:
-        rows = _wait_for(
-            "a trial's first epoch",
-            lambda: {t: r for t, r in _trial_rows(db).items() if r == ("RUNNING", 1)},
-            proc,
-        )
-        (victim_trial,) = rows
-        pids = two_nodes.node_pids("node2")
-        # Tune's actor and the Train controller sit on the head; on the second node only the workers.
-        procs = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in pids}
-        (victim,) = [pid for pid, cmd in procs.items() if b"RayTrainWorker" in cmd]
-        os.kill(victim, signal.SIGKILL)
-        out_code = proc.wait(timeout=900)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = (tmp_path / "sweep.log").read_text()
-    assert out_code == 0, log[-3000:]
-    exp_dir = tmp_path / "storage" / "workerkill"
-    (reports,) = tune_results(exp_dir, victim_trial).values()
+    sweep, victim_trial, victim = spread_sweep, spread_sweep.victim_trial, spread_sweep.victim_pid
+    assert sweep.returncode == 0, sweep.output[-3000:]
+    (reports,) = tune_results(sweep.root / "storage" / "spread", victim_trial).values()
     # The killed worker reported epoch 1; the restarted group, with a new worker there, epoch 2.
     assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
     assert str(victim) in reports[0][WORKER_PIDS].split(",")
     assert str(victim) not in reports[-1][WORKER_PIDS].split(",")
-    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
+    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(sweep.node_ids.values())
 
-    _, children = sweep_runs(tmp_path, "workerkill")
+    _, children = sweep_runs(sweep.root, "spread")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     by_trial = {c.data.tags["bagssl.trial_id"]: c for c in children}
     twin = next(t for t in by_trial if t != victim_trial)
     for key in ("epoch", "train/loss", "val/knn_top1/mean_emb", "val/linear_top1/mean_emb"):
-        history = _epochs(tmp_path, by_trial[victim_trial].info.run_id, key)
+        history = _epochs(sweep.root, by_trial[victim_trial].info.run_id, key)
         assert [step for step, _ in history] == [1, 2], key  # one value per epoch, none twice
-        assert history == _epochs(tmp_path, by_trial[twin].info.run_id, key), key
+        assert history == _epochs(sweep.root, by_trial[twin].info.run_id, key), key
     assert by_trial[victim_trial].data.metrics["test/knn_top1/mean_emb"] == pytest.approx(
         by_trial[twin].data.metrics["test/knn_top1/mean_emb"], abs=0
     )
@@ -232,9 +180,9 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
     first_node2 = two_nodes.node_ids["node2"]
     proc = _sweep(spec, two_nodes, tmp_path / "sweep.log")
     try:
-        rows = _wait_for(
+        rows = wait_for(
             "a trial's first epoch",
-            lambda: {t: r for t, r in _trial_rows(db).items() if r == ("RUNNING", 1)},
+            lambda: {t: r for t, r in trial_rows(db).items() if r == ("RUNNING", 1)},
             proc,
         )
         (victim_trial,) = rows

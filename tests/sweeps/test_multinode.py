@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from sweeps.resources import ddp_backend, trials_that_fit, worker_group_fits
 from sweeps.spec import ResourcesSpec
 from sweeps.trainable import WORKER_BACKEND, WORKER_NODES
-from tests.sweeps.conftest import LocalCluster, sweep_cmd, tiny_spec, tune_results
+from tests.sweeps.conftest import LocalCluster, SpreadSweep, sweep_cmd, tiny_spec, tune_results
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_CPU = {"CPU": 1.0}
@@ -21,45 +20,40 @@ ONE_CPU = {"CPU": 1.0}
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_sweep_submitted_to_the_head_spreads_a_trial_one_worker_per_node_with_gloo_ddp(
-    tmp_path: Path, two_nodes: LocalCluster
+    two_nodes: LocalCluster, spread_sweep: SpreadSweep
 ) -> None:
     """`ray job submit --working-dir . -- python -m sweeps.run SPEC`, as the README says, of a sweep whose
-    trial has 2 workers placed `spread`: rank 0 and rank 1 run on the two nodes, one each, with gloo DDP
-    between them (as the workers report it). The spec's MLflow store and storage path are absolute paths
-    every node sees (the job runs in a copy of the working directory that Ray deletes with its session),
-    and the trial's checkpoints land in that storage path."""
-    spec = tiny_spec(
-        tmp_path,
-        "spread",
-        num_samples=1,
-        scheduler={"name": "none"},
-        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
-    )
-    cmd = [
-        *(str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={two_nodes.dashboard}"),
-        *("--working-dir", ".", "--", "python", "-m", "sweeps.run", str(spec)),
-        *("--set", "base.schedule.epochs=1"),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=two_nodes.env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "succeeded" in proc.stdout and "best trial" in proc.stdout
-    exp_dir = tmp_path / "storage" / "spread"
+    trials have 2 workers placed `spread` (`conftest.spread_sweep`): rank 0 and rank 1 run on the two
+    nodes, one each, with gloo DDP between them (as the workers report it). The spec's MLflow store and
+    storage path are absolute paths every node sees (the job runs in a copy of the working directory that
+    Ray deletes with its session), and the trials' checkpoints land in that storage path.
+
+    Read from the trial that ran uninterrupted; the other one had a worker killed
+    (test_faults.py::test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_same_result).
+    """
+    sweep = spread_sweep
+    assert sweep.returncode == 0, sweep.output[-3000:]
+    assert "succeeded" in sweep.output and "best trial" in sweep.output
+    exp_dir = sweep.root / "storage" / "spread"
     assert (exp_dir / "best_config.yaml").is_file()
 
-    ((*_, result),) = tune_results(exp_dir).values()  # the trial's last result
+    results = tune_results(exp_dir)
+    assert len(results) == 2
+    (*_, result) = next(rs for tid, rs in results.items() if tid != sweep.victim_trial)  # its last result
     ranks = result[WORKER_NODES].split(",")
-    print("node ids per rank:", ranks, "cluster:", two_nodes.node_ids)
-    assert sorted(ranks) == sorted(two_nodes.node_ids.values())
+    print("node ids per rank:", ranks, "cluster:", sweep.node_ids)
+    assert sorted(ranks) == sorted(sweep.node_ids.values())
     assert result[WORKER_BACKEND] == "gloo"
-    assert result["epoch"] == 1 and result["val/knn_top1/mean_emb"] > 0
-    run_dir = exp_dir / "train_runs" / f"train_{result['trial_id']}"
-    checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
-    assert checkpoints and all(any(c.iterdir()) for c in checkpoints)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (child,) = client.search_runs(
+    assert result["epoch"] == 2 and result["val/knn_top1/mean_emb"] > 0
+    for tid in results:
+        run_dir = exp_dir / "train_runs" / f"train_{tid}"
+        checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+        assert checkpoints and all(any(c.iterdir()) for c in checkpoints)
+    client = MlflowClient(f"sqlite:///{sweep.root}/mlflow.db")
+    children = client.search_runs(
         [client.get_experiment_by_name("spread").experiment_id], "tags.`bagssl.role` = 'trial'"
     )
-    assert child.info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
 
 
 @pytest.mark.slow
