@@ -364,9 +364,10 @@ def spread_sweep(tmp_path_factory: pytest.TempPathFactory) -> SpreadSweep:
         scheduler={"name": "none"},
         resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
     )
+    job = f"bagssl-tests-spread-{os.getpid()}"
     cmd = [
-        *(_ray_bin(), "job", "submit", f"--address={cluster.dashboard}", "--working-dir", "."),
-        *("--", "python", "-m", "sweeps.run", str(spec)),
+        *(_ray_bin(), "job", "submit", f"--address={cluster.dashboard}", f"--submission-id={job}"),
+        *("--working-dir", ".", "--", "python", "-m", "sweeps.run", str(spec)),
     ]
     log = root / "job.log"
     proc = subprocess.Popen(
@@ -385,8 +386,11 @@ def spread_sweep(tmp_path_factory: pytest.TempPathFactory) -> SpreadSweep:
         os.kill(victim, signal.SIGKILL)
         code = proc.wait(timeout=900)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the job outlives its client: stop it, or it runs on into the next tests
             proc.kill()
+            stop = [_ray_bin(), "job", "stop", f"--address={cluster.dashboard}", job]
+            with contextlib.suppress(subprocess.TimeoutExpired):  # the failure that got here matters more
+                subprocess.run(stop, env=cluster.env, capture_output=True, timeout=120)
     return SpreadSweep(root, code, log.read_text(), dict(cluster.node_ids), victim_trial, victim)
 
 
