@@ -382,7 +382,7 @@ def spread_sweep(tmp_path_factory: pytest.TempPathFactory) -> SpreadSweep:
         (victim_trial,) = rows
         # Tune's actor and the Train controller sit on the head; on the second node only the workers.
         procs = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in cluster.node_pids("node2")}
-        (victim,) = [pid for pid, cmd in procs.items() if b"RayTrainWorker" in cmd]
+        (victim,) = [pid for pid, cmdline in procs.items() if b"RayTrainWorker" in cmdline]
         os.kill(victim, signal.SIGKILL)
         code = proc.wait(timeout=900)
     finally:
