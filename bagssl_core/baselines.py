@@ -2,7 +2,10 @@
 
 - `raw_pixels`: no model at all. An image's feature is its pixels as the backbone would receive the whole
   image (at the dataset's image size, normalised with the channel statistics when patch.aug.normalize is
-  set), flattened; its scheme is `pixels`.
+  set), flattened; its scheme is `pixels`. An image larger than `PIXEL_SIDE` (32 px) is first averaged
+  down by area to that longer side, as raw-pixel kNN baselines are usually scored on "tiny images": its
+  features would otherwise grow with the square of the side (below). Fashion-MNIST and CIFAR are kept at
+  their own size; STL-10 (96 px) and ImageFolder images are averaged down.
 - `random_init`: the config's backbone, randomly initialised from run.seed, under the config's own
   aggregation schemes: what the architecture and the aggregation give before any training. It is exactly
   `python -m bagssl_core eval --random-init` (both call `probe_backbone`).
@@ -12,8 +15,10 @@ linear epochs, lr and batch size, seed): fitted on the train split, scored on va
 scores a trained model. Metric names: `bagssl_core.metrics.baseline_name`, e.g.
 `baseline/raw_pixels/val/knn_top1/pixels` and `baseline/random_init/test/linear_top1_lo/mean_emb`.
 
-Memory: the raw-pixel features are N x (C * H * W) float32 for the train split (Fashion-MNIST's 54,000
-training images, 3 channels: 0.5 GB; CIFAR-10: 0.55 GB).
+Memory: the raw-pixel features are N x (C * H * W) float32 for the train split, at most 3 x 32 x 32 floats an
+image (Fashion-MNIST's 54,000 training images: 0.5 GB; CIFAR-10's 45,000: 0.55 GB; ImageNet-100's 126,689:
+1.6 GB). At its own 224 px, ImageNet-100's would be 76 GB, more than any driver holds: the sweep scores the
+baselines in its driver process. `bench/eval_memory.py` measures both.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bagssl_core.config import TrainConfig
 from bagssl_core.data import ImageData
@@ -33,6 +39,7 @@ from bagssl_core.train import eval_loader, evaluate, load_splits, resolve_device
 
 RAW_PIXELS, RANDOM_INIT = "raw_pixels", "random_init"
 PIXELS = "pixels"  # the raw-pixel baseline's scheme
+PIXEL_SIDE = 32  # the raw-pixel baseline's longest image side, px (module docstring)
 
 Splits = tuple[ImageData, dict[Split, ImageData]]
 
@@ -56,28 +63,56 @@ def probe_backbone(
     return evaluate(model, cfg, train_data, eval_data, device)
 
 
+def pixel_size(height: int, width: int, side: int | None = PIXEL_SIDE) -> tuple[int, int]:
+    """(H, W) of the raw-pixel baseline's images: as given when neither exceeds `side` (None: no limit), else
+    scaled to `side` on the longer one, keeping the aspect ratio."""
+    longest = max(height, width)
+    if side is None or longest <= side:
+        return height, width
+    return max(1, round(height * side / longest)), max(1, round(width * side / longest))
+
+
 @torch.no_grad()
-def pixel_features(data: ImageData, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C * H * W) float32 raw-pixel features of every image (see the module docstring), and labels."""
+def pixel_features(
+    data: ImageData, cfg: TrainConfig, side: int | None = PIXEL_SIDE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C * H * W) float32 raw-pixel features of every image (see the module docstring), and labels.
+
+    Args:
+        side: the longest side kept (`pixel_size`); None keeps the images' own, as `bench/eval_memory.py`'s
+            reference does.
+    """
     mean, std = channel_stats(cfg.data.name, data.channels)
-    feats, labels = [], []
+    feats = torch.empty(0)  # filled in place, once the first batch gives the width: no second copy at the end
+    labels = torch.empty(len(data), dtype=torch.long)
+    start = 0
     for images, y in eval_loader(data, cfg.eval.batch_size, cfg.data.num_workers):
-        x = images.float() / 255.0
-        if cfg.patch.aug.normalize:
-            x = normalize(x, mean, std)
-        feats.append(x.flatten(1))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+        labels[start : start + len(y)] = y
+        # A few images at a time: 256 images of 224 px are 150 MB as floats, 32 of them 19 MB.
+        for part in images.split(32):
+            x = part.float().div_(255.0)
+            size = pixel_size(x.shape[-2], x.shape[-1], side)
+            if size != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=size, mode="area")  # averaging commutes with the normalisation
+            if cfg.patch.aug.normalize:
+                x = normalize(x, mean, std)
+            if start == 0:
+                feats = torch.empty(len(data), x[0].numel())
+            feats[start : start + len(x)] = x.flatten(1)
+            start += len(x)
+    return feats, labels
 
 
-def score_raw_pixels(cfg: TrainConfig, splits: Splits) -> dict[ProbeKey, float]:
+def score_raw_pixels(
+    cfg: TrainConfig, splits: Splits, side: int | None = PIXEL_SIDE
+) -> dict[ProbeKey, float]:
     """The probes of cfg.eval on raw pixels: `ProbeKey(split, probe, stat, "pixels")` -> accuracy (%) and
-    its interval bounds, for val and test."""
+    its interval bounds, for val and test. `side`: as in `pixel_features`."""
     train_data, eval_data = splits
-    train_feats, train_labels = pixel_features(train_data, cfg)
+    train_feats, train_labels = pixel_features(train_data, cfg, side)
     evals = {}
     for split, data in eval_data.items():
-        feats, labels = pixel_features(data, cfg)
+        feats, labels = pixel_features(data, cfg, side)
         evals[split] = ({PIXELS: feats}, labels)
     return run_probes(
         {PIXELS: train_feats}, train_labels, evals, train_data.num_classes, cfg.eval, cfg.run.seed

@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
-from bagssl_core.baselines import PIXELS, RANDOM_INIT, RAW_PIXELS, pixel_features, score_raw_pixels
+from bagssl_core.baselines import (
+    PIXEL_SIDE,
+    PIXELS,
+    RANDOM_INIT,
+    RAW_PIXELS,
+    pixel_features,
+    pixel_size,
+    score_raw_pixels,
+)
 from bagssl_core.config import load_config
 from bagssl_core.data import FASHION_MNIST_SYSTEM_DIR
 from bagssl_core.metrics import ProbeKey, baseline_name, parse_baseline, probe_keys
@@ -61,6 +70,33 @@ def test_pixel_features_follow_the_normalise_switch() -> None:
     feats, labels = pixel_features(train, cfg)
     assert feats.shape == (260, 3 * 28 * 28) and torch.equal(labels, train.labels)
     torch.testing.assert_close(feats, train.images.float().flatten(1) / 255)  # type: ignore[attr-defined]
+
+
+def test_pixel_features_of_large_images_are_averaged_down_to_32_px() -> None:
+    """Fashion-MNIST upsampled to 96 px: the features are the 96-px images area-averaged to 32 px, so the
+    feature matrix stays N x 3 x 32 x 32 floats whatever the side; the images' own size only with side=None."""
+    cfg = load_config(None, [*SMALL, "data.image_size=96", "data.train_subset=100", "data.val_size=10"])
+    train, _ = load_splits(cfg)
+    feats, labels = pixel_features(train, cfg)
+    assert PIXEL_SIDE == 32 and feats.shape == (90, 3 * 32 * 32) and torch.equal(labels, train.labels)
+    mean, std = CHANNEL_STATS["fashion_mnist"]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    images = train.images.float() / 255  # type: ignore[attr-defined]
+    expected = ((F.avg_pool2d(images, 3) - m) / s).flatten(1)  # 96 -> 32 px is 3x3 blocks averaged
+    torch.testing.assert_close(feats, expected)
+    full, _ = pixel_features(train, cfg, side=None)
+    torch.testing.assert_close(full, ((images - m) / s).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("size", "side", "expected"),
+    [((28, 28), 32, (28, 28)), ((224, 224), 32, (32, 32)), ((96, 64), 32, (32, 21)), ((64, 96), 32, (21, 32)),
+     ((224, 224), None, (224, 224)), ((500, 1), 32, (32, 1))],
+)  # fmt: skip
+def test_pixel_size_keeps_the_aspect_and_never_grows(
+    size: tuple[int, int], side: int | None, expected: tuple[int, int]
+) -> None:
+    assert pixel_size(*size, side) == expected
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
