@@ -91,3 +91,12 @@ def trials_that_fit(
     while count < limit and _place_group(free, workers, per_worker, spread):
         count += 1
     return count
+
+
+def baseline_resources(r: ResourcesSpec, nodes: list[Mapping[str, float]]) -> dict[str, float]:
+    """What the Ray task that scores a sweep's baselines holds: one worker's GPUs, since it runs on one
+    device, and the CPUs of the trial's whole worker group, as many as the roomiest node has (at least one
+    worker's): on CPUs, its extraction runs as many torch threads as it holds."""
+    roomiest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    cpus = max(r.cpus_per_worker, min(r.workers_per_trial * r.cpus_per_worker, roomiest))
+    return {**worker_resources(r), "CPU": cpus}

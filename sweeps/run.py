@@ -28,9 +28,10 @@ from sweeps.lifecycle import STATE_FILE, SweepNotFound, SweepState
 from sweeps.ray_env import prepare_ray_environment
 from sweeps.refine import describe_refine, run_refine
 from sweeps.report import Refined, TrialOutcome, write_report
-from sweeps.resources import trial_resources
+from sweeps.resources import baseline_resources, trial_resources
 from sweeps.space import describe_space, variant_overrides
 from sweeps.spec import (
+    ResourcesSpec,
     SpecError,
     SweepSpec,
     asha_max_t,
@@ -392,7 +393,7 @@ def _run(
             )
             tracker.client.set_tag(parent, "bagssl.warm_start.trials", str(len(warm)))
         if spec.baselines:
-            log_baselines(tracker, plan.config({}))
+            log_baselines(tracker, plan.config({}), None if args.local else spec.resources)
         epochs = plan.config({}).schedule.epochs
 
         def experiment(
@@ -437,17 +438,50 @@ def _ui_address(uri: str) -> str:
     return uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
-def log_baselines(tracker: MlflowTracker, base: TrainConfig) -> None:
+def log_baselines(tracker: MlflowTracker, base: TrainConfig, resources: ResourcesSpec | None) -> None:
     """The baselines of the base config (`bagssl_core.baselines`) on the parent run, scored once per sweep:
-    a resumed sweep whose parent has them already does not score them again."""
+    a resumed sweep whose parent has them already does not score them again.
+
+    Under Ray (`resources` given) they are scored in a Ray task holding one worker's GPUs and the trial's
+    CPUs (`score_on_ray`), not in this process: a driver submitted with `ray job submit` runs on the head node,
+    which may have no GPU and few CPUs, and the random-init backbone's probe extracts features of every
+    image of the splits. `--local` scores them here, where its trials run. The parent's
+    `bagssl.baselines.scored_on` tag says where."""
     from bagssl_core.baselines import score_baselines
     from bagssl_core.metrics import BASELINE_PREFIX
+    from sweeps.tracking import TAG_BASELINES_SCORED_ON
 
     assert tracker.parent_id is not None
     if any(k.startswith(BASELINE_PREFIX) for k in tracker.client.get_run(tracker.parent_id).data.metrics):
         return
-    print("scoring the baselines (raw pixels, a randomly initialised backbone) ...", flush=True)
-    tracker.log_parent_metrics(score_baselines(base))
+    if resources is None:
+        print("scoring the baselines (raw pixels, a randomly initialised backbone) ...", flush=True)
+        metrics, scored_on = score_baselines(base), "driver"
+    else:
+        metrics, node = score_on_ray(base, resources)
+        scored_on = f"ray node {node}"
+    tracker.client.set_tag(tracker.parent_id, TAG_BASELINES_SCORED_ON, scored_on)
+    tracker.log_parent_metrics(metrics)
+
+
+def score_on_ray(base: TrainConfig, resources: ResourcesSpec) -> tuple[dict[str, float], str]:
+    """`score_baselines(base)` in a Ray task holding `baseline_resources`: the metrics, and the id of the
+    node that scored them. Not retried: a failure is the driver's to report."""
+    import ray
+
+    from bagssl_core.baselines import score_baselines
+
+    def score(cfg: TrainConfig) -> tuple[dict[str, float], str]:
+        return score_baselines(cfg), ray.get_runtime_context().get_node_id()
+
+    r = baseline_resources(resources, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    held = ", ".join(f"{v:g} {k}" for k, v in r.items())
+    print(
+        f"scoring the baselines (raw pixels, a randomly initialised backbone) in a Ray task ({held}) ...",
+        flush=True,
+    )
+    task = ray.remote(score).options(num_cpus=r["CPU"], num_gpus=r.get("GPU", 0), max_retries=0)
+    return ray.get(task.remote(base))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ TAG_REFINES = "bagssl.refines"  # on a refine run: the id of the search trial wh
 TAG_SPEC = "bagssl.spec"  # on the parent: the spec's name (its sweeps are <name>, <name>-2, ...)
 TAG_SPACE_HASH = "bagssl.space_hash"  # on the parent: lifecycle.space_hash, matched by a warm start
 TAG_BASE_HASH = "bagssl.base_hash"  # on the parent: lifecycle.base_hash, matched by a warm start
+TAG_BASELINES_SCORED_ON = "bagssl.baselines.scored_on"  # on the parent: "driver" or "ray node <id>"
 PARENT_TAG = "mlflow.parentRunId"
 
 # What MLflow 3.17's UI reads to open an experiment on its runs (docs/operations.md, "What the MLflow UI

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.resources import ddp_backend, trials_that_fit, worker_group_fits
+from sweeps.resources import baseline_resources, ddp_backend, trials_that_fit, worker_group_fits
 from sweeps.spec import ResourcesSpec
 from sweeps.trainable import WORKER_BACKEND, WORKER_NODES
 from tests.sweeps.conftest import LocalCluster, SpreadSweep, sweep_cmd, tiny_spec, tune_results
@@ -89,6 +89,18 @@ def test_spread_needs_as_many_nodes_with_room_as_workers() -> None:
     assert not worker_group_fits([{"CPU": 4.0}], 2, ONE_CPU, spread=True)  # room for both, one node
     assert worker_group_fits([{"CPU": 4.0}], 2, ONE_CPU)  # packed, they fit
     assert not worker_group_fits([{"CPU": 4.0}, {"CPU": 0.5}], 2, ONE_CPU, spread=True)
+
+
+def test_the_baselines_task_holds_one_gpu_and_the_trials_cpus_that_one_node_has() -> None:
+    cpu = ResourcesSpec(workers_per_trial=2, cpus_per_worker=1)
+    assert baseline_resources(cpu, [{"CPU": 2.0}]) == {"CPU": 2.0}  # this machine: both cores
+    assert baseline_resources(cpu, [ONE_CPU, ONE_CPU]) == {"CPU": 1.0}  # spread over 1-CPU nodes
+    assert baseline_resources(cpu, [{"CPU": 16.0}]) == {"CPU": 2.0}  # never more than the trial's
+    gpu = ResourcesSpec(workers_per_trial=4, cpus_per_worker=4, gpus_per_worker=1)
+    assert baseline_resources(gpu, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 64.0, "GPU": 8.0}]) == {
+        "CPU": 16.0,
+        "GPU": 1.0,
+    }
 
 
 def test_trials_at_once_counts_distinct_nodes_for_spread_trials() -> None:

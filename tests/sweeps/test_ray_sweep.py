@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from bagssl_core.config import load_config
 from sweeps.ray_env import free_port
 from sweeps.searcher import journal_storage
+from sweeps.tracking import TAG_BASELINES_SCORED_ON
 from tests.sweeps.conftest import (
     LocalCluster,
     checkpoint_mtimes,
@@ -67,6 +69,9 @@ def test_a_sweep_without_address_starts_its_own_ray_and_ends_with_parent_childre
     # The baselines, scored once on the parent, on the same splits and probes as the trials.
     for name in ("raw_pixels/val/knn_top1/pixels", "random_init/val/knn_top1/mean_emb"):
         assert f"baseline/{name}" in parents[0].data.metrics, name
+    # Scored in a Ray task, not in the driver (which a `ray job submit` puts on the head node).
+    assert re.fullmatch("ray node [0-9a-f]{56}", parents[0].data.tags[TAG_BASELINES_SCORED_ON])
+    assert "in a Ray task (2 CPU)" in proc.stdout
     assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert len({c.data.tags["bagssl.trial_id"] for c in children}) == 2
@@ -122,7 +127,7 @@ def _trial_statuses(db: Path, role: str) -> list[str]:
 
 
 def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None:
-    spec = tiny_spec(tmp_path, "local", num_samples=1)
+    spec = tiny_spec(tmp_path, "local", num_samples=1, baselines=True)
     proc = _run(sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trial local_00000:" in proc.stdout
@@ -133,6 +138,9 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
     assert "val/knn_top1/mean_emb" in children[0].data.metrics
+    # No Ray to hand the baselines to: the driver scores them, where the trials ran.
+    assert parents[0].data.tags[TAG_BASELINES_SCORED_ON] == "driver"
+    assert "baseline/raw_pixels/val/knn_top1/pixels" in parents[0].data.metrics
     assert (tmp_path / "storage" / "local_local" / "best_config.yaml").is_file()
 
 
