@@ -17,8 +17,8 @@ scores a trained model. Metric names: `bagssl_core.metrics.baseline_name`, e.g.
 
 Memory: the raw-pixel features are N x (C * H * W) float32 for the train split, at most 3 x 32 x 32 floats an
 image (Fashion-MNIST's 54,000 training images: 0.5 GB; CIFAR-10's 45,000: 0.55 GB; ImageNet-100's 126,689:
-1.6 GB). At its own 224 px, ImageNet-100's would be 76 GB, more than any driver holds: the sweep scores the
-baselines in its driver process. `bench/eval_memory.py` measures both.
+1.6 GB). At its own 224 px, ImageNet-100's would be 76 GB, more than one process of a sweep holds (its
+driver with `--local`, else one Ray task). `bench/eval_memory.py` measures both.
 """
 
 from __future__ import annotations
