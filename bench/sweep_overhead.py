@@ -30,6 +30,7 @@ Run: `python bench/sweep_overhead.py [--samples N] [--samples-1w N]` on an other
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from bagssl_core.metrics import CHECKPOINT_SECONDS, EPOCH_SECONDS, PROBE_SECONDS, SETUP_SECONDS
+from sweeps.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "search_spaces" / "smoke.yaml"
@@ -75,6 +77,26 @@ class Sweep:
         return statistics.mean(t.wall / t.epochs for t in self.trials)
 
 
+def same_trials(samples: int) -> list[str]:
+    """`--set` arguments under which every run trains the same configs: the spec's `choice` axes enumerated
+    as grids (`search.algo: grid`, which Tune and `--local` both enumerate in full), `samples` trials in all.
+
+    Otherwise Optuna (under Ray) and `--local`'s random draws pick different patch sizes, and a trial's
+    probe costs what its patch size gives: 16 grid patches an image at 10 px (stride 7 on 28 px, the last
+    one flush with the border), 9 at 14 px. Runs of this bench before 2026-11-28 compared different trials:
+    one 2-worker trial of 4 probed about twice as long as the others. The continuous axes (loss weights)
+    are still drawn: they do not change what a trial costs."""
+    spec, _ = load_spec(SPEC)
+    grids = {k: d.args for k, d in spec.space.items() if d.kind == "choice"}
+    combos = math.prod(len(v) for v in grids.values())
+    if samples % combos:
+        sys.exit(f"expected a number of trials divisible by {combos}, the combinations of {sorted(grids)}")
+    out = ["--set", "search.algo=grid", "--set", f"num_samples={samples // combos}"]
+    for key, values in grids.items():
+        out += ["--set", f"space.{key}={{grid: {list(values)}}}"]
+    return out
+
+
 def run_sweep(label: str, samples: int, *args: str) -> Sweep:
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as d:
         db = Path(d) / "mlflow.db"
@@ -86,8 +108,7 @@ def run_sweep(label: str, samples: int, *args: str) -> Sweep:
             *args,
             "--set",
             "scheduler.name=none",
-            "--set",
-            f"num_samples={samples}",
+            *same_trials(samples),
             "--set",
             f"tracking.uri=sqlite:///{db}",
             "--set",
