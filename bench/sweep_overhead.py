@@ -91,7 +91,9 @@ def same_trials(samples: int) -> list[str]:
     combos = math.prod(len(v) for v in grids.values())
     if samples % combos:
         sys.exit(f"expected a number of trials divisible by {combos}, the combinations of {sorted(grids)}")
-    out = ["--set", "search.algo=grid", "--set", f"num_samples={samples // combos}"]
+    # The whole search mapping: Optuna's options (sampler, n_startup_trials) are refused under algo: grid.
+    search = f"search={{algo: grid, seed: {spec.search.seed}}}"
+    out = ["--set", search, "--set", f"num_samples={samples // combos}"]
     for key, values in grids.items():
         out += ["--set", f"space.{key}={{grid: {list(values)}}}"]
     return out

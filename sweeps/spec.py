@@ -112,6 +112,24 @@ class SearchSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _no_unused_option(self) -> SearchSpec:
+        """An option the chosen search never reads is refused when set to anything but its default, not
+        silently ignored. Defaults pass: a spec dumped whole (`spec_to_dict`, as a sweep logs it) reads back."""
+        fields = type(self).model_fields
+        changed = [k for k in ("sampler", "n_startup_trials") if getattr(self, k) != fields[k].default]
+        if self.algo != "optuna" and changed:
+            raise ValueError(
+                f"{', '.join(changed)}: used by algo: optuna only, and algo is {self.algo}; expected "
+                f"algo: optuna, or no {' or '.join(changed)}"
+            )
+        if self.sampler != "tpe" and "n_startup_trials" in changed:
+            raise ValueError(
+                f"n_startup_trials: used by sampler: tpe only, and sampler is {self.sampler}; expected "
+                "sampler: tpe, or no n_startup_trials"
+            )
+        return self
+
 
 class SchedulerSpec(_Strict):
     name: Literal["asha", "median", "none"] = "asha"

@@ -89,6 +89,16 @@ def test_ready_spec_round_trips(path: Path, tmp_path: Path) -> None:
     assert base2 == base
 
 
+def test_a_grid_spec_dumped_whole_with_optunas_defaults_reads_back(tmp_path: Path) -> None:
+    """Optuna's options are refused under algo: grid only when changed: a sweep logs its spec whole, their
+    defaults included, and reads it back (sweeps.results)."""
+    spec, _ = load_spec(write(tmp_path, VALID + "search: {algo: grid}\n"))
+    dumped = spec_to_dict(spec)
+    assert dumped["search"]["sampler"] == "tpe" and dumped["search"]["n_startup_trials"] == 4
+    again, _ = load_spec(write(tmp_path, yaml.safe_dump(dumped, sort_keys=False), "again.yaml"))
+    assert again == spec
+
+
 def test_ready_specs_cover_the_readme() -> None:
     assert {p.stem for p in READY_SPECS} >= {"smoke", "patch_size", "aggregation", "loss_weights"}
 
@@ -110,6 +120,14 @@ BAD_SPECS = {
     "unknown_top_key": (VALID + "bogus: 1\n", [":8: bogus: unknown key"]),
     "unknown_nested_key": (VALID + "resources: {workerz: 2}\n", [":8: resources.workerz: unknown key"]),
     "wrong_type": (VALID + "num_samples: abc\n", [":8: num_samples:", "integer", "'abc'"]),
+    "optuna_options_under_grid": (
+        VALID + "search: {algo: grid, sampler: cmaes, n_startup_trials: 2}\n",
+        [":8: search: sampler, n_startup_trials: used by algo: optuna only, and algo is grid"],
+    ),
+    "n_startup_trials_without_tpe": (
+        VALID + "search: {sampler: random, n_startup_trials: 8}\n",
+        [":8: search: n_startup_trials: used by sampler: tpe only, and sampler is random"],
+    ),
     "missing_metric": (
         VALID.replace("metric: val/knn_top1/mean_emb\n", ""),
         ["metric: required key is missing"],
