@@ -19,9 +19,6 @@ def prepare_ray_environment(address: str | None) -> None:
 
     Call before anything imports ray. Values the user set already are kept.
     """
-    # Read by the Train controller through the trial actor's environment, which a local Ray inherits from
-    # this process at ray.init (docs/operations.md, "Resources").
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     # Tune's newer console output ignores a ProgressReporter; the classic one shows our columns.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = address or os.environ.get("RAY_ADDRESS")

@@ -33,6 +33,10 @@ from bagssl_core.config import (
 )
 from bagssl_core.metrics import ProbeKey, ProbeQuery, best_key, expected_metrics
 
+# Failed starts of a trial's worker group tolerated before the trial fails (Train's controller_failure_limit,
+# counted over the whole trial): Ray's default, -1, would wait forever for a node that never returns.
+START_FAILURES_TOLERATED = 3
+
 DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 
 
@@ -190,6 +194,12 @@ class TrackingSpec(_Strict):
 class FailureSpec(_Strict):
     max_retries: int = Field(
         1, ge=0, description="times a failed trial's Train run is restarted from its checkpoint"
+    )
+    worker_start_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="seconds one start of a trial's worker group waits for room (a lost node's place) "
+        f"before it counts as a failed start; a trial fails at failed start {START_FAILURES_TOLERATED + 1}",
     )
 
 

@@ -33,10 +33,13 @@ from bagssl_core.config import EvalConfig, TrainConfig, config_to_yaml, flatten,
 from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP
 from sweeps.resources import PLACEMENT_STRATEGY, WORKER_TAG_PREFIX, ddp_backend, worker_resources
 from sweeps.space import apply_variants, trial_overrides
-from sweeps.spec import Objective, ResourcesSpec
+from sweeps.spec import START_FAILURES_TOLERATED, FailureSpec, Objective, ResourcesSpec
 
 if TYPE_CHECKING:
     from bagssl_core.train import RunResult
+
+# Ray Train's own name for the worker-group start timeout (ray/train/v2/_internal/constants.py).
+WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 # metrics, checkpoint directory (rank 0, when one was written this epoch)
 TrialReporter = Callable[[dict[str, float], "Path | None"], None]
@@ -187,7 +190,7 @@ def _restored_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Iterator[Pa
 
 
 def make_trial_fn(
-    plan: TrialPlan, storage_path: str, resources: ResourcesSpec, max_failures: int
+    plan: TrialPlan, storage_path: str, resources: ResourcesSpec, failure: FailureSpec
 ) -> Callable[[dict[str, Any]], None]:
     """The Tune trainable: builds and fits a TorchTrainer of `resources.workers_per_trial` workers.
 
@@ -195,11 +198,16 @@ def make_trial_fn(
         plan: what every trial of the sweep shares.
         storage_path: where the trials' Train runs live.
         resources: each trial's workers and what each one holds.
-        max_failures: times a Train run restarts from its last checkpoint after an error (a worker or
-            node lost...); a diverged run is not an error and never restarts.
+        failure: `max_retries`, the times a Train run restarts from its last checkpoint after an error (a
+            worker or node lost...; a diverged run is not an error and never restarts), and
+            `worker_start_timeout_s`, how long each start of its worker group waits for room.
     """
 
     def trial_fn(params: dict[str, Any]) -> None:
+        # Train reads this timeout from the environment only. The controller gets it from the process that
+        # fits the trainer, this trial's actor (Train's ENV_VARS_TO_PROPAGATE), whatever the cluster's own
+        # environment: set here, the spec decides it on a joined cluster too.
+        os.environ[WORKER_GROUP_START_TIMEOUT] = str(failure.worker_start_timeout_s)
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"plan": plan, "params": params},
@@ -219,7 +227,9 @@ def make_trial_fn(
                 callbacks=[TuneReportCallback()],
                 # A finite controller_failure_limit: Ray's default retries a worker group that never
                 # starts forever (docs/operations.md, "Resources").
-                failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=3),
+                failure_config=FailureConfig(
+                    max_failures=failure.max_retries, controller_failure_limit=START_FAILURES_TOLERATED
+                ),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )

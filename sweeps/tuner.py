@@ -46,7 +46,7 @@ def run_with_ray(
         # spec's own checks have made sure the objective is reported (docs/operations.md, "Probing at
         # ASHA's rungs").
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trial_fn = make_trial_fn(plan, exp_dir + "/train_runs", spec.resources, spec.failure.max_retries)
+    trial_fn = make_trial_fn(plan, exp_dir + "/train_runs", spec.resources, spec.failure)
     trainable = tune.with_resources(trial_fn, placement.trial_bundle)
     if resume:
         # A restored experiment runs the callbacks it pickled when it started; `callback` serves a fresh

@@ -289,13 +289,8 @@ def _start_two_nodes() -> tuple[LocalCluster, Callable[[], None]]:
     root = Path(tempfile.mkdtemp(prefix="bgr", dir="/tmp"))
     dirs = {"head": root / "head", "node2": root / "node2"}
     # The placement-group cleaner's State API, pinned for the workers of both nodes (docs/operations.md,
-    # "The dashboard"); the worker-group start timeout a sweep's own Ray gets, read by the Train controllers
-    # this cluster runs ("Resources").
-    env = {
-        **os.environ,
-        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "120",
-    }
+    # "The dashboard").
+    env = {**os.environ, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
     # The head turns token auth on by itself when this machine has a token; a node joining an explicit
     # address must be told (docs/operations.md, "Token authentication").
     join_env = {**env, "RAY_AUTH_MODE": "token"} if has_auth_token() and "RAY_AUTH_MODE" not in env else env

@@ -15,7 +15,7 @@ WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 def _own_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy of the environment, without what prepare_ray_environment sets or reads, for the test alone:
     what it sets must not reach the Ray clusters that later tests of this worker start."""
-    names = {WATCHER, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_AIR_NEW_OUTPUT", "RAY_ADDRESS"}
+    names = {WATCHER, "RAY_AIR_NEW_OUTPUT", "RAY_ADDRESS"}
     env = {k: v for k, v in os.environ.items() if k not in names}
     env["RAY_AUTH_MODE"] = "disabled"  # the token check stays out of these tests
     monkeypatch.setattr(os, "environ", env)
