@@ -28,6 +28,7 @@ class TrialOutcome:
     params: dict[str, Any]
     status: str  # FINISHED | KILLED | FAILED
     metrics: dict[str, float] = field(default_factory=dict)  # the trial's last report
+    failure: str = ""  # a FAILED trial's reason, in one line, as its MLflow run's `bagssl.failure` tag
 
 
 @dataclass(frozen=True)
@@ -288,11 +289,18 @@ def write_report(
         f"sweep {spec.name}: {len(trials)} trial(s): "
         + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
         table,
+        *(f"trial {t.trial_id} failed: {t.failure}" for t in trials if t.status == "FAILED" and t.failure),
     ]
     summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
     details: dict[str, Any] = {
         "trials": [
-            {"trial": t.trial_id, "status": t.status, "params": t.params, **score_fields(s)}
+            {
+                "trial": t.trial_id,
+                "status": t.status,
+                **({"failure": t.failure} if t.failure else {}),
+                "params": t.params,
+                **score_fields(s),
+            }
             for t, s in ranked(trials, objective)
         ]
     }

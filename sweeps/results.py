@@ -32,6 +32,7 @@ from sweeps.report import TrialOutcome, trial_status
 from sweeps.spec import Objective, SweepSpec
 from sweeps.tracking import (
     PARENT_TAG,
+    TAG_FAILURE,
     TAG_REFINES,
     TAG_ROLE,
     TAG_TRIAL,
@@ -263,7 +264,7 @@ def _record(client: MlflowClient, run: Any, objective: Objective, axes: Iterable
     wall = (end - run.info.start_time) / 1000.0 if end and run.info.start_time else None
     pngs = _analysis_pngs(client, run.info.run_id)
     return TrialRecord(
-        outcome=TrialOutcome(tags[TAG_TRIAL], sampled, status, metrics),
+        outcome=TrialOutcome(tags[TAG_TRIAL], sampled, status, metrics, tags.get(TAG_FAILURE, "")),
         run_id=run.info.run_id,
         role=tags.get(TAG_ROLE, "trial"),
         refines=tags.get(TAG_REFINES),

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,6 +259,9 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
         tracker.client.set_terminated(parent, status="KILLED")
         print(f"interrupted; continue with: {driver.resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    # Why each failed trial failed, as the tracker recorded it (what every trial's error went through).
+    failures = tracker.failures()
+    trials = [replace(t, failure=failures.get(t.trial_id, "")) for t in trials]
     report = write_report(spec, base_tree, trials, Path(exp_dir) if local_exp else None, uri, parent, refined)
     tracker.finish_parent("FINISHED", flatten(report.summary), report.artifacts)
     print(report.text)

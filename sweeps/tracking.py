@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,7 +34,7 @@ from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP, EPOCH, format_pr
 from bagssl_core.provenance import provenance
 from sweeps.report import trial_status
 from sweeps.resources import WORKER_TAG_PREFIX
-from sweeps.spec import SweepSpec
+from sweeps.spec import START_FAILURES_TOLERATED, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,13 @@ class MlflowTracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status=status)
+
+    def failures(self) -> dict[str, str]:
+        """Trial id -> the reason of each FAILED child of the current parent (its `bagssl.failure` tag)."""
+        runs = self._search(f"tags.`{PARENT_TAG}` = '{self.parent_id}' and attributes.status = 'FAILED'")
+        return {
+            r.data.tags[TAG_TRIAL]: r.data.tags.get(TAG_FAILURE, "") for r in runs if TAG_TRIAL in r.data.tags
+        }
 
     # --- helpers --------------------------------------------------------------------------------
     def _search(self, filter_string: str) -> list[Any]:
@@ -637,12 +645,48 @@ class MlflowTuneCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         assert self.logger is not None
-        self.logger.error(trial.trial_id, str(getattr(trial, "error_msg", None) or "trial failed"))
+        self.logger.error(trial.trial_id, trial_error_text(trial))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Every write held while MLflow did not answer is sent before the experiment counts as done."""
         if self.logger is not None:
             self.logger.drain(getattr(self, "outage_wait_s", 600.0))  # a callback pickled before the knob
+
+
+# Train's message when a worker group found no room in time (ray/train/v2/_internal/exceptions.py).
+_START_TIMED_OUT = re.compile(r"worker group startup timed out after ([0-9.]+) seconds")
+
+
+def trial_error_text(trial: Any) -> str:
+    """Why Tune ended a trial in error: `latest_failure` of the text Tune recorded in the trial's error
+    file, or in the storage path when the driver's copy is gone."""
+    if trial.storage is None:  # a trial Tune never gave a place to run: nothing was recorded
+        return latest_failure("")
+    path = trial.error_file
+    text = Path(path).read_text(errors="replace") if path and Path(path).is_file() else ""
+    return latest_failure(text or trial.get_error() or "")
+
+
+def latest_failure(text: str) -> str:
+    """The last failure in the text of a Tune error file, which appends each failure after a "Failure # N
+    (occurred at ...)" line.
+
+    Where the cause is Train's worker-group start timeout, a last line says which spec key sets it: Train's
+    own advice names its environment variable, which the trial sets from the spec (`trainable`).
+    """
+    text = text.strip()
+    if not text:
+        return "trial failed: Tune recorded no reason"
+    if "Failure # " in text:
+        text = "Failure # " + text.split("Failure # ")[-1]
+    timed_out = _START_TIMED_OUT.search(text)
+    if timed_out:
+        text += (
+            f"\nno room for the trial's workers within {float(timed_out[1]):g} s, "
+            f"{START_FAILURES_TOLERATED + 1} starts that timed out in all (a node lost, or the cluster full); "
+            "expected room within failure.worker_start_timeout_s"
+        )
+    return text
 
 
 def checkpoint_figures(checkpoint: Any, into: Path) -> Path | None:

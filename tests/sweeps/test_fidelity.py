@@ -245,6 +245,9 @@ def test_sweep_reports_pruned_diverged_and_own_epoch_trials_to_optuna_and_mlflow
     assert re.fullmatch(
         r"diverged at step \d+: the loss was not finite", runs["diverges"].data.tags["bagssl.failure"]
     )
+    # The summary says why, beside the table.
+    diverged = runs["diverges"].data.tags["bagssl.trial_id"]
+    assert f"trial {diverged} failed: diverged at step" in proc.stdout
     # The test split is scored once, at the end of a finished run; the stopped one has none.
     assert {k: "test/knn_top1/mean_emb" in r.data.metrics for k, r in runs.items()} == {
         "two_epochs": True,

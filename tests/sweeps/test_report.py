@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,22 @@ def test_write_report_without_out_dir_prints_config(
     report = write_report(spec, base, TRIALS, None, "http://mlflow:5000", "p")
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert report.artifacts["best_config.yaml"] in report.text
+
+
+def test_write_report_says_why_each_failed_trial_failed(aggregation, tmp_path: Path) -> None:
+    spec, base = aggregation
+    why = "diverged at step 7: the loss was not finite"
+    trials = [replace(t, failure=why) if t.status == "FAILED" else t for t in TRIALS]
+    report = write_report(spec, base, trials, tmp_path / "sweep", "sqlite:///m.db", "p")
+    assert f"trial b failed: {why}" in report.text.splitlines()
+    details = json.loads((tmp_path / "sweep" / "report.json").read_text())
+    assert {t["trial"]: t.get("failure") for t in details["trials"]} == {
+        "a": None,
+        "b": why,
+        "c": None,
+        "d": None,
+        "e": None,
+    }
 
 
 def test_write_report_no_best(aggregation, tmp_path: Path) -> None:

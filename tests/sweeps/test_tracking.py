@@ -27,6 +27,7 @@ from sweeps.tracking import (
     TrackingError,
     TrialLogger,
     check_reachable,
+    latest_failure,
     refine_tags,
     resolve_uri,
 )
@@ -180,6 +181,34 @@ def test_error_tag_is_the_last_line_of_the_message(tracker: MlflowTracker) -> No
     trials.start("t1", "trial", {"patch.size": 8})
     trials.error("t1", "Failure # 1\nTraceback (most recent call last):\n  ...\nRuntimeError: boom\n")
     assert tracker.client.get_run(run_of(tracker, "t1")).data.tags[TAG_FAILURE] == "RuntimeError: boom"
+
+
+def test_a_tune_error_file_gives_its_last_failure() -> None:
+    """Tune appends each failure of a trial to its error file; the trial's reason is the last one."""
+    text = (
+        "Failure # 1 (occurred at 2026-11-28_10-40-01)\nTraceback ...\nRuntimeError: first\n"
+        "Failure # 2 (occurred at 2026-11-28_10-47-13)\nTraceback ...\nRuntimeError: second\n"
+    )
+    assert (
+        latest_failure(text)
+        == "Failure # 2 (occurred at 2026-11-28_10-47-13)\nTraceback ...\nRuntimeError: second"
+    )
+    assert latest_failure("") == "trial failed: Tune recorded no reason"
+
+
+def test_a_worker_group_start_timeout_names_the_spec_key_that_sets_it() -> None:
+    """Train's own message advises its environment variable, which the trial overwrites from the spec."""
+    text = (
+        "Failure # 1 (occurred at 2026-11-28_10-47-13)\n...\nray.train.ControllerError: Training failed due to "
+        "controller error:\nThe worker group startup timed out after 15.0 seconds waiting for 2 workers. "
+        "... Set the RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S environment variable to increase the timeout."
+    )
+    reason = latest_failure(text)
+    assert reason.startswith(text)
+    assert reason.splitlines()[-1] == (
+        "no room for the trial's workers within 15 s, 4 starts that timed out in all (a node lost, or the "
+        "cluster full); expected room within failure.worker_start_timeout_s"
+    )
 
 
 def test_diverged_trial_is_failed_with_its_step(tracker: MlflowTracker) -> None:
@@ -371,6 +400,9 @@ def test_callback_error_marks_failed(uri: str, tracker: MlflowTracker) -> None:
     cb.on_trial_start(0, [trial], trial)
     cb.on_trial_error(1, [trial], trial)
     assert status_of(cb.logger.tracker, "bad") == "FAILED"
+    # A stub trial has no storage, so no error file: the tag says so (a real one: test_faults.py).
+    run = cb.logger.tracker.client.get_run(run_of(cb.logger.tracker, "bad"))
+    assert run.data.tags[TAG_FAILURE] == "trial failed: Tune recorded no reason"
 
 
 # --- the store itself ----------------------------------------------------------------------------------
