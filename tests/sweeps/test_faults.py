@@ -159,22 +159,31 @@ def test_a_train_worker_killed_mid_trial_restarts_from_its_checkpoint_with_the_s
     )
 
 
-def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_returns(
+def test_a_lost_node_resumes_the_trial_when_it_returns_and_fails_it_when_it_does_not(
     tmp_path: Path, two_nodes: LocalCluster
 ) -> None:
-    """The second node dies (every process of it SIGKILLed) after the trial's first epoch, and a node
-    joins again in its place.
+    """The second node dies (every process of it SIGKILLed) after a trial's first epoch, twice in one
+    sweep of two trials run one after the other, each trial's 2 workers spread over both nodes.
 
-    Lost: that node's worker and the trial's epoch in progress. Train restarts the worker group from
-    the last checkpoint once the cluster has room again (within the worker-group start timeout), the
-    trial finishes with one MLflow value per epoch, and the sweep ends as it would have.
+    First trial: a node joins again in the lost one's place 5 s later. Lost: that node's worker and the
+    epoch in progress. Train restarts the worker group from the last checkpoint once the cluster has room
+    again, and the trial finishes with one MLflow value per epoch.
+
+    Second trial: no node returns. Each start of a new worker group waits `failure.worker_start_timeout_s`
+    (15 s here, set in the spec: this cluster's own environment does not name it) for a second node and
+    fails; the trial ends FAILED at the last start Train tolerates, with Train's reason in MLflow. Lost:
+    the trial's epochs after the first, never trained; its first epoch stays logged once, and the sweep
+    ends as a sweep with a failed trial does (exit 1, its parent run finished).
     """
     spec = tiny_spec(
         tmp_path,
         "nodeloss",
-        num_samples=1,
+        num_samples=2,
+        search={"algo": "grid"},
+        space={"loss.inv_weight": {"grid": [25.0]}},
         scheduler={"name": "none"},
         resources={"workers_per_trial": 2, "cpus_per_worker": 1, "placement": "spread"},
+        failure={"max_retries": 1, "worker_start_timeout_s": 15},
     )
     db = tmp_path / "mlflow.db"
     first_node2 = two_nodes.node_ids["node2"]
@@ -185,10 +194,18 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
             lambda: {t: r for t, r in trial_rows(db).items() if r == ("RUNNING", 1)},
             proc,
         )
-        (victim_trial,) = rows
+        (resumed,) = rows
         two_nodes.kill_node("node2")
         time.sleep(5)
         two_nodes.start_second_node()
+        second_node2 = two_nodes.node_ids["node2"]
+        rows = wait_for(
+            "the second trial's first epoch",
+            lambda: {t: r for t, r in trial_rows(db).items() if t != resumed and r == ("RUNNING", 1)},
+            proc,
+        )
+        (failed,) = rows
+        two_nodes.kill_node("node2")
         out_code = proc.wait(timeout=900)
     finally:
         if proc.poll() is None:
@@ -196,13 +213,32 @@ def test_losing_the_second_node_mid_trial_resumes_the_trial_when_the_node_return
         if not two_nodes.node_pids("node2"):  # the next tests need the cluster whole
             two_nodes.start_second_node()
     log = (tmp_path / "sweep.log").read_text()
-    assert out_code == 0, log[-3000:]
-    (reports,) = tune_results(tmp_path / "storage" / "nodeloss", victim_trial).values()
+    assert out_code == 1, log[-3000:]  # a trial failed
+    exp_dir = tmp_path / "storage" / "nodeloss"
+    parents, children = sweep_runs(tmp_path, "nodeloss")
+    by_trial = {c.data.tags["bagssl.trial_id"]: c for c in children}
+    assert sorted(by_trial) == sorted([resumed, failed])
+
+    (reports,) = tune_results(exp_dir, resumed).values()
     assert [r["epoch"] for r in reports if "epoch" in r] == [1, 2]
     assert first_node2 in reports[0][WORKER_NODES].split(",")
     # The restarted group ran on the head and the node that joined in the lost one's place.
-    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted(two_nodes.node_ids.values())
-    assert first_node2 not in two_nodes.node_ids.values()
-    _, children = sweep_runs(tmp_path, "nodeloss")
-    assert len(children) == 1 and children[0].info.status == "FINISHED"
-    assert [step for step, _ in _epochs(tmp_path, children[0].info.run_id)] == [1, 2]
+    assert sorted(reports[-1][WORKER_NODES].split(",")) == sorted([two_nodes.node_ids["head"], second_node2])
+    assert first_node2 != second_node2
+    assert by_trial[resumed].info.status == "FINISHED"
+    assert [step for step, _ in _epochs(tmp_path, by_trial[resumed].info.run_id)] == [1, 2]
+
+    (reports,) = tune_results(exp_dir, failed).values()
+    assert [r["epoch"] for r in reports if "epoch" in r] == [1]
+    assert second_node2 in reports[0][WORKER_NODES].split(",")
+    run = by_trial[failed]
+    assert run.info.status == "FAILED"
+    reason = MlflowClient(f"sqlite:///{db}").download_artifacts(run.info.run_id, "error.txt", str(tmp_path))
+    assert "The worker group startup timed out after 15.0 seconds" in Path(reason).read_text()
+    assert run.data.tags["bagssl.failure"].startswith("no room for the trial's workers within 15 s")
+    assert [step for step, _ in _epochs(tmp_path, run.info.run_id)] == [1]
+    assert "test/knn_top1/mean_emb" not in run.data.metrics  # never reached its end
+    assert len(checkpoint_mtimes(exp_dir / "train_runs" / f"train_{failed}")) == 1  # epoch 1's, kept
+    assert _saved_trial_states(exp_dir) == {resumed: "TERMINATED", failed: "ERROR"}
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert f"trial {failed} failed: no room for the trial's workers within 15 s" in log  # the summary
