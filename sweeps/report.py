@@ -216,6 +216,11 @@ def format_table(trials: list[TrialOutcome], objective: Objective) -> str:
     return _columns(header, lines)
 
 
+def failure_lines(trials: Iterable[TrialOutcome]) -> list[str]:
+    """One line per FAILED trial that has a reason: why it failed."""
+    return [f"trial {t.trial_id} failed: {t.failure}" for t in trials if t.status == "FAILED" and t.failure]
+
+
 def format_refine_table(refined: list[Refined], objective: Objective) -> str:
     """One row per refined config, best mean first: the trial, its seeds and how many finished, mean ± sample
     standard deviation of the validation objective and of the test value at the same key, and that key."""
@@ -289,7 +294,7 @@ def write_report(
         f"sweep {spec.name}: {len(trials)} trial(s): "
         + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n),
         table,
-        *(f"trial {t.trial_id} failed: {t.failure}" for t in trials if t.status == "FAILED" and t.failure),
+        *failure_lines(trials),
     ]
     summary: dict[str, Any] = {f"trials_{s.lower()}": n for s, n in counts.items()}
     details: dict[str, Any] = {

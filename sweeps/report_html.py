@@ -42,6 +42,7 @@ from sweeps.report import (
     Score,
     TrialOutcome,
     best_trial,
+    failure_lines,
     format_refine_table,
     format_table,
     key_score,
@@ -264,6 +265,7 @@ def _trials(ctx: _Context, refined: list[Refined]) -> Section:
         f"{len(search)} search trial(s), best validation value first; '~' marks trials whose 95% validation "
         "interval overlaps the best's (not distinguishable on this validation set)."
     )
+    sec.text += failure_lines(search)
     if refined:
         sec.text.append(
             "Refine: the best configs re-trained with new seeds; mean ± sample standard deviation over the seeds that finished."

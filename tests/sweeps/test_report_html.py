@@ -256,10 +256,12 @@ def test_build_report_on_synthetic_trials(tmp_path: Path) -> None:
     spec = make_spec()
     records = synthetic_trials(20)
     records[0].analyses = {"analysis/whole_vs_mean/cosine": 0.93}
+    records[1].outcome.status, records[1].outcome.failure = "FAILED", "no room for the trial's workers"
     results = SweepResults(
         "exp", "parent123", "synthetic", spec, "FINISHED", records, BASELINES, "sqlite:///x.db"
     )
     built = build_report(results, tmp_path / "r")
+    assert "<p>trial t_00001 failed: no room for the trial&#x27;s workers</p>" in built.html.read_text()
     data = json.loads(built.json.read_text())
     files = {p["file"] for p in data["plots"]}
     assert {
