@@ -58,7 +58,7 @@ from bagssl_core.metrics import (
     n_images,
     train_part,
 )
-from bagssl_core.models import build_model, prepare_for_device
+from bagssl_core.models import build_model, inference_graph, prepare_for_device
 from bagssl_core.optim import build_optimizer, lr_schedule, set_lr
 from bagssl_core.patches import channel_stats, train_batch
 from bagssl_core.probes import run_probes
@@ -322,10 +322,16 @@ def evaluate(
     mean_std = channel_stats(cfg.data.name, train_data.channels)
     autocast = use_bf16(cfg, device)
     metrics: dict[MetricKey, float] = {n_images(split): len(data) for split, data in eval_data.items()}
+    graph: nn.Module | None = None  # built once, for the variants that ask for it (eval.cpu_graph)
     for name, ev in variants.items():
         vcfg = eval_variant_config(cfg, ev)
+        extractor = model
+        if ev.cpu_graph and device.type == "cpu" and not autocast:
+            if graph is None:
+                graph = inference_graph(model, cfg.in_channels, cfg.input_size)
+            extractor = graph
         extracted = extract_splits(
-            model, [train_data, *eval_data.values()], vcfg, ev, device, mean_std, autocast
+            extractor, [train_data, *eval_data.values()], vcfg, ev, device, mean_std, autocast
         )
         if not dist.is_main():
             continue

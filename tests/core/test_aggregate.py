@@ -13,7 +13,7 @@ from bagssl_core import patches as P
 from bagssl_core.aggregate import SCHEMES, embed_views, extract_features, patches_per_image, view_patches
 from bagssl_core.config import NATIVE_IMAGE_SIZE, TrainConfig, load_config, validate_config
 from bagssl_core.data import FASHION_MNIST_SYSTEM_DIR, load_split
-from bagssl_core.models import BagSSLModel, build_model
+from bagssl_core.models import BagSSLModel, FrozenGraph, build_model, inference_graph
 
 ALL = list(SCHEMES)
 BAG_SCHEMES = [s for s in ALL if SCHEMES[s].view == "bag"]
@@ -155,6 +155,21 @@ def test_each_distinct_patch_is_embedded_once(
         assert sum(sizes) == 8 * patches_per_image(cfg, ALL)
     finally:
         hook.remove()
+
+
+def test_the_cpu_graph_extracts_the_eager_models_features(
+    model: BagSSLModel, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig
+) -> None:
+    """eval.cpu_graph's frozen graph (BatchNorm folded into the convolutions) gives every scheme's features
+    of the eager model, in chunks of every size the extraction forwards, the last one smaller."""
+    graph = inference_graph(model, cfg.in_channels, cfg.input_size)
+    assert isinstance(graph, FrozenGraph)  # built, not the eager fallback
+    ccfg = validate_config({"eval": {"patch_chunk": 7}}, defaults=cfg.model_dump())
+    eager, labels = features(model, batches, ccfg, ALL)
+    frozen, graph_labels = features(graph, batches, ccfg, ALL)
+    assert torch.equal(labels, graph_labels)
+    for s in ALL:
+        torch.testing.assert_close(frozen[s], eager[s], **TOL, msg=s)
 
 
 @torch.no_grad()

@@ -12,7 +12,15 @@ from torch import nn
 
 from bagssl_core.config import ModelConfig, load_config
 from bagssl_core.data import load_split
-from bagssl_core.models import BACKBONES, BagSSLModel, Projector, build_model, prepare_for_device
+from bagssl_core.models import (
+    BACKBONES,
+    BagSSLModel,
+    FrozenGraph,
+    Projector,
+    build_model,
+    inference_graph,
+    prepare_for_device,
+)
 from bagssl_core.syncbn import GlobalBatchNorm
 
 
@@ -122,3 +130,51 @@ def test_prepare_for_device_on_cuda_uses_channels_last() -> None:
     assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     h, z = model(torch.randn(4, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last))
     assert h.shape == (4, 512) and z.shape == (4, 16)
+
+
+class _CountsCalls(nn.Module):
+    """A forward whose output depends on Python state, which a trace records as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x).flatten(1) + self.calls
+
+
+class _ReturnsDict(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"h": self.conv(x)}
+
+
+def test_inference_graph_keeps_the_models_outputs_and_mode() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(projector=[32, 16]), 3).train()
+    graph = inference_graph(model, 3, 16)
+    assert isinstance(graph, FrozenGraph) and model.training
+    x = torch.randn(5, 3, 16, 16)  # another batch size than the trace's
+    with torch.no_grad():
+        expected = model.eval()(x)
+        got = graph(x)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "module, reason",
+    [(_CountsCalls, "differs from it by"), (_ReturnsDict, "no graph of the model")],
+)
+def test_inference_graph_falls_back_to_the_model_it_cannot_capture(
+    module: type[nn.Module], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = module()
+    with caplog.at_level("WARNING", logger="bagssl_core.models"):
+        assert inference_graph(model, 3, 8) is model
+    assert reason in caplog.text and "extracting with the eager model" in caplog.text
