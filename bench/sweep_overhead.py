@@ -23,8 +23,10 @@ an epoch, the 2-worker probe's speed-up over the 1-worker one, the end-to-end ti
 ratio, each beside the issue's goal; last, the share of the 2-worker trials' wall time spent in training
 steps.
 
-Run: `python bench/sweep_overhead.py [--samples N] [--samples-1w N]` on an otherwise idle machine (about
-20 min on 2 cores). No other Ray may run here meanwhile: the sweeps start their own.
+Run: `python bench/sweep_overhead.py [--samples N] [--samples-1w N] [--set KEY=VALUE ...]` on an otherwise
+idle machine (about 20 min on 2 cores). No other Ray may run here meanwhile: the sweeps start their own.
+`--set` changes the spec for all three sweeps, e.g. `--set base.eval.cpu_graph=false` for the probes'
+eager extraction.
 """
 
 from __future__ import annotations
@@ -143,16 +145,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--samples", type=int, default=4, help="trials of the 2-worker and --local sweeps")
     ap.add_argument("--samples-1w", type=int, default=2, help="trials of the 1-worker sweep")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the smoke spec in all three sweeps, as `sweeps.run --set` does, e.g. "
+        "base.eval.cpu_graph=false",
+    )
     args = ap.parse_args()
+    sets = [arg for kv in args.set for arg in ("--set", kv)]
 
-    two = run_sweep("Ray, 2 workers", args.samples)
+    two = run_sweep("Ray, 2 workers", args.samples, *sets)
     one = run_sweep(
         "Ray, 1 worker",
         args.samples_1w,
+        *sets,
         "--set",
         "resources.workers_per_trial=1",
     )
-    local = run_sweep("--local", args.samples, "--local")
+    local = run_sweep("--local", args.samples, *sets, "--local")
 
     print()
     print(
