@@ -29,7 +29,7 @@ from functools import partial
 import torch
 
 # bench/ is the script's directory, so its sibling benchmark imports as a top-level module.
-from patches import best_times, load_images
+from patches import best_times, cpu_images
 
 from bagssl_core.aggregate import reduce_batch
 from bagssl_core.config import TrainConfig
@@ -96,12 +96,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=128, help="images extracted per round")
     ap.add_argument("--batch", type=int, default=16, help="images per training step")
     args = ap.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    images, source = load_images(args.images, seed=0)
-    print(
-        f"images: {source}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads; fastest of {args.repeat}"
-    )
+    images, header = cpu_images(args.threads, args.images)
+    print(f"{header}; fastest of {args.repeat}")
     extraction_ratios = {}
     for shape in SHAPES:
         cfg = config(shape)

@@ -43,6 +43,15 @@ def load_images(batch: int, seed: int) -> tuple[torch.Tensor, str]:
     return images.to(torch.uint8), "random 28x28 pixels (Fashion-MNIST files not installed)"
 
 
+def cpu_images(threads: int | None, n: int) -> tuple[torch.Tensor, str]:
+    """Set torch's CPU threads (None: torch's own choice) and load n images (`load_images`, seed 0): the
+    images and a first line for the benchmark's output naming them, torch and the threads."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    images, source = load_images(n, seed=0)
+    return images, f"images: {source}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+
+
 def pil_reference(cfg: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """A per-patch PIL pipeline with the config's settings: (B, C, H, W) uint8 -> (B, N, C, S, S)."""
     aug = cfg.patch.aug
