@@ -180,12 +180,13 @@ def inference_graph(model: nn.Module, in_channels: int, side: int) -> nn.Module:
     their scale (the folded BatchNorm rounds differently).
 
     The graph copies the weights as they are when it is built: build one for each evaluation and drop it.
-    Torch deprecates these TorchScript functions in favour of torch.compile, their FutureWarnings are
+    Torch deprecates these TorchScript functions in favour of torch.compile; their FutureWarnings are
     silenced here. On the smoke shape torch.compile took 31 s to compile (9 s with Inductor's cache warm)
-    and 10 to 15 s more at the first chunk-sized batch, then ran 1.06x to 1.08x faster than eager; the graph
-    takes 0.3 to 0.4 s to build (`bench/inference_graph.py --compile`). Tracing records one run of the model on 2 random patches of
-    `in_channels` x `side` x `side`; the graph is kept only if it gives that run's (h, z) again, to 1e-4 of
-    their scale, so a model whose forward a trace cannot capture falls back to eager with a warning.
+    and 10 to 15 s more at the first chunk-sized batch, then ran 1.06x to 1.08x faster than eager; the
+    graph takes 0.3 to 0.4 s to build (`bench/inference_graph.py --compile`). Tracing records one run of
+    the model on 2 random patches of `in_channels` x `side` x `side`; the graph is kept only if it gives
+    that run's (h, z) again, to 1e-4 of their scale, so a model whose forward a trace cannot capture
+    falls back to eager with a warning.
     """
     was_training = model.training
     model.eval()
