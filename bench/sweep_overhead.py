@@ -18,10 +18,11 @@ Each trial's time is read back from MLflow, where the trainer logs every epoch's
 end. What the trial's wall time holds beyond those is "start-up & rest": under Ray the trial's actor, its
 Train controller and worker group starting, reports and checkpoint uploads, tear-down.
 
-Printed: a table of seconds per epoch by phase, for 1 and 2 workers and for `--local`; the probing share of
-an epoch, the 2-worker probe's speed-up over the 1-worker one, the end-to-end times of runs 1 and 3 and their
-ratio, each beside the issue's goal; last, the share of the 2-worker trials' wall time spent in training
-steps.
+Printed: a table of seconds per epoch by phase, for 1 and 2 workers and for `--local`; each trial's rest
+split by when it falls (before its first epoch's work, between its reports, after its last report), from
+when the driver got each report; the probing share of an epoch, the 2-worker probe's speed-up over the
+1-worker one, the end-to-end times of runs 1 and 3 and their ratio, each beside the issue's goal; last, the
+share of the 2-worker trials' wall time spent in training steps.
 
 Run: `python bench/sweep_overhead.py [--samples N] [--samples-1w N] [--set KEY=VALUE ...]` on an otherwise
 idle machine (about 20 min on 2 cores). No other Ray may run here meanwhile: the sweeps start their own.
@@ -32,6 +33,7 @@ eager extraction.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import subprocess
@@ -49,6 +51,7 @@ from sweeps.spec import load_spec
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "search_spaces" / "smoke.yaml"
 PHASES = (SETUP_SECONDS, EPOCH_SECONDS, PROBE_SECONDS, CHECKPOINT_SECONDS)
+RESTS = (("start", 8), ("between", 9), ("end", 8))  # the parts of a trial's rest, and their column widths
 
 
 @dataclass
@@ -56,6 +59,13 @@ class Trial:
     wall: float  # the trial run's end - start, seconds
     epochs: int
     phases: dict[str, float]  # phase metric -> seconds summed over the trial's epochs
+    # The rest (wall - phases) by where it falls, from when the driver got each epoch's report (its MLflow
+    # metrics' timestamp): before the first report's own work began (start-up: the trial's actor, its
+    # Train controller and workers, the process group), between reports beyond their epochs' work
+    # (the report barrier, checkpoint upload, the way to the driver), and after the last report (tear-down).
+    start: float
+    between: float
+    end: float
 
     @property
     def rest(self) -> float:
@@ -73,6 +83,10 @@ class Sweep:
 
     def rest_per_epoch(self) -> float:
         return statistics.mean(t.rest / t.epochs for t in self.trials)
+
+    def rest_per_trial(self, part: str) -> float:
+        """The mean seconds a trial spends in one part of its rest: "start", "between" or "end"."""
+        return statistics.mean(getattr(t, part) for t in self.trials)
 
     def epoch_seconds(self) -> float:
         """A trial's wall time per epoch."""
@@ -120,7 +134,9 @@ def run_sweep(label: str, samples: int, *args: str) -> Sweep:
         ]
         print(f"# {label}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        # In the temporary directory: MLflow puts a sqlite store's artifacts under ./mlruns, which then go
+        # with the store instead of piling up in the checkout.
+        proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.exit(
@@ -134,9 +150,22 @@ def read_trials(uri: str) -> list[Trial]:
     (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
     trials = []
     for r in client.search_runs([exp.experiment_id], "tags.`bagssl.role` = 'trial'"):
-        phases = {p: sum(m.value for m in client.get_metric_history(r.info.run_id, p)) for p in PHASES}
-        epochs = len(client.get_metric_history(r.info.run_id, EPOCH_SECONDS))
-        trials.append(Trial((r.info.end_time - r.info.start_time) / 1000, epochs, phases))
+        # epoch -> phase -> seconds; each epoch's metrics are logged in one batch with one timestamp
+        history = {p: {m.step: m for m in client.get_metric_history(r.info.run_id, p)} for p in PHASES}
+        epochs = sorted(history[EPOCH_SECONDS])
+        work = {e: sum(history[p][e].value for p in PHASES if e in history[p]) for e in epochs}
+        got = {e: history[EPOCH_SECONDS][e].timestamp / 1000 for e in epochs}
+        begin, finish = r.info.start_time / 1000, r.info.end_time / 1000
+        trials.append(
+            Trial(
+                wall=finish - begin,
+                epochs=len(epochs),
+                phases={p: sum(m.value for m in history[p].values()) for p in PHASES},
+                start=got[epochs[0]] - begin - work[epochs[0]],
+                between=sum(got[b] - got[a] - work[b] for a, b in itertools.pairwise(epochs)),
+                end=finish - got[epochs[-1]],
+            )
+        )
     assert trials, f"no trial run in {uri}"
     return trials
 
@@ -175,6 +204,14 @@ def main() -> None:
         print(f"{s.label:<18}{len(s.trials):>7}" + "".join(f"{c:>8.2f}" for c in cells))
     print(
         "(setup: data, model; rest: Ray's start-up of the trial and its workers, reports, checkpoint uploads)"
+    )
+    print()
+    print(f"{'rest, s a trial':<18}{'start':>8}{'between':>9}{'end':>8}")
+    for s in (one, two, local):
+        print(f"{s.label:<18}" + "".join(f"{s.rest_per_trial(k):>{w}.2f}" for k, w in RESTS))
+    print(
+        "(start: run created to the first epoch's work; between: reports beyond their epochs' work; "
+        "end: the last report to the run's end)"
     )
     print()
     print("each trial, seconds over its epochs:")

@@ -201,6 +201,12 @@ class FailureSpec(_Strict):
         description="seconds one start of a trial's worker group waits for room (a lost node's place) "
         f"before it counts as a failed start; a trial fails at failed start {START_FAILURES_TOLERATED + 1}",
     )
+    health_check_interval_s: float = Field(
+        0.5,
+        gt=0,
+        description="seconds between two polls of a trial's workers by its Train controller: a report, a "
+        "finished run or a failed worker is seen up to this late (Ray's own default is 2 s)",
+    )
 
 
 def _config_path(key: str) -> str:

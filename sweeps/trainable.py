@@ -38,8 +38,10 @@ from sweeps.spec import START_FAILURES_TOLERATED, FailureSpec, Objective, Resour
 if TYPE_CHECKING:
     from bagssl_core.train import RunResult
 
-# Ray Train's own name for the worker-group start timeout (ray/train/v2/_internal/constants.py).
+# Ray Train's own names for the worker-group start timeout and the controller's polling interval
+# (ray/train/v2/_internal/constants.py).
 WORKER_GROUP_START_TIMEOUT = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 # metrics, checkpoint directory (rank 0, when one was written this epoch)
 TrialReporter = Callable[[dict[str, float], "Path | None"], None]
@@ -189,6 +191,21 @@ def _restored_checkpoint(checkpoint: ray.train.Checkpoint | None) -> Iterator[Pa
         yield Path(d)
 
 
+def train_environment(failure: FailureSpec) -> dict[str, str]:
+    """The Train settings of `failure` that Train reads from the environment only.
+
+    Its controller takes them from the process that fits the trainer, the trial's actor (Train's
+    `ENV_VARS_TO_PROPAGATE`), whatever the cluster's own environment: set there, the spec decides them on a
+    joined cluster too. The controller polls its workers every `health_check_interval_s`, and a report
+    waits for the next poll to reach Tune, as does the end of a finished run: at Ray's default of 2 s a
+    smoke trial ended about 1.4 s later than at 0.5 s (docs/operations.md, "Costs"). A poll is a call to
+    each worker that returns at once, and one still unanswered counts as running, not as lost."""
+    return {
+        WORKER_GROUP_START_TIMEOUT: str(failure.worker_start_timeout_s),
+        HEALTH_CHECK_INTERVAL: str(failure.health_check_interval_s),
+    }
+
+
 def make_trial_fn(
     plan: TrialPlan, storage_path: str, resources: ResourcesSpec, failure: FailureSpec
 ) -> Callable[[dict[str, Any]], None]:
@@ -200,14 +217,12 @@ def make_trial_fn(
         resources: each trial's workers and what each one holds.
         failure: `max_retries`, the times a Train run restarts from its last checkpoint after an error (a
             worker or node lost...; a diverged run is not an error and never restarts), and
-            `worker_start_timeout_s`, how long each start of its worker group waits for room.
+            `worker_start_timeout_s`, how long each start of its worker group waits for room, and
+            `health_check_interval_s`, how often its controller polls the workers (`train_environment`).
     """
 
     def trial_fn(params: dict[str, Any]) -> None:
-        # Train reads this timeout from the environment only. The controller gets it from the process that
-        # fits the trainer, this trial's actor (Train's ENV_VARS_TO_PROPAGATE), whatever the cluster's own
-        # environment: set here, the spec decides it on a joined cluster too.
-        os.environ[WORKER_GROUP_START_TIMEOUT] = str(failure.worker_start_timeout_s)
+        os.environ.update(train_environment(failure))
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"plan": plan, "params": params},

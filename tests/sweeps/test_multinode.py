@@ -9,8 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.resources import baseline_resources, ddp_backend, trials_that_fit, worker_group_fits
-from sweeps.spec import ResourcesSpec
-from sweeps.trainable import WORKER_BACKEND, WORKER_NODES
+from sweeps.spec import FailureSpec, ResourcesSpec
+from sweeps.trainable import WORKER_BACKEND, WORKER_NODES, train_environment
 from tests.sweeps.conftest import LocalCluster, SpreadSweep, sweep_cmd, tiny_spec, tune_results
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,3 +123,16 @@ def test_fractional_gpus_with_several_workers_are_refused() -> None:
 def test_ddp_backend_is_nccl_on_gpus_and_gloo_on_cpus() -> None:
     assert ddp_backend(ResourcesSpec(workers_per_trial=2, gpus_per_worker=1)) == "nccl"
     assert ddp_backend(ResourcesSpec(workers_per_trial=2)) == "gloo"
+
+
+def test_the_specs_train_settings_are_variables_train_hands_its_controller() -> None:
+    # Set anywhere else, or under a name Train does not propagate, they would silently do nothing.
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    env = train_environment(FailureSpec(worker_start_timeout_s=15, health_check_interval_s=0.25))
+    assert env == {
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15.0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    }
+    assert set(env) <= ENV_VARS_TO_PROPAGATE
+    assert train_environment(FailureSpec())["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"

@@ -120,6 +120,10 @@ BAD_SPECS = {
     "unknown_top_key": (VALID + "bogus: 1\n", [":8: bogus: unknown key"]),
     "unknown_nested_key": (VALID + "resources: {workerz: 2}\n", [":8: resources.workerz: unknown key"]),
     "wrong_type": (VALID + "num_samples: abc\n", [":8: num_samples:", "integer", "'abc'"]),
+    "health_check_interval_not_positive": (
+        VALID + "failure: {health_check_interval_s: 0}\n",
+        [":8: failure.health_check_interval_s: expected greater than 0 (got 0)"],
+    ),
     "optuna_options_under_grid": (
         VALID + "search: {algo: grid, sampler: cmaes, n_startup_trials: 2}\n",
         [":8: search: sampler, n_startup_trials: used by algo: optuna only, and algo is grid"],
