@@ -47,6 +47,7 @@ from bagssl_core.train import (
     extract_split,
     load_checkpoint,
     shard_batches,
+    sharing_batch,
     train,
     train_step,
 )
@@ -603,6 +604,15 @@ def test_shard_batches_evens_the_smoke_specs_probe() -> None:
     test split)."""
     assert _images_per_rank((461, 51), 256, 2) == [256, 256]
     assert _images_per_rank((461, 51, 256), 256, 2) == [461, 307]
+    # Batches of 256 are too coarse for the last probe's 768 images; grid patches shrink them.
+    grid, rnd = EvalConfig(), EvalConfig(patches="random", num_patches=4)
+    assert sharing_batch((461, 51, 256), grid, 2) == 48
+    assert _images_per_rank((461, 51, 256), 48, 2) == [384, 384]
+    assert sharing_batch((461, 51), grid, 2) == 32
+    assert _images_per_rank((461, 51), 32, 2) == [256, 256]
+    assert sharing_batch((461, 51, 256), rnd, 2) == 256  # random patches: the batches one process draws
+    assert sharing_batch((461, 51, 256), grid, 1) == 256  # alone, nothing to share
+    assert sharing_batch((5,), grid, 4) == 1
 
 
 def test_two_gloo_ranks_share_the_extraction_and_probe_as_one_process(tmp_path: Path) -> None:
