@@ -414,8 +414,10 @@ def sharing_batch(split_sizes: Sequence[int], ev: EvalConfig, world: int) -> int
     feature does not depend on its batch, so the batches shrink to about `SHARED_BATCHES_PER_RANK` per
     rank, never above ev.batch_size: 48 images, and 384 for each rank there. Smaller batches cost nothing
     on the CPU (patches are forwarded in chunks of their own size; the smoke trial's 461 training images
-    took 9.0 to 9.8 s in batches of 256, 8.2 to 9.5 s in batches of 32 to 48). Random patches are drawn
-    per batch (`extract_features`), so their batches stay those of one process."""
+    took 9.0 to 9.8 s in batches of 256, 8.2 to 9.5 s in batches of 32 to 48). They shrink only when all
+    the splits together hold fewer than `SHARED_BATCHES_PER_RANK` x world x eval.batch_size images, so a
+    GPU keeps its large forwards on a real dataset. Random patches are drawn per batch
+    (`extract_features`), so their batches stay those of one process."""
     if world == 1 or ev.patches == "random":
         return ev.batch_size
     return max(1, min(ev.batch_size, math.ceil(sum(split_sizes) / (SHARED_BATCHES_PER_RANK * world))))
