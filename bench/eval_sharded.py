@@ -43,8 +43,6 @@ from bagssl_core.data import load_split
 from bagssl_core.models import build_model
 from bagssl_core.train import evaluate
 
-SHARINGS = ("now", "whole batches", "split by split")
-
 
 def config(train_images: int, test_images: int, batch_size: int) -> TrainConfig:
     return load_config(
@@ -70,16 +68,21 @@ def whole_batches(split_sizes: Sequence[int], ev: EvalConfig, world: int) -> int
     return ev.batch_size
 
 
+# label -> (the batch size the ranks share, how they share the batches), in `bagssl_core.train`'s signatures
+SHARINGS = {
+    "now": (train.sharing_batch, train.shard_batches),
+    "whole batches": (whole_batches, train.shard_batches),
+    "split by split": (whole_batches, split_by_split),
+}
+
+
 def use_sharing(label: str) -> None:
     """Make `evaluate` share its batches as `label` says (it looks both functions up at each call)."""
-    if label != "now":
-        train.sharing_batch = whole_batches
-    if label == "split by split":
-        train.shard_batches = split_by_split
+    train.sharing_batch, train.shard_batches = SHARINGS[label]
 
 
 def timed_evaluate(cfg: TrainConfig) -> float:
-    """Seconds of one `evaluate` of the validation split, every rank starting together."""
+    """Seconds of one `evaluate` of the probed splits (`probed_splits`), every rank starting together."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.in_channels)
@@ -118,8 +121,8 @@ def with_ranks(world: int, cfg: TrainConfig, sharing: str) -> float:
 
 
 def images_per_rank(sizes: Sequence[int], cfg: TrainConfig, sharing: str, world: int = 2) -> list[int]:
-    unit = train.sharing_batch(sizes, cfg.eval, world) if sharing == "now" else cfg.eval.batch_size
-    share = split_by_split if sharing == "split by split" else train.shard_batches
+    batch_size, share = SHARINGS[sharing]
+    unit = batch_size(sizes, cfg.eval, world)
     return [
         sum(
             train.batch_length(n, unit, b)
