@@ -24,6 +24,7 @@ line is the ratio for the smoke shape's extraction, e.g. `smoke extraction, chan
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -68,24 +69,34 @@ def report(label: str, seconds: dict[str, float]) -> float:
     return ratio
 
 
-def extraction(cfg: TrainConfig, images: torch.Tensor, repeat: int) -> dict[str, float]:
+def extraction_times(
+    cfg: TrainConfig, images: torch.Tensor, repeat: int, ways: Mapping[str, tuple[torch.nn.Module, bool]]
+) -> dict[str, float]:
+    """Fastest seconds of `reduce_batch` (mean_emb over the evaluation grid, `cfg.eval_patch_chunk` patches a
+    forward, as every probe extracts) for each way: name -> (model in eval mode, bf16 autocast)."""
     mean_std = channel_stats(cfg.data.name, cfg.in_channels)
-    work = {}
-    for name, model in models(cfg).items():
-        model.eval()
-        work[name] = partial(reduce_batch, model, images, cfg, ["mean_emb"], mean_std)
+    work = {
+        name: partial(reduce_batch, model, images, cfg, ["mean_emb"], mean_std, None, autocast)
+        for name, (model, autocast) in ways.items()
+    }
     return best_times(work, dict.fromkeys(work, repeat), torch.device("cpu"))
 
 
-def training(cfg: TrainConfig, batch: int, repeat: int) -> dict[str, float]:
+def training_times(
+    cfg: TrainConfig, batch: int, repeat: int, ways: Mapping[str, tuple[BagSSLModel, bool]]
+) -> dict[str, float]:
+    """Fastest seconds of `train_step` (forward of batch x patch.num patches, bag VICReg, backward, LARS step)
+    for each way: name -> (model, bf16 autocast). Each way needs a model of its own: the steps update it."""
     n, s = cfg.patch.num, cfg.input_size
     views = torch.rand(batch, n, cfg.in_channels, s, s, generator=torch.Generator().manual_seed(0))
     loss_fn = build_loss(cfg.loss)
     work = {}
-    for name, model in models(cfg).items():
+    for name, (model, autocast) in ways.items():
         model.train()
         opt = build_optimizer(model, cfg)
-        work[name] = partial(train_step, model, views, loss_fn, opt, cfg.effective_lr())
+        work[name] = partial(
+            train_step, model, views, loss_fn, opt, cfg.effective_lr(), cfg.optim.grad_clip, autocast
+        )
     return best_times(work, dict.fromkeys(work, repeat), torch.device("cpu"))
 
 
@@ -103,12 +114,15 @@ def main() -> None:
         cfg = config(shape)
         chunk = cfg.eval_patch_chunk(cfg.patch_px)
         what = f"{cfg.patch_px}-px patches at {cfg.input_size} px, {chunk} a forward"
+        ways = {name: (model.eval(), False) for name, model in models(cfg).items()}
         extraction_ratios[shape] = report(
-            f"{shape} extraction ({args.images} images, {what})", extraction(cfg, images, args.repeat)
+            f"{shape} extraction ({args.images} images, {what})",
+            extraction_times(cfg, images, args.repeat, ways),
         )
+        ways = {name: (model, False) for name, model in models(cfg).items()}
         report(
             f"{shape} training step ({args.batch} x {cfg.patch.num} patches)",
-            training(cfg, args.batch, args.repeat),
+            training_times(cfg, args.batch, args.repeat, ways),
         )
     print(f"smoke extraction, channels_last vs contiguous: {extraction_ratios['smoke']:.2f}x")
 
