@@ -50,6 +50,7 @@ from bagssl_core.train import (
     sharing_batch,
     train,
     train_step,
+    use_bf16,
 )
 
 # A few seconds per epoch on one CPU thread: 4 steps of 16 images x 2 patches of 16 px (72 training images,
@@ -270,6 +271,36 @@ def test_grayscale_kept_as_one_channel_trains_probes_and_reloads(tmp_path: Path)
     )
     again = evaluate(model, stored, train_data, {"val": val_data, "test": test_data}, torch.device("cpu"))
     assert [again[k] for k in keys] == [result.metrics[str(k)] for k in keys]
+
+
+def test_bf16_on_the_cpu_extracts_features_close_to_fp32_and_trains_and_probes(tmp_path: Path) -> None:
+    """run.precision=bf16 on the CPU (the README's fastest way where the CPU has native bf16): auto stays fp32
+    there; bf16 extraction gives features within bf16 rounding of fp32's, not the same ones; a bf16 run
+    trains, probes and records its precision."""
+    cpu = torch.device("cpu")
+    assert not use_bf16(tiny(), cpu)
+    assert use_bf16(tiny("run.precision=bf16"), cpu)
+    assert use_bf16(tiny(), torch.device("cuda"))  # auto: bf16 on CUDA (a device object needs no GPU)
+    cfg = tiny("run.precision=bf16", "schedule.epochs=1")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.in_channels).eval()
+    data = load_split(cfg.data, "train", cfg.run.seed)
+    mean_std = channel_stats(cfg.data.name, data.channels)
+    fp32, bf16 = (
+        extract_split(model, data, cfg, cfg.eval, cpu, mean_std, autocast) for autocast in (False, True)
+    )
+    assert fp32 is not None and bf16 is not None
+    assert torch.equal(fp32[1], bf16[1])  # the same images, in the same order
+    a, b = fp32[0]["mean_emb"], bf16[0]["mean_emb"]
+    assert a.dtype == b.dtype == torch.float32  # bf16 features are scored in fp32
+    assert not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
+    result = train(cfg, tmp_path)
+    assert (result.status, result.epochs) == ("finished", 1)
+    knn = [result.metrics[str(ProbeKey(split, "knn", "top1", "mean_emb"))] for split in ("val", "test")]
+    assert all(0.0 <= v <= 100.0 for v in knn)
+    assert TrainConfig.model_validate(load_checkpoint(tmp_path)["config"]).run.precision == "bf16"
 
 
 # --- learning-rate schedule ----------------------------------------------------------------------------
