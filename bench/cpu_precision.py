@@ -22,13 +22,12 @@ bf16 vs fp32: extraction 1.8x, training step 1.6x`.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 # bench/ is the script's directory, so its sibling benchmarks import as top-level modules.
-from memory_format import SHAPES, config, extraction_times, training_times
+from memory_format import SHAPES, config, extraction_times, parse_args, training_times
 from patches import cpu_images
 
 from bagssl_core.config import TrainConfig
@@ -67,12 +66,7 @@ def report(label: str, seconds: dict[str, float], reference: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed rounds per way")
-    ap.add_argument("--images", type=int, default=128, help="images extracted per round")
-    ap.add_argument("--batch", type=int, default=16, help="images per training step")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "way")
     images, header = cpu_images(args.threads, args.images)
     print(cpu_line())
     print(f"{header}; fastest of {args.repeat}")

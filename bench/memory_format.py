@@ -100,13 +100,18 @@ def training_times(
     return best_times(work, dict.fromkeys(work, repeat), torch.device("cpu"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(doc: str, compared: str) -> argparse.Namespace:
+    """The options of the benchmarks that compare `compared` (formats, ways) on extraction and training."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed rounds per format")
+    ap.add_argument("--repeat", type=int, default=3, help=f"timed rounds per {compared}")
     ap.add_argument("--images", type=int, default=128, help="images extracted per round")
     ap.add_argument("--batch", type=int, default=16, help="images per training step")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__, "format")
     images, header = cpu_images(args.threads, args.images)
     print(f"{header}; fastest of {args.repeat}")
     extraction_ratios = {}
