@@ -15,7 +15,7 @@ This times the real code paths, the ways taking turns (`bench/patches.py:best_ti
 Models are channels_last, as `model.channels_last` (default true) makes them.
 
 Run: `python bench/cpu_precision.py [--threads N] [--repeat R] [--images N] [--batch B]` on an idle machine
-(about 3 minutes on 2 cores with the defaults). Each line gives each way's fastest of R timed calls; the
+(about 1.5 minutes on 2 cores with the defaults). Each line gives each way's fastest of R timed calls; the
 last line gives, for the smoke shape, bf16's speed-up over what fp32 does by default, e.g. `smoke shape,
 bf16 vs fp32: extraction 1.8x, training step 1.6x`.
 """
