@@ -850,11 +850,17 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return read_yaml_file(path)[0]
 
 
-def yaml_location(source: str, lines: Mapping[str, int] | None, key: str) -> str:
-    """`file:line` of a dotted key, or of the nearest enclosing key the file spells out; else just `file`."""
+def yaml_location(source: str, lines: Mapping[str, int | str] | None, key: str) -> str:
+    """`file:line` of a dotted key, or of the nearest enclosing key the file spells out; else just `file`.
+
+    A str in `lines` is a whole location, for a key whose value came from elsewhere than its line in the
+    file (a spec's `--set`): the file's line would show the value it replaced.
+    """
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         line = (lines or {}).get(".".join(parts[:n]))
+        if isinstance(line, str):
+            return line
         if line:
             return f"{source}:{line}"
     return source
@@ -870,7 +876,7 @@ def describe_validation_error(
     err: ValidationError,
     tree: Mapping[str, Any],
     source: str | None = None,
-    lines: Mapping[str, int] | None = None,
+    lines: Mapping[str, int | str] | None = None,
     model: type[BaseModel] | None = None,
 ) -> str:
     """One line per problem: `<source>:<line>: <dotted key>: <what was expected> (got <value>)`.
@@ -880,7 +886,8 @@ def describe_validation_error(
         tree: the mapping that was validated: it tells the keys in an error's location apart from the list
             indices and union tags (`patch.size.int`, `loss.tcr.eps`) pydantic appends to them.
         source: where the tree came from (a file); None leaves it out.
-        lines: line of each dotted key in `source` (see `read_yaml_file`); None leaves lines out.
+        lines: line of each dotted key in `source` (see `read_yaml_file`), or its location (`yaml_location`);
+            None leaves lines out.
         model: the model validated, if any: an unknown key in one member of a tagged union (a knob of
             another loss) is then told with the knobs the chosen member has.
     """

@@ -349,6 +349,16 @@ def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str
     return tree
 
 
+def set_locations(lines: Mapping[str, int], keys: Iterable[str], source: str) -> dict[str, int | str]:
+    """The spec file's key lines once `--set` replaced `keys`: such a key, and every key under it, is located
+    at `<file> (--set)`, since its line in the file holds the value it replaced (`yaml_location`)."""
+    keys = list(keys)
+    kept: dict[str, int | str] = {
+        key: line for key, line in lines.items() if not any(key == k or key.startswith(k + ".") for k in keys)
+    }
+    return kept | dict.fromkeys(keys, f"{source} (--set)")
+
+
 def resolve_base(spec: SweepSpec, spec_dir: Path, source: str) -> dict[str, Any]:
     """The base TrainConfig as a plain dict: the `base.config` file (relative to the spec), with the spec's
     other base keys merged over it key by key (see `merge_overrides`)."""
@@ -381,10 +391,12 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     p = Path(path)
     source = str(p)
     try:
-        tree, lines = read_yaml_file(p, "a mapping (name, base, space, metric, ...)")
+        tree, file_lines = read_yaml_file(p, "a mapping (name, base, space, metric, ...)")
     except ConfigError as err:
         raise SpecError(str(err)) from None
+    overrides = list(overrides)
     tree = apply_spec_overrides(tree, overrides)
+    lines = set_locations(file_lines, parse_overrides(overrides), source)
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as err:

@@ -536,6 +536,35 @@ def test_bad_set_key_exits_2(
     assert expected in err, err
 
 
+def test_a_value_given_by_set_is_located_at_set_not_at_the_file_line_it_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, VALID + "resources: {workers_per_trial: 2}\n")
+    cases = {
+        # the file's line 8 says workers_per_trial: 2; the 0 came from --set
+        "resources.workers_per_trial=0": f"error: {path} (--set): resources.workers_per_trial: expected greater",
+        "resources={workers_per_trial: 0}": f"error: {path} (--set): resources.workers_per_trial: expected",
+        "space.patch.size={choice: [40]}": f"error: {path} (--set): space.patch.size: rejected with every value",
+        "metric=test/knn_top1/mean_emb": f"error: {path} (--set): metric: 'test/knn_top1/mean_emb' is scored",
+    }
+    for item, expected in cases.items():
+        rc = main([str(path), "--dry-run", "--set", item])
+        err = capsys.readouterr().err
+        assert rc == EXIT_BAD_INPUT, err
+        assert err.startswith(expected), err
+        assert err.count("\n") == 1, err
+    # A value from the file keeps its line beside an unrelated --set.
+    rc = main([str(path), "--dry-run", "--set", "num_samples=2", "--set", "space.patch.size={choice: [40]}"])
+    assert rc == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.startswith(f"error: {path} (--set): space.patch.size:")
+    bad_file = write(tmp_path, VALID.replace("[8, 12]", "[40]"), "bad.yaml")
+    rc = main([str(bad_file), "--dry-run", "--set", "num_samples=2"])
+    assert rc == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.startswith(
+        f"error: {bad_file}:6: space.patch.size: rejected with every value"
+    )
+
+
 # --- the real command line, as a user runs it ---------------------------------------------------------
 
 
