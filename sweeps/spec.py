@@ -332,10 +332,11 @@ class SweepSpec(_Strict):
         return Objective.of(self.metric, self.mode)
 
 
-def apply_spec_overrides(tree: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
-    """`--set key=value` on the spec: `num_samples=2`, `base.schedule.epochs=1`,
-    `space.patch.size={choice: [8, 16]}` (everything after `space.` is one dotted TrainConfig path)."""
-    for key, value in parse_overrides(items).items():
+def apply_spec_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """`--set key=value` on the spec, as `parse_overrides` reads them: `num_samples=2`,
+    `base.schedule.epochs=1`, `space.patch.size={choice: [8, 16]}` (everything after `space.` is one dotted
+    TrainConfig path)."""
+    for key, value in overrides.items():
         if key.startswith("space."):
             tree.setdefault("space", {})
             if not isinstance(tree["space"], dict):
@@ -394,9 +395,9 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
         tree, file_lines = read_yaml_file(p, "a mapping (name, base, space, metric, ...)")
     except ConfigError as err:
         raise SpecError(str(err)) from None
-    overrides = list(overrides)
-    tree = apply_spec_overrides(tree, overrides)
-    lines = set_locations(file_lines, parse_overrides(overrides), source)
+    given = parse_overrides(overrides)
+    tree = apply_spec_overrides(tree, given)
+    lines = set_locations(file_lines, given, source)
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as err:
