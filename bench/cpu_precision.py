@@ -24,14 +24,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 # bench/ is the script's directory, so its sibling benchmarks import as top-level modules.
-from memory_format import SHAPES, config, extraction_times, parse_args, training_times
+from memory_format import SHAPES, config, extraction_times, parse_args, seeded_model, training_times
 from patches import cpu_images
 
-from bagssl_core.config import TrainConfig
-from bagssl_core.models import BagSSLModel, build_model, inference_graph
+from bagssl_core.models import inference_graph
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -50,11 +47,6 @@ def cpu_line() -> str:
     flags = fields.get("flags", "").split()
     native = [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
     return f"CPU: {name}; native bf16: {', '.join(native) if native else 'no (emulated)'}"
-
-
-def seeded_model(cfg: TrainConfig) -> BagSSLModel:
-    torch.manual_seed(0)
-    return build_model(cfg.model, cfg.in_channels).to(memory_format=torch.channels_last)
 
 
 def report(label: str, seconds: dict[str, float], reference: str) -> float:

@@ -53,13 +53,15 @@ def config(shape: str) -> TrainConfig:
     )
 
 
+def seeded_model(cfg: TrainConfig, memory_format: torch.memory_format = torch.channels_last) -> BagSSLModel:
+    """The config's model, initialised from seed 0, in `memory_format`."""
+    torch.manual_seed(0)
+    return build_model(cfg.model, cfg.in_channels).to(memory_format=memory_format)
+
+
 def models(cfg: TrainConfig) -> dict[str, BagSSLModel]:
     """The same seeded model in each memory format."""
-    out = {}
-    for name, fmt in FORMATS.items():
-        torch.manual_seed(0)
-        out[name] = build_model(cfg.model, cfg.in_channels).to(memory_format=fmt)
-    return out
+    return {name: seeded_model(cfg, fmt) for name, fmt in FORMATS.items()}
 
 
 def report(label: str, seconds: dict[str, float]) -> float:

@@ -553,10 +553,11 @@ def test_a_value_given_by_set_is_located_at_set_not_at_the_file_line_it_replaced
         assert rc == EXIT_BAD_INPUT, err
         assert err.startswith(expected), err
         assert err.count("\n") == 1, err
-    # A value from the file keeps its line beside an unrelated --set.
+    # Among several --set, the bad value is still located at --set ...
     rc = main([str(path), "--dry-run", "--set", "num_samples=2", "--set", "space.patch.size={choice: [40]}"])
     assert rc == EXIT_BAD_INPUT
     assert capsys.readouterr().err.startswith(f"error: {path} (--set): space.patch.size:")
+    # ... and a bad value from the file keeps its line beside an unrelated --set.
     bad_file = write(tmp_path, VALID.replace("[8, 12]", "[40]"), "bad.yaml")
     rc = main([str(bad_file), "--dry-run", "--set", "num_samples=2"])
     assert rc == EXIT_BAD_INPUT
