@@ -866,6 +866,21 @@ def yaml_location(source: str, lines: Mapping[str, int | str] | None, key: str) 
     return source
 
 
+def override_locations(
+    lines: Mapping[str, int | str], keys: Iterable[str], where: str
+) -> dict[str, int | str]:
+    """A file's key lines (`read_yaml_file`) once overrides replaced `keys`: such a key, and every key under
+    it, is located at `where` (`overrides`, `<spec> (--set)`), since its line in the file holds the value it
+    replaced (`yaml_location`)."""
+    keys = list(keys)
+    return {key: line for key, line in lines.items() if not is_under(key, keys)} | dict.fromkeys(keys, where)
+
+
+def is_under(key: str, keys: Iterable[str]) -> bool:
+    """Whether dotted `key` is one of `keys` or inside one of them (`patch.aug.flip_p` is inside `patch`)."""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
 # Problems whose own message is clearer than pydantic's, and those where echoing the input adds nothing:
 # the key names it, or the message already says what is wrong with it.
 _MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
@@ -878,6 +893,7 @@ def describe_validation_error(
     source: str | None = None,
     lines: Mapping[str, int | str] | None = None,
     model: type[BaseModel] | None = None,
+    prefix: str = "",
 ) -> str:
     """One line per problem: `<source>:<line>: <dotted key>: <what was expected> (got <value>)`.
 
@@ -890,6 +906,8 @@ def describe_validation_error(
             None leaves lines out.
         model: the model validated, if any: an unknown key in one member of a tagged union (a knob of
             another loss) is then told with the knobs the chosen member has.
+        prefix: where `tree` sits in `source` (`base.` for a sweep spec's base): the keys are printed, and
+            looked up in `lines`, with it.
     """
     out = []
     for e in err.errors():
@@ -908,14 +926,14 @@ def describe_validation_error(
             msg = f"not a knob of {section} {tag!r}" + (f" (its knobs: {', '.join(knobs)})" if knobs else "")
         got_s = "" if e["type"] in _NO_INPUT or isinstance(got, Mapping) else f" (got {got!r})"
         if key:
-            where = f"{yaml_location(source, lines, key)}: " if source else ""
-            out.append(f"{where}{key}: {msg}{got_s}")
+            where = f"{yaml_location(source, lines, prefix + key)}: " if source else ""
+            out.append(f"{where}{prefix}{key}: {msg}{got_s}")
             continue
         # A check over the whole config names its keys itself, one problem a line: `patch.size: ...`.
         for line in f"{msg}{got_s}".splitlines():
             named = line.partition(": ")[0]
-            where = f"{yaml_location(source, lines, named)}: " if source else ""
-            out.append(f"{where}{line}")
+            where = f"{yaml_location(source, lines, prefix + named)}: " if source else ""
+            out.append(f"{where}{prefix}{line}")
     return "\n".join(dict.fromkeys(out))
 
 
@@ -972,35 +990,36 @@ def _union_members(field: FieldInfo) -> tuple[type[BaseModel], ...]:
 def validate_config(
     tree: Mapping[str, Any],
     source: str | None = None,
-    lines: Mapping[str, int] | None = None,
+    lines: Mapping[str, int | str] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    prefix: str = "",
 ) -> TrainConfig:
     """TrainConfig from a plain dict; a ConfigError naming the source (and line) and keys on failure.
 
     Args:
         tree: the keys given explicitly (a file, overrides). One the resulting config's options ignore is
             an error (see `KnobRule`).
-        source, lines: where `tree` came from, for the messages (see `describe_validation_error`).
+        source, lines, prefix: where `tree` came from, for the messages (see `describe_validation_error`).
         defaults: a layer under `tree` that was not written for this config: a preset, a run's stored
             config under new overrides, a base under an evaluation variant. Its knobs that the resulting
             config ignores are dropped, not reported: e.g. the quick preset's `eval.grid_stride` under
             `eval.patches=random`. `validate_config({}, defaults=tree)` accepts any dump of a config.
     """
-    _refuse_renamed(tree, source, lines)
+    _refuse_renamed(tree, source, lines, prefix)
     if defaults is None:
-        return _validate(tree, source, lines)
+        return _validate(tree, source, lines, prefix)
     defaults = migrate_saved_config(defaults, source)
     try:
         merged = merge_overrides(defaults, tree)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}" if source else str(err)) from None
     # First pass: which knobs does the resulting config ignore? Those that only `defaults` set go.
-    resolved = _validate(merged, source, lines, {_ALLOW_IGNORED: True})
+    resolved = _validate(merged, source, lines, prefix, {_ALLOW_IGNORED: True})
     given = flatten(tree)
     for rule in resolved._ignoring_rules():
         if rule.knob not in given:
             _pop_dotted(merged, rule.knob)
-    return _validate(merged, source, lines)
+    return _validate(merged, source, lines, prefix)
 
 
 # --- knobs renamed since runs were saved with them ----------------------------------------------------
@@ -1050,15 +1069,19 @@ def migrate_saved_config(tree: Mapping[str, Any], source: str | None = None) -> 
     return {**tree, "loss": section}
 
 
-def _refuse_renamed(tree: Mapping[str, Any], source: str | None, lines: Mapping[str, int] | None) -> None:
+def _refuse_renamed(
+    tree: Mapping[str, Any], source: str | None, lines: Mapping[str, int | str] | None, prefix: str
+) -> None:
     """An old knob name in a config written now (a file, an override, a sweep's base) is an error naming the
     new key: only saved runs are migrated (`migrate_saved_config`)."""
-    old = [k for k in flatten(tree) if k in RENAMED_KNOBS]
+    old = [prefix + k for k in flatten(tree) if k in RENAMED_KNOBS]
     if old:
         where = (lambda k: f"{yaml_location(source, lines, k)}: ") if source else (lambda k: "")
         raise ConfigError(
             "\n".join(
-                f"{where(k)}{k}: renamed; expected {RENAMED_KNOBS[k]} (a knob of loss 'tcr')" for k in old
+                f"{where(k)}{k}: renamed; expected {prefix}{RENAMED_KNOBS[k.removeprefix(prefix)]} "
+                "(a knob of loss 'tcr')"
+                for k in old
             )
         )
 
@@ -1066,13 +1089,14 @@ def _refuse_renamed(tree: Mapping[str, Any], source: str | None, lines: Mapping[
 def _validate(
     tree: Mapping[str, Any],
     source: str | None,
-    lines: Mapping[str, int] | None,
+    lines: Mapping[str, int | str] | None,
+    prefix: str,
     context: dict[str, Any] | None = None,
 ) -> TrainConfig:
     try:
         return TrainConfig.model_validate(dict(tree), context=context)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, tree, source, lines, TrainConfig)) from None
+        raise ConfigError(describe_validation_error(err, tree, source, lines, TrainConfig, prefix)) from None
 
 
 # `python -m bagssl_core train` without --config: a short but real job (Fashion-MNIST subsets, small
@@ -1108,17 +1132,19 @@ def load_config(
     # The preset is a layer of defaults: a knob it sets that the file or overrides switch off is dropped.
     defaults = merge_overrides({}, PRESETS[preset]) if preset is not None else None
     tree: dict[str, Any] = {}
-    lines = None
+    lines: dict[str, int | str] = {}
     if path is not None:
-        tree, lines = read_yaml_file(path)
+        tree, file_lines = read_yaml_file(path)
+        lines = dict(file_lines)
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
     try:
         tree = merge_overrides(tree, over)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
-    # With overrides, the file's line of a key may not be where its (overridden) value came from.
-    return validate_config(tree, source, None if over else lines, defaults)
+    # Overrides merge key by key, so exactly their flattened keys no longer hold the file's values.
+    lines = override_locations(lines, flatten(over), "overrides")
+    return validate_config(tree, source, lines, defaults)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -21,11 +21,13 @@ from bagssl_core.config import (
     TrainConfig,
     config_defaults,
     describe_validation_error,
+    flatten,
     is_set,
+    is_under,
     merge_overrides,
+    override_locations,
     parse_overrides,
     read_yaml_file,
-    read_yaml_mapping,
     set_dotted,
     show_value,
     validate_config,
@@ -350,29 +352,31 @@ def apply_spec_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> 
     return tree
 
 
-def set_locations(lines: Mapping[str, int], keys: Iterable[str], source: str) -> dict[str, int | str]:
-    """The spec file's key lines once `--set` replaced `keys`: such a key, and every key under it, is located
-    at `<file> (--set)`, since its line in the file holds the value it replaced (`yaml_location`)."""
-    keys = list(keys)
-    kept: dict[str, int | str] = {
-        key: line for key, line in lines.items() if not any(key == k or key.startswith(k + ".") for k in keys)
-    }
-    return kept | dict.fromkeys(keys, f"{source} (--set)")
-
-
 def resolve_base(spec: SweepSpec, spec_dir: Path, source: str) -> dict[str, Any]:
     """The base TrainConfig as a plain dict: the `base.config` file (relative to the spec), with the spec's
     other base keys merged over it key by key (see `merge_overrides`)."""
+    return _read_base(spec, spec_dir, source)[0]
+
+
+def _read_base(spec: SweepSpec, spec_dir: Path, source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """`resolve_base`, and the `file:line` of each key the `base.config` file spells out and the spec's own
+    base keys do not replace, as `base.<key>`: where the value the base holds for it was given."""
     base = dict(spec.base)
     cfg_path = base.pop("config", None)
     tree: dict[str, Any] = {}
+    locations: dict[str, str] = {}
     if cfg_path is not None:
+        cfg_file = spec_dir / str(cfg_path)
         try:
-            tree = read_yaml_mapping(spec_dir / str(cfg_path))
+            tree, cfg_lines = read_yaml_file(cfg_file)
         except ConfigError as err:
             raise SpecError(f"{source}: base.config: {err}") from None
+        given = flatten(base)
+        locations = {
+            f"base.{key}": f"{cfg_file}:{line}" for key, line in cfg_lines.items() if not is_under(key, given)
+        }
     try:
-        return merge_overrides(tree, base)
+        return merge_overrides(tree, base), locations
     except ConfigError as err:
         raise SpecError(f"{source}: base: {err}") from None
 
@@ -397,7 +401,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
         raise SpecError(str(err)) from None
     given = parse_overrides(overrides)
     tree = apply_spec_overrides(tree, given)
-    lines = set_locations(file_lines, given, source)
+    lines = override_locations(file_lines, given, f"{source} (--set)")
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as err:
@@ -406,11 +410,13 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     def at(key: str) -> str:
         return yaml_location(source, lines, key)
 
-    base_tree = resolve_base(spec, p.parent, source)
+    base_tree, base_file_lines = _read_base(spec, p.parent, source)
     try:
-        base_cfg = validate_config(base_tree)
+        # A base key the spec spells out (or --set gives) is located there; one it leaves to the base.config
+        # file, at that file's line. The spec's keys win, since they are merged over the file's.
+        base_cfg = validate_config(base_tree, source, base_file_lines | lines, prefix="base.")
     except ConfigError as err:
-        raise SpecError(f"{at('base')}: base: {_indent(err)}") from None
+        raise SpecError(str(err)) from None
     _check_space_values(spec, base_tree, at)
     _check_metric(spec, base_tree, base_cfg, at)
     _check_grid_axes(spec, at)

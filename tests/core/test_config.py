@@ -157,10 +157,14 @@ def test_bad_values_in_a_file_name_their_lines(tmp_path: Path) -> None:
         f"{path}:5: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
         "'multiscale' (got 'foo')",
     ]
-    # An override may have set the key: no line of the file is then claimed.
+    # A value from the file keeps its line beside an unrelated override; one an override gave is located
+    # there, not at the file line holding the value it replaced.
     assert config_error(["patch.num=4"], path) == (
-        f"{path}: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
+        f"{path}:5: eval.aggregation: expected 'mean_emb', 'mean_proj', 'max_emb', 'centre', 'whole' or "
         "'multiscale' (got 'foo')"
+    )
+    assert config_error(["eval.aggregation=[mean_emb]", "patch={num: xyz}"], path) == (
+        "overrides: patch.num: expected a valid integer, unable to parse string as an integer (got 'xyz')"
     )
 
 

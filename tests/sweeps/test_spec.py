@@ -252,7 +252,7 @@ BAD_SPECS = {
     ),
     "bad_base": (
         VALID.replace("{name: fashion_mnist}", "{name: mnist}"),
-        [":2: base:", "data.name", "'mnist'"],
+        [":3: base.data.name: expected", "'mnist'"],
     ),
     "base_sets_inside_a_value": (
         VALID.replace("  eval: {every: 1}", "  patch: {size: 8}\n  patch.size.px: 1"),
@@ -546,6 +546,9 @@ def test_a_value_given_by_set_is_located_at_set_not_at_the_file_line_it_replaced
         "resources={workers_per_trial: 0}": f"error: {path} (--set): resources.workers_per_trial: expected",
         "space.patch.size={choice: [40]}": f"error: {path} (--set): space.patch.size: rejected with every value",
         "metric=test/knn_top1/mean_emb": f"error: {path} (--set): metric: 'test/knn_top1/mean_emb' is scored",
+        # the base's line 3 says name: fashion_mnist
+        "base.data.name=mnist": f"error: {path} (--set): base.data.name: expected 'fashion_mnist'",
+        "base.data={name: mnist}": f"error: {path} (--set): base.data.name: expected 'fashion_mnist'",
     }
     for item, expected in cases.items():
         rc = main([str(path), "--dry-run", "--set", item])
@@ -563,6 +566,36 @@ def test_a_value_given_by_set_is_located_at_set_not_at_the_file_line_it_replaced
     assert rc == EXIT_BAD_INPUT
     assert capsys.readouterr().err.startswith(
         f"error: {bad_file}:6: space.patch.size: rejected with every value"
+    )
+
+
+def test_a_bad_base_value_is_located_where_it_was_given(tmp_path: Path) -> None:
+    """At its own line in the spec, at `--set`, or at its line in the `base.config` file; each problem on its
+    line, named by its key in the spec (`base.<key>`)."""
+    write(tmp_path, "data: {name: fashion_mnist}\nrun:\n  precision: fp16\npatch: {num: 4}\n", "base.yaml")
+    spec = VALID.replace("base:\n", "base:\n  config: base.yaml\n").replace(
+        "  eval: {every: 1}", "  eval: {every: 1}\n  patch: {num: -1}"
+    )
+    path = write(tmp_path, spec)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).splitlines() == [
+        f"{path}:6: base.patch.num: expected greater than or equal to 1 (got -1)",
+        f"{tmp_path / 'base.yaml'}:3: base.run.precision: expected 'auto', 'fp32' or 'bf16' (got 'fp16')",
+    ]
+    # A --set over a key of the base file, or over a spec section the file's keys merge into.
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["base.run.precision=fp17", "base.patch={num: -3}"])
+    assert str(info.value).splitlines() == [
+        f"{path} (--set): base.patch.num: expected greater than or equal to 1 (got -3)",
+        f"{path} (--set): base.run.precision: expected 'auto', 'fp32' or 'bf16' (got 'fp17')",
+    ]
+    # A check over the whole config, by the key it names.
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["base.run.precision=fp32", "base.patch={num: 3, size: 50}"])
+    assert str(info.value) == (
+        f"{path} (--set): base.patch.size: a 50-px patch does not fit a 28-px image (fashion_mnist); expected at "
+        "most 28 pixels or a fraction <= 1"
     )
 
 
