@@ -8,6 +8,7 @@ storage or the trainer's files, only the tracking store (`sweeps.tracking` wrote
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -207,7 +208,7 @@ def _parent_spec(client: MlflowClient, run_id: str) -> SweepSpec:
     """The spec the sweep ran (`spec.yaml`, logged on the parent when it started)."""
     with tempfile.TemporaryDirectory(prefix="bagssl_report_") as d:
         try:
-            path = client.download_artifacts(run_id, "spec.yaml", d)
+            path = download_artifact(client, run_id, "spec.yaml", Path(d))
         except (MlflowException, OSError) as err:
             raise ResultsError(
                 f"--parent: run {run_id} has no readable spec.yaml artifact ({err}); expected the artifact a "
@@ -294,6 +295,11 @@ def _analysis_pngs(client: MlflowClient, run_id: str) -> list[str]:
 
 
 def download_artifact(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path:
-    """One artifact of a run, downloaded under dst."""
+    """One artifact of a run, downloaded under dst.
+
+    Without MLflow's progress bar (unless MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is set): for each small file
+    it drew a tqdm bar of 3 redraws into the sweep's closing summary, between the MLflow line and the report's.
+    """
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     dst.mkdir(parents=True, exist_ok=True)
     return Path(client.download_artifacts(run_id, path, str(dst)))

@@ -134,6 +134,8 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
     assert (
         "Started a local Ray instance" not in proc.stderr and "Connecting to existing Ray" not in proc.stderr
     )
+    # The closing summary is lines: no MLflow progress bar from the report's downloads.
+    assert "Downloading artifacts" not in proc.stderr + proc.stdout
     parents, children = sweep_runs(tmp_path, "local")
     assert len(parents) == 1 and len(children) == 1
     assert children[0].info.status == "FINISHED"
