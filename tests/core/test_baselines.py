@@ -132,6 +132,6 @@ def test_baselines_command_matches_eval_random_init(tmp_path: Path) -> None:
     out = procs["baselines"].stdout
     assert "raw_pixels:" in out and "random_init:" in out and "val (n=40)" in out and "test (n=60)" in out
     bad = procs["bad"]
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: small.yaml: patch.sise: unknown key", (
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: overrides: patch.sise: unknown key", (
         bad.stderr
     )
