@@ -1074,13 +1074,12 @@ def _refuse_renamed(
 ) -> None:
     """An old knob name in a config written now (a file, an override, a sweep's base) is an error naming the
     new key: only saved runs are migrated (`migrate_saved_config`)."""
-    old = [prefix + k for k in flatten(tree) if k in RENAMED_KNOBS]
+    old = [k for k in flatten(tree) if k in RENAMED_KNOBS]
     if old:
-        where = (lambda k: f"{yaml_location(source, lines, k)}: ") if source else (lambda k: "")
+        where = (lambda k: f"{yaml_location(source, lines, prefix + k)}: ") if source else (lambda k: "")
         raise ConfigError(
             "\n".join(
-                f"{where(k)}{k}: renamed; expected {prefix}{RENAMED_KNOBS[k.removeprefix(prefix)]} "
-                "(a knob of loss 'tcr')"
+                f"{where(k)}{prefix}{k}: renamed; expected {prefix}{RENAMED_KNOBS[k]} (a knob of loss 'tcr')"
                 for k in old
             )
         )
@@ -1132,10 +1131,9 @@ def load_config(
     # The preset is a layer of defaults: a knob it sets that the file or overrides switch off is dropped.
     defaults = merge_overrides({}, PRESETS[preset]) if preset is not None else None
     tree: dict[str, Any] = {}
-    lines: dict[str, int | str] = {}
+    lines: dict[str, int] = {}
     if path is not None:
-        tree, file_lines = read_yaml_file(path)
-        lines = dict(file_lines)
+        tree, lines = read_yaml_file(path)
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
     try:
@@ -1143,8 +1141,7 @@ def load_config(
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     # Overrides merge key by key, so exactly their flattened keys no longer hold the file's values.
-    lines = override_locations(lines, flatten(over), "overrides")
-    return validate_config(tree, source, lines, defaults)
+    return validate_config(tree, source, override_locations(lines, flatten(over), "overrides"), defaults)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
