@@ -37,6 +37,7 @@ from bagssl_core.config import (
 )
 from bagssl_core.metrics import format_probe_table
 from bagssl_core.openmp import prefer_passive_wait
+from bagssl_core.outputs import writable_dir, writable_file
 from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find_checkpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -131,17 +132,26 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _baselines(args: argparse.Namespace) -> int:
+    cfg = _given_config(args)
+    if args.out:  # before the probes, whose results would otherwise be lost to a path that cannot be written
+        writable_file(args.out, "--out")
+
     from bagssl_core.baselines import format_baselines, score_baselines_on
     from bagssl_core.metrics import n_images
     from bagssl_core.train import load_splits
 
-    cfg = _given_config(args)
     splits = load_splits(cfg)
     metrics = score_baselines_on(cfg, splits)
     print(format_baselines(metrics, {n_images(s): len(d) for s, d in splits[1].items()}))
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_json(args.out, metrics)
     return EXIT_OK
+
+
+def _write_json(path: str, payload: object) -> None:
+    """An --out file, in a directory `writable_file` found writable or creatable at the command's start."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -166,6 +176,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
         result = ended
     else:
+        # Before torch is imported and before the work whose checkpoints and results would go there.
+        writable_dir(out, "--out" if args.out else "run.out_dir")
         from bagssl_core.provenance import provenance
         from bagssl_core.train import train
 
@@ -234,6 +246,8 @@ def _eval(args: argparse.Namespace) -> int:
         args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None
     if args.random_init == (args.checkpoint is not None):
         raise ConfigError("eval: expected either a CHECKPOINT or --random-init (with an optional --config)")
+    if args.out:
+        writable_file(args.out, "--out")
     if args.random_init:
         cfg = load_config(args.config, args.overrides)
     else:
@@ -261,7 +275,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         what = "random-init" if args.random_init else str(args.checkpoint)
         payload = {"checkpoint": what, EPOCH: epoch, **metrics}
-        Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+        _write_json(args.out, payload)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ from bagssl_core.config import ConfigError, TrainConfig, parse_overrides, valida
 from bagssl_core.data import load_split
 from bagssl_core.metrics import ANALYSES_DIR
 from bagssl_core.models import build_model, prepare_for_device
+from bagssl_core.outputs import writable_dir
 from bagssl_core.run_files import CHECKPOINTS_DIR, find_checkpoint
 from bagssl_core.train import (
     load_checkpoint,
@@ -101,6 +102,7 @@ def analyze(
         out = Path(out_dir) if out_dir is not None else default_out_dir(path)
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
+    writable_dir(out, "--out" if out_dir is not None else "the analyses' directory")
     cfg = analysis_config(state["config"], only, overrides, f"{path} + overrides")
     if cfg.run.threads:
         import torch

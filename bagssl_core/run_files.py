@@ -22,6 +22,10 @@ def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from itself, a run directory (its latest checkpoint), or a state.pt file."""
     p = Path(path)
     if p.is_file():
+        if p.name != CHECKPOINT_FILE:  # the checkpoint is read back by its directory, as state.pt
+            raise FileNotFoundError(
+                f"{p}: not a checkpoint; expected a run directory, a checkpoint directory or its {CHECKPOINT_FILE}"
+            )
         return p.parent
     if (p / CHECKPOINT_FILE).is_file():
         return p

@@ -38,6 +38,10 @@ TINY = [
     "schedule.epochs=1",
 ]
 
+# A directory no process can create, root included: /proc takes no new entries.
+NO_DIR = "/proc/bagssl-no-such-dir"
+A_FILE = b"a file that a bad --out must leave as it is\n"
+
 # name -> (arguments, run in the module's work directory; what the single stderr line must match)
 BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "unknown_key": (["train", "patch.sise=8"], r"^error: overrides: patch\.sise: unknown key$"),
@@ -51,6 +55,10 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     ),
     "eval_missing_checkpoint": (["eval", "no_such_run"], r"^error: no_such_run: no checkpoint here"),
     "eval_nothing_to_probe": (["eval"], r"^error: eval: expected either a CHECKPOINT or --random-init"),
+    "eval_a_file_not_a_checkpoint": (
+        ["eval", "a_file"],
+        r"^error: a_file: not a checkpoint; expected a run directory, a checkpoint directory or its state\.pt$",
+    ),
     "val_size_too_large": (
         ["train", "--out", "val_run", "--preset", "none", *TINY, "data.val_size=60"],
         r"^error: data\.val_size: 60 validation images leave 4 of the 64 training images, less than one "
@@ -63,6 +71,28 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "resume_nothing": (
         ["train", "--out", "nothing", "--resume"],
         r"^error: --resume: nothing/config\.yaml: no such file; expected the directory of a run to continue$",
+    ),
+    # Where a command will write is checked before it trains or probes (bagssl_core.outputs).
+    "out_dir_under_a_file": (
+        ["train", "--out", "a_file/run"],
+        r"^error: --out: cannot write to a_file/run: a_file is a file, not a directory; expected a directory "
+        r"this user can create and write$",
+    ),
+    "out_dir_that_cannot_exist": (
+        ["train", f"run.out_dir={NO_DIR}/run"],
+        rf"^error: run\.out_dir: cannot write to {NO_DIR}/run \(.+ in /proc\); expected a directory",
+    ),
+    "eval_out_a_directory": (
+        ["eval", "run", "--out", "empty_root"],
+        r"^error: --out: empty_root is a directory; expected the path of a file to write$",
+    ),
+    "baselines_out_that_cannot_exist": (
+        ["baselines", "--out", f"{NO_DIR}/baselines.json"],
+        rf"^error: --out: cannot write to {NO_DIR} \(.+ in /proc\); expected a directory",
+    ),
+    "analyze_out_under_a_file": (
+        ["analyze", "run", "--out", "a_file/analyses"],
+        r"^error: --out: cannot write to a_file/analyses: a_file is a file, not a directory",
     ),
 }
 # Resuming the finished tiny run: name -> arguments.
@@ -106,6 +136,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("cli")
     (work / "bad.yaml").write_text("data:\n  name: synthetic\n  root: : x\n")
     (work / "empty_root").mkdir()
+    (work / "a_file").write_bytes(A_FILE)
     tiny = load_config(None, TINY).model_dump(mode="json")
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     return work
@@ -149,7 +180,12 @@ REFUSED_BEFORE_TORCH = (
     "missing_config",
     "eval_missing_checkpoint",
     "eval_nothing_to_probe",
+    "eval_a_file_not_a_checkpoint",
     "resume_nothing",
+    "out_dir_under_a_file",
+    "out_dir_that_cannot_exist",
+    "eval_out_a_directory",
+    "baselines_out_that_cannot_exist",
 )
 
 
@@ -173,6 +209,14 @@ def _main_in_a_fresh_interpreter(argvs: list[list[str]], cwd: Path) -> tuple[lis
     *printed, last = proc.stdout.splitlines(keepends=True)  # the script's own line comes last
     got = json.loads(last)
     return got["codes"], got["torch"], "".join(printed), proc.stderr
+
+
+def test_an_output_path_that_cannot_be_written_leaves_what_is_there_alone(
+    work: Path, results: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    assert (work / "a_file").read_bytes() == A_FILE
+    assert list((work / "empty_root").iterdir()) == []
+    assert not Path(NO_DIR).exists()
 
 
 def test_bad_input_that_needs_no_data_is_refused_before_torch_is_imported(work: Path) -> None:
