@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bagssl_core.config import config_to_yaml, merge_overrides, validate_config
+from bagssl_core.config import ConfigError, config_to_yaml, merge_overrides, validate_config
 from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED, ProbeKey, intervals_overlap, n_images
+from bagssl_core.outputs import writable_dir
 from sweeps.space import trial_overrides, variant_values
 from sweeps.spec import Objective, SweepSpec
 
@@ -465,8 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.tracking import resolve_uri
 
     try:
+        if args.out is not None:  # before MLflow is read and the figures drawn
+            writable_dir(args.out, "--out")
         path = build_from_mlflow(resolve_uri(args.tracking_uri), args.experiment, args.parent, args.out)
-    except ResultsError as err:
+    except (ResultsError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)

@@ -23,6 +23,7 @@ import yaml
 
 from bagssl_core.config import ConfigError, TrainConfig, flatten
 from bagssl_core.openmp import prefer_passive_wait
+from bagssl_core.outputs import writable_dir
 from sweeps import lifecycle
 from sweeps.lifecycle import STATE_FILE, SweepNotFound, SweepState
 from sweeps.ray_env import prepare_ray_environment
@@ -225,6 +226,8 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
 
     root = storage_root(spec)
     local_exp = "://" not in root
+    if local_exp:  # where the sweep will write, before anything is started or read
+        writable_dir(root, f"{args.spec}: storage_path")
     resume_dir = (
         lifecycle.sweep_to_resume(Path(root), spec.name, args.local, args.resume or None, args.spec)
         if local_exp and args.resume is not None

@@ -29,8 +29,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
-from bagssl_core.config import flatten
+from bagssl_core.config import ConfigError, flatten
 from bagssl_core.metrics import ANALYSES_DIR, DIVERGED_AT_STEP, EPOCH, format_probe_table
+from bagssl_core.outputs import writable_dir
 from bagssl_core.provenance import provenance
 from sweeps.report import trial_status
 from sweeps.resources import WORKER_TAG_PREFIX
@@ -102,8 +103,16 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         parent = db.parent if str(db.parent) else Path(".")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise TrackingError(f"tracking.uri: {uri}: directory {parent} does not exist or is not writable")
+        if not parent.is_dir():
+            what = "is a file" if parent.exists() else "does not exist"
+            raise TrackingError(
+                f"tracking.uri: {uri}: {parent} {what}; expected the database file in an existing directory "
+                "(sqlite creates the file, not its directory)"
+            )
+        try:
+            writable_dir(parent, f"tracking.uri: {uri}")
+        except ConfigError as err:
+            raise TrackingError(str(err)) from None
     elif uri.startswith("file:") or "://" not in uri:  # docs/operations.md, "The store"
         raise TrackingError(
             f"tracking.uri: {uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"

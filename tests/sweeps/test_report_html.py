@@ -446,9 +446,16 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
         (["--experiment", "plain", "--parent", run_id, "--tracking-uri", uri], "is not a sweep"),
         (["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/missing.db"], "no such file"),
         (["--experiment", "x", "--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow server"),
+        # checked before the store is read: a sweep's figures are never drawn for nothing
+        (
+            ["--experiment", "plain", "--tracking-uri", uri, "--out", f"{tmp_path}/a_file/report"],
+            f"--out: cannot write to {tmp_path}/a_file/report: {tmp_path}/a_file is a file, not a directory",
+        ),
     ]
+    (tmp_path / "a_file").write_text("kept\n")
     for args, expected in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (args, err)
     assert not (tmp_path / "missing.db").exists()  # a wrong path never creates an empty store
+    assert (tmp_path / "a_file").read_text() == "kept\n"

@@ -658,6 +658,26 @@ def test_cli_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()
 
 
+def test_cli_storage_path_that_cannot_be_written(tmp_path: Path) -> None:
+    """Refused before Ray starts and before any trial or MLflow run: a file stands where a directory of the
+    storage path must go, and it is left as it was."""
+    (tmp_path / "a_file").write_text("kept\n")
+    text = runnable(tmp_path).replace(str(tmp_path / "store"), str(tmp_path / "a_file" / "store"))
+    path = write(tmp_path, text)
+    proc, _ = run_cli(tmp_path, str(path))
+    assert_bad_input(
+        proc.returncode,
+        proc.stderr,
+        path,
+        f"storage_path: cannot write to {tmp_path / 'a_file' / 'store'}: {tmp_path / 'a_file'} is a file, not a "
+        "directory; expected a directory this user can create and write",
+    )
+    assert proc.stderr.count("\n") == 1
+    assert "Ray" not in proc.stderr
+    assert (tmp_path / "a_file").read_text() == "kept\n"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_tracking_server_that_never_answers_is_given_up_on_after_the_timeout() -> None:
     """What makes the CLI fail fast, timed alone: the process's own imports (seconds, more on a busy
     machine) are not part of it. The server accepts the connection (the kernel completes the handshake for

@@ -425,9 +425,17 @@ def test_file_store_is_refused(store: str) -> None:
 
 def test_sqlite_store(tmp_path: Path) -> None:
     check_reachable(f"sqlite:///{tmp_path}/mlflow.db")
-    with pytest.raises(TrackingError, match="does not exist"):
+    with pytest.raises(TrackingError) as missing:
         check_reachable(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    assert str(missing.value) == (
+        f"tracking.uri: sqlite:///{tmp_path}/missing/mlflow.db: {tmp_path}/missing does not exist; expected the "
+        "database file in an existing directory (sqlite creates the file, not its directory)"
+    )
+    (tmp_path / "a_file").write_text("kept\n")
+    with pytest.raises(TrackingError, match=f"{tmp_path}/a_file is a file; expected the database file"):
+        check_reachable(f"sqlite:///{tmp_path}/a_file/mlflow.db")
     assert not (tmp_path / "mlflow.db").exists()  # checking creates nothing
+    assert (tmp_path / "a_file").read_text() == "kept\n"
 
 
 def test_resolve_uri(monkeypatch: pytest.MonkeyPatch) -> None:
