@@ -817,9 +817,21 @@ def read_yaml_file(
         `yaml_location`.
     """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; expected a YAML file holding {what}")
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        at = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}:{at}: not UTF-8 text (byte {err.start}: {err.reason}); expected a YAML file in UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(
+            f"{p}: cannot read it ({err.strerror or err}); expected a readable YAML file"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     storage = Path(args.storage).expanduser().resolve()
     if not storage.is_dir():
-        print(f"error: {storage}: no such directory; expected a sweep spec's storage_path", file=sys.stderr)
+        what = "a file" if storage.exists() else "no such directory"
+        print(f"error: {storage}: {what}; expected a sweep spec's storage_path", file=sys.stderr)
         return 2
     lines = status_lines(storage, args.spec)
     print("\n".join(lines) if len(lines) > 1 else f"no sweeps under {storage}")

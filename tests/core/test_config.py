@@ -242,6 +242,17 @@ def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
     assert config_error([], missing) == f"{missing}: no such file"
 
 
+def test_a_directory_or_a_file_not_in_utf8(tmp_path: Path) -> None:
+    assert config_error([], tmp_path) == (
+        f"{tmp_path}: is a directory; expected a YAML file holding a mapping of config sections"
+    )
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data:\n  name: synthetic\n# café\n".encode("latin-1"))
+    assert config_error([], latin) == (
+        f"{latin}:3: not UTF-8 text (byte 29: invalid continuation byte); expected a YAML file in UTF-8"
+    )
+
+
 def test_yaml_round_trip(tmp_path: Path) -> None:
     cfg = load_config(
         None,

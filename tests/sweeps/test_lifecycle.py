@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from sweeps import lifecycle
 from sweeps.lifecycle import SweepNotFound, SweepState
 from sweeps.spec import load_spec
+from sweeps.status import main as status_main
 from sweeps.status import status_lines
 from tests.sweeps.conftest import sweep_cmd, tiny_spec
 
@@ -96,6 +97,16 @@ def test_state_is_written_whole_and_read_back(tmp_path: Path) -> None:
     assert lifecycle.read_state(d) == after
     assert after.parent_run_id == "abc" and after.started == before.started
     assert [p.name for p in d.iterdir()] == [lifecycle.STATE_FILE]  # no temporary file left behind
+
+
+def test_status_of_a_path_that_holds_no_sweeps_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a_file").write_text("")
+    for path, what in ((tmp_path / "missing", "no such directory"), (tmp_path / "a_file", "a file")):
+        assert status_main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {path}: {what}; expected a sweep spec's storage_path\n"
 
 
 def test_space_hash_is_the_space_not_its_order_and_base_hash_ignores_where_a_run_executes(

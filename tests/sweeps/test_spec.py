@@ -363,6 +363,18 @@ def test_missing_spec_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert_bad_input(main([str(path), "--dry-run"]), capsys.readouterr().err, path, "no such file")
 
 
+def test_a_spec_that_is_a_directory_or_binary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert_bad_input(
+        main([str(tmp_path), "--dry-run"]),
+        capsys.readouterr().err,
+        tmp_path,
+        "is a directory; expected a YAML file",
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(b"\xff\xfe\x00n\x00a\x00m\x00e")  # UTF-16, as some editors save
+    assert_bad_input(main([str(path), "--dry-run"]), capsys.readouterr().err, path, ":1: not UTF-8 text")
+
+
 def test_randint_upper_bound_is_exclusive(tmp_path: Path) -> None:
     # randint [8, 29] draws at most 28 = the Fashion-MNIST side: valid, unlike [8, 30] above.
     spec, _ = load_spec(write(tmp_path, VALID.replace("{choice: [8, 12]}", "{randint: [8, 29]}")))
