@@ -38,7 +38,7 @@ from bagssl_core.config import (
 from bagssl_core.metrics import format_probe_table
 from bagssl_core.openmp import prefer_passive_wait
 from bagssl_core.outputs import writable_dir, writable_file
-from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find_checkpoint
+from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find_checkpoint, run_owner
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -172,6 +172,9 @@ def _train(args: argparse.Namespace) -> int:
         out = Path(args.out or cfg.run.out_dir)
         if (out / SUMMARY_FILE).exists() or (out / CHECKPOINTS_DIR).exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
+        owner = run_owner(out)
+        if owner is not None:  # a new run there would replace the files of an existing one
+            raise ConfigError(f"{out}: part of {owner}; expected a directory outside a run's own files")
     if ended is not None:  # answered from the run directory alone, without importing torch
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
         result = ended

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from bagssl_core.config import ConfigError
+from bagssl_core.run_files import run_owner
 
 _EXPECTED_DIR = "expected a directory this user can create and write"
 
@@ -54,6 +55,9 @@ def writable_file(path: str | Path, what: str) -> Path:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{what}: {p} is a directory; expected the path of a file to write")
+    owner = run_owner(p)
+    if owner is not None:
+        raise ConfigError(f"{what}: {p} is part of {owner}; expected a path outside a run's own files")
     writable_dir(p.parent, what)
     if p.exists() and not os.access(p, os.W_OK):
         raise ConfigError(

@@ -38,6 +38,22 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 SUMMARY_FILE = "summary.json"  # written last, by rank 0, when a run ends
+# The files a run directory holds beside checkpoints/: never to be replaced by another command's output.
+RUN_DIR_FILES = ("config.yaml", "provenance.json", "metrics.jsonl", SUMMARY_FILE)
+
+
+def run_owner(path: str | Path) -> str | None:
+    """ "the checkpoint at DIR" when `path` is a checkpoint directory or lies inside one; "the run at DIR"
+    when it is a run directory's own file or its checkpoints/ folder; else None. Outputs of `train`, `eval`
+    and `baselines` must never land there: they would replace what a run wrote."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if (q / CHECKPOINT_FILE).is_file():
+            return f"the checkpoint at {q}"
+    in_run = (p.parent / CHECKPOINTS_DIR).is_dir() or (p.parent / SUMMARY_FILE).is_file()
+    if in_run and p.name in (*RUN_DIR_FILES, CHECKPOINTS_DIR):
+        return f"the run at {p.parent}"
+    return None
 
 
 @dataclass

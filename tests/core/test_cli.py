@@ -90,6 +90,21 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         ["baselines", "--out", f"{NO_DIR}/baselines.json"],
         rf"^error: --out: cannot write to {NO_DIR} \(.+ in /proc\); expected a directory",
     ),
+    # A run's own files are never another command's output.
+    "out_dir_in_a_checkpoint": (
+        ["train", "--out", "run/checkpoints/epoch_0001", "--preset", "none", *TINY],
+        r"^error: run/checkpoints/epoch_0001: part of the checkpoint at run/checkpoints/epoch_0001; expected a "
+        r"directory outside a run's own files$",
+    ),
+    "eval_out_over_the_checkpoint": (
+        ["eval", "run", "--out", "run/checkpoints/epoch_0001/state.pt"],
+        r"^error: --out: run/checkpoints/epoch_0001/state\.pt is part of the checkpoint at "
+        r"run/checkpoints/epoch_0001; expected a path outside a run's own files$",
+    ),
+    "baselines_out_over_a_run_file": (
+        ["baselines", "--out", "run/summary.json", "--config", "tiny.yaml"],
+        r"^error: --out: run/summary\.json is part of the run at run; expected a path outside a run's own files$",
+    ),
     "analyze_out_under_a_file": (
         ["analyze", "run", "--out", "a_file/analyses"],
         r"^error: --out: cannot write to a_file/analyses: a_file is a file, not a directory",
@@ -243,7 +258,8 @@ def test_resuming_an_ended_run_is_answered_without_importing_torch(work: Path, t
 def test_a_run_directory_is_never_overwritten(
     work: Path, trained: Trained, results: dict[str, subprocess.CompletedProcess[str]]
 ) -> None:
-    """Neither a new run nor any `--resume` of the ended run (refused or not) changes a file there."""
+    """Neither a new run, nor any `--resume` of the ended run (refused or not), nor an output aimed at the run's
+    own files changes a file there."""
     assert results["run_dir_taken"].returncode == 2
     assert files_of(work / "run") == trained.files
     assert mtimes_of(work / "run") == trained.mtimes
