@@ -87,7 +87,8 @@ class DataError(RuntimeError):
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No knob means anything at infinity: an infinite warm-up, learning rate or timeout only fails later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Part):
@@ -398,7 +399,9 @@ class EvalConfig(_Part):
 
 
 class RunConfig(_Part):
-    seed: int = Field(0, description="Seeds data order, patches, augmentation, init and probes.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seeds data order, patches, augmentation, init and probes."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
@@ -844,16 +847,31 @@ def read_yaml_file(
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected {what} at the top level, got {type(data).__name__}")
     root = yaml.compose(text, Loader=yaml.SafeLoader)
-    return data, _key_lines(root) if root is not None else {}
+    return data, _key_lines(root, str(p)) if root is not None else {}
 
 
-def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+def _key_lines(
+    node: yaml.Node, source: str, prefix: str = "", above: tuple[yaml.Node, ...] = ()
+) -> dict[str, int]:
+    """The line of every key under `node`; ConfigError for a key given twice in one mapping (YAML keeps the
+    last silently) or an alias to a mapping that holds it (an endless config)."""
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
+        if any(node is a for a in above):
+            key = prefix.rstrip(".")
+            raise ConfigError(
+                f"{source}:{node.start_mark.line + 1}: {key}: an alias to a mapping that holds it; expected a "
+                "config of finite depth"
+            )
         for k, v in node.value:
             key = f"{prefix}{k.value}"
+            if key in lines:
+                raise ConfigError(
+                    f"{source}:{k.start_mark.line + 1}: {key}: given twice (first on line {lines[key]}); expected "
+                    "each key once"
+                )
             lines[key] = k.start_mark.line + 1
-            lines.update(_key_lines(v, key + "."))
+            lines.update(_key_lines(v, source, key + ".", (*above, node)))
     return lines
 
 

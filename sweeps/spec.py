@@ -47,7 +47,8 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Bounds, resources, timeouts: an infinite one is never what was meant, and fails only mid-sweep.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Distribution(_Strict):
@@ -102,7 +103,9 @@ class Distribution(_Strict):
 class SearchSpec(_Strict):
     algo: Literal["optuna", "grid", "random"] = "optuna"
     sampler: Literal["tpe", "random", "cmaes", "gp"] = Field("tpe", description="optuna only")
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="the searcher's seed (numpy's range, as Optuna's samplers take)"
+    )
     n_startup_trials: int = Field(4, ge=0, description="optuna tpe: random trials before TPE takes over")
     warm_start: bool = Field(
         False,

@@ -135,6 +135,16 @@ def test_override_syntax_errors() -> None:
         ("patch.size=-3", r"patch\.size: expected pixels"),
         ("model.projector=[8,0]", r"model\.projector: expected positive widths"),
         ("loss.inv_weight=-1", r"loss\.inv_weight: expected greater than or equal to 0"),
+        # infinities fail only later (an endless warm-up, an overflow); NaN as well
+        (
+            "schedule.warmup_epochs=.inf",
+            r"^overrides: schedule\.warmup_epochs: expected a finite number \(got inf\)$",
+        ),
+        ("optim.base_lr=.nan", r"optim\.base_lr: expected a finite number \(got nan\)"),
+        ("patch.aug.blur_sigma=[0.1,.inf]", r"patch\.aug\.blur_sigma: expected a finite number \(got inf\)"),
+        # numpy's generators take seeds in [0, 2**32)
+        ("run.seed=-1", r"run\.seed: expected greater than or equal to 0 \(got -1\)"),
+        ("run.seed=4294967296", r"run\.seed: expected less than or equal to 4294967295"),
     ],
 )
 def test_bad_override_names_the_key(override: str, expected: str) -> None:
@@ -251,6 +261,22 @@ def test_a_directory_or_a_file_not_in_utf8(tmp_path: Path) -> None:
     assert config_error([], latin) == (
         f"{latin}:3: not UTF-8 text (byte 29: invalid continuation byte); expected a YAML file in UTF-8"
     )
+
+
+def test_a_key_given_twice_or_an_endless_alias(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("patch:\n  size: 8\nschedule: {epochs: 1}\npatch:\n  num: 4\n")
+    assert (
+        config_error([], twice) == f"{twice}:4: patch: given twice (first on line 1); expected each key once"
+    )
+    endless = tmp_path / "endless.yaml"
+    endless.write_text("data: {name: synthetic}\npatch: &p {size: 8, aug: *p}\n")
+    assert config_error([], endless) == (
+        f"{endless}:2: patch.aug: an alias to a mapping that holds it; expected a config of finite depth"
+    )
+    shared = tmp_path / "shared.yaml"  # an alias used twice, holding no ancestor of its own, is fine
+    shared.write_text("patch: {aug: &a {brightness: 0.2}}\n")
+    load_config(shared)
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:

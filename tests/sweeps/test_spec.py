@@ -120,6 +120,14 @@ BAD_SPECS = {
     "unknown_top_key": (VALID + "bogus: 1\n", [":8: bogus: unknown key"]),
     "unknown_nested_key": (VALID + "resources: {workerz: 2}\n", [":8: resources.workerz: unknown key"]),
     "wrong_type": (VALID + "num_samples: abc\n", [":8: num_samples:", "integer", "'abc'"]),
+    "infinite_cpus": (
+        VALID + "resources: {cpus_per_worker: .inf}\n",
+        [":8: resources.cpus_per_worker: expected a finite number (got inf)"],
+    ),
+    "negative_search_seed": (
+        VALID + "search: {seed: -1}\n",
+        [":8: search.seed: expected greater than or equal to 0 (got -1)"],
+    ),
     "health_check_interval_not_positive": (
         VALID + "failure: {health_check_interval_s: 0}\n",
         [":8: failure.health_check_interval_s: expected greater than 0 (got 0)"],
