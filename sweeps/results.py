@@ -36,6 +36,7 @@ from sweeps.tracking import (
     TAG_FAILURE,
     TAG_REFINES,
     TAG_ROLE,
+    TAG_SWEEP,
     TAG_TRIAL,
     TrackingError,
     check_reachable,
@@ -202,6 +203,28 @@ def _load(client: MlflowClient, uri: str, experiment: str, parent_id: str | None
 
 def _start(runs: Iterable[Any], run_id: str) -> int:
     return next(r.info.start_time or 0 for r in runs if r.info.run_id == run_id)
+
+
+def sweep_parent(uri: str, experiment: str, sweep_key: str) -> tuple[str, SweepSpec, dict[str, str]] | None:
+    """The newest parent run of the sweep stored at `sweep_key`: its id, the spec it ran and its tags; None
+    when MLflow holds none (a sweep stopped before its parent run was made). Reads only."""
+    client = open_store(uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        found = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{TAG_ROLE}` = 'sweep' and tags.`{TAG_SWEEP}` = '{sweep_key}'",
+            max_results=1,
+            order_by=["start_time DESC"],
+        )
+    except MlflowException as err:
+        raise ResultsError(f"MLflow at {uri}: {err.message.splitlines()[0]}") from None
+    if not found:
+        return None
+    run = found[0]
+    return run.info.run_id, _parent_spec(client, run.info.run_id), dict(run.data.tags)
 
 
 def _parent_spec(client: MlflowClient, run_id: str) -> SweepSpec:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from sweeps.report import Refined, TrialOutcome, write_report
 from sweeps.resources import baseline_resources, trial_resources
 from sweeps.space import describe_space, variant_overrides
 from sweeps.spec import (
+    RESUME_MAY_CHANGE,
     ResourcesSpec,
     SpecError,
     SweepSpec,
@@ -40,6 +42,7 @@ from sweeps.spec import (
     epoch_range,
     load_spec,
     resolve_base,
+    spec_changes,
     spec_to_dict,
     trial_count,
 )
@@ -238,12 +241,14 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
         check_reachable(uri)
     except TrackingError as err:
         raise SpecError(f"{args.spec}: {err}") from None
+    if resume_dir is not None:  # remote storage: in _start_sweep, which finds the sweep's name in MLflow
+        _refuse_another_spec(args.spec, resume_dir.name, spec, base_cfg, uri, str(resume_dir))
     # Fail on a missing dataset here, with the core's one-line message, not inside a Ray worker.
     try:
         load_split(base_cfg.data, "test", base_cfg.run.seed)
     except DataError as err:
         raise SpecError(f"{args.spec}: base.data: {err}") from None
-    exp_dir = _start_sweep(args, spec, root, resume_dir, uri, driver)
+    exp_dir = _start_sweep(args, spec, base_cfg, root, resume_dir, uri, driver)
 
     base_tree = resolve_base(spec, Path(args.spec).parent, args.spec)
     plan = TrialPlan(
@@ -280,7 +285,13 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
 
 
 def _start_sweep(
-    args: argparse.Namespace, spec: SweepSpec, root: str, resume_dir: Path | None, uri: str, driver: Driver
+    args: argparse.Namespace,
+    spec: SweepSpec,
+    base_cfg: TrainConfig,
+    root: str,
+    resume_dir: Path | None,
+    uri: str,
+    driver: Driver,
 ) -> str:
     """The sweep this run drives, as its directory (or URI): the one to resume, else a new one, whose
     `sweep.json` now says `running` with this process's pid (sweeps.lifecycle)."""
@@ -290,6 +301,8 @@ def _start_sweep(
     if "://" in root:
         name = _remote_sweep_name(args, spec, root, uri)
         exp_dir = f"{root}/{name}"
+        if resuming:
+            _refuse_another_spec(args.spec, name, spec, base_cfg, uri, exp_dir)
     else:
         d = resume_dir or lifecycle.new_sweep_dir(Path(root), spec.name, args.local)
         previous = lifecycle.read_state(d)
@@ -312,9 +325,39 @@ def _start_sweep(
         driver.state = lifecycle.write_state(d, state)
         name, exp_dir = d.name, str(d)
     local = "--local " if args.local else ""
-    driver.resume_hint = f"python -m sweeps.run {args.spec} {local}--resume {name}"
+    # The same --set values: a resume that dropped them would be refused as another spec.
+    sets = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+    driver.resume_hint = f"python -m sweeps.run {args.spec} {local}--resume {name}{sets}"
     print(f"sweep {name}: {'resuming' if resuming else 'new'}, at {exp_dir}", flush=True)
     return exp_dir
+
+
+def _refuse_another_spec(
+    source: str, name: str, spec: SweepSpec, base_cfg: TrainConfig, uri: str, sweep_key: str
+) -> None:
+    """SpecError when the sweep to resume ran another spec than `spec`, each differing key named (but for
+    `RESUME_MAY_CHANGE`), or another resolved base config (a `base.config` file edited since). A sweep
+    stopped before its MLflow parent run was made ran nothing to compare with."""
+    from sweeps.results import ResultsError, sweep_parent
+    from sweeps.tracking import TAG_BASE_HASH
+
+    try:
+        found = sweep_parent(uri, spec.tracking.experiment, sweep_key)
+    except ResultsError as err:
+        raise SpecError(f"{source}: --resume {name}: {err}") from None
+    if found is None:
+        return
+    _, ran, tags = found
+    changes = spec_changes(ran, spec)
+    if not changes and tags.get(TAG_BASE_HASH, lifecycle.base_hash(base_cfg)) != lifecycle.base_hash(
+        base_cfg
+    ):
+        changes.append("base: the resolved base config differs (was its base.config file edited?)")
+    if changes:
+        raise SpecError(
+            f"{source}: --resume {name}: the sweep ran another spec: {'; '.join(changes)}; expected the sweep's "
+            f"own spec, as it started (only {', '.join(RESUME_MAY_CHANGE)} may change)"
+        )
 
 
 def _remote_sweep_name(args: argparse.Namespace, spec: SweepSpec, root: str, uri: str) -> str:

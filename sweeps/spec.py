@@ -158,6 +158,24 @@ class SchedulerSpec(_Strict):
             raise ValueError(f"probe_epochs: rungs are ASHA's; expected name: asha (got {self.name})")
         return self
 
+    @model_validator(mode="after")
+    def _no_unused_option(self) -> SchedulerSpec:
+        """As for the search: a knob the chosen scheduler never reads is an error when set to anything but
+        its default (ASHA reads both, the median rule only grace_period, none neither)."""
+        used = {"asha": ("grace_period", "reduction_factor"), "median": ("grace_period",), "none": ()}[
+            self.name
+        ]
+        fields = type(self).model_fields
+        unused = [k for k in ("grace_period", "reduction_factor") if k not in used]
+        changed = [k for k in unused if getattr(self, k) != fields[k].default]
+        if changed:
+            readers = "asha" if "reduction_factor" in changed else "asha or median"
+            raise ValueError(
+                f"{', '.join(changed)}: not read by name: {self.name}; expected name: {readers}, or no "
+                f"{' or '.join(changed)}"
+            )
+        return self
+
 
 class ResourcesSpec(_Strict):
     workers_per_trial: int = Field(1, ge=1)
@@ -689,3 +707,30 @@ def asha_probe_epochs(spec: SweepSpec, base_epochs: int) -> list[int]:
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     """The spec as plain YAML-ready data that `load_spec` reads back to the same spec."""
     return spec.model_dump(mode="json", exclude_none=True)
+
+
+# What `--resume` may change: how patiently and where the trials run. Everything else (what a trial
+# computes, how many run, how they are chosen and stopped) is the sweep's: a resumed sweep that changed it
+# would mix trials of two sweeps under one parent run and report them as one.
+RESUME_MAY_CHANGE = (
+    "failure",
+    "max_concurrent",
+    "resources.cpus_per_worker",
+    "resources.placement",
+    "storage_path",
+    "tracking.outage_wait_s",
+    "tracking.uri",
+)
+
+
+def spec_changes(ran: SweepSpec, given: SweepSpec) -> list[str]:
+    """Each key where `given` differs from the spec a sweep `ran`, as `key: sweep has X, given Y`, but for
+    the keys of `RESUME_MAY_CHANGE`."""
+    before, after = flatten(spec_to_dict(ran)), flatten(spec_to_dict(given))
+    changes = []
+    for key in sorted(before.keys() | after.keys()):
+        if is_under(key, RESUME_MAY_CHANGE) or before.get(key) == after.get(key):
+            continue
+        was, now = (show_value(d[key]) if key in d else "nothing" for d in (before, after))
+        changes.append(f"{key}: sweep has {was}, given {now}")
+    return changes

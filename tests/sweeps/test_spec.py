@@ -120,6 +120,18 @@ BAD_SPECS = {
     "unknown_top_key": (VALID + "bogus: 1\n", [":8: bogus: unknown key"]),
     "unknown_nested_key": (VALID + "resources: {workerz: 2}\n", [":8: resources.workerz: unknown key"]),
     "wrong_type": (VALID + "num_samples: abc\n", [":8: num_samples:", "integer", "'abc'"]),
+    "scheduler_knob_none_reads": (
+        VALID + "scheduler: {name: none, grace_period: 2}\n",
+        [
+            ":8: scheduler: grace_period: not read by name: none; expected name: asha or median, or no grace_period"
+        ],
+    ),
+    "scheduler_knob_median_ignores": (
+        VALID + "scheduler: {name: median, reduction_factor: 3}\n",
+        [
+            ":8: scheduler: reduction_factor: not read by name: median; expected name: asha, or no reduction_factor"
+        ],
+    ),
     "infinite_cpus": (
         VALID + "resources: {cpus_per_worker: .inf}\n",
         [":8: resources.cpus_per_worker: expected a finite number (got inf)"],
