@@ -29,6 +29,7 @@ from bagssl_core.config import (
     DataError,
     TrainConfig,
     flatten,
+    is_under,
     load_config,
     parse_overrides,
     read_yaml_mapping,
@@ -254,10 +255,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.random_init:
         cfg = load_config(args.config, args.overrides)
     else:
-        try:  # before torch is imported: a wrong path fails at once
-            ckpt = find_checkpoint(args.checkpoint)
-        except FileNotFoundError as err:
-            raise ConfigError(str(err)) from None
+        ckpt = _checkpoint_to_probe(args)
 
     from bagssl_core.baselines import probe_backbone
     from bagssl_core.metrics import EPOCH, metric_names
@@ -280,6 +278,27 @@ def _eval(args: argparse.Namespace) -> int:
         payload = {"checkpoint": what, EPOCH: epoch, **metrics}
         _write_json(args.out, payload)
     return EXIT_OK
+
+
+def _checkpoint_to_probe(args: argparse.Namespace) -> Path:
+    """`eval CHECKPOINT`'s checkpoint directory, once the arguments fit a checkpoint; before torch is
+    imported, so that a wrong path or flag fails at once."""
+    if args.config is not None:
+        raise ConfigError(
+            "eval: --config: read with --random-init only; a checkpoint is probed under its own config, "
+            "expected key=value overrides of it instead"
+        )
+    # The weights fix the architecture: another one cannot load them.
+    fixed = [k for k in flatten(parse_overrides(args.overrides)) if is_under(k, ("model",))]
+    if fixed:
+        raise ConfigError(
+            f"eval: {', '.join(fixed)}: the checkpoint's model is fixed; expected overrides of how it is "
+            "probed (eval.*, data.*, patch.*, run.*)"
+        )
+    try:
+        return find_checkpoint(args.checkpoint)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
 
 
 COMMANDS = {"train": _train, "eval": _eval, "analyze": _analyze, "baselines": _baselines}

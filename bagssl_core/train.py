@@ -485,12 +485,25 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# What every reader of a checkpoint (eval, analyze, a resume) needs of what `save_checkpoint` writes.
+_CHECKPOINT_KEYS = ("model", "epoch", "config")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state `save_checkpoint` wrote; RuntimeError (one line) for a torn file or one this project did
+    not write."""
     ckpt = find_checkpoint(path) / CHECKPOINT_FILE
     try:
-        return torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say which, never restart silently at epoch 0
-        raise RuntimeError(f"{ckpt}: cannot load checkpoint ({type(err).__name__}: {err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RuntimeError(f"{ckpt}: cannot load checkpoint ({type(err).__name__}: {first})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RuntimeError(
+            f"{ckpt}: not a bagssl checkpoint (no {', '.join(missing)}); expected the state.pt that train writes"
+        )
+    return state
 
 
 def _restore_rng(rng: Mapping[str, Any]) -> None:

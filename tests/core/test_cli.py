@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+import torch
 import yaml
 
 from bagssl_core.config import load_config
@@ -55,6 +56,20 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     ),
     "eval_missing_checkpoint": (["eval", "no_such_run"], r"^error: no_such_run: no checkpoint here"),
     "eval_nothing_to_probe": (["eval"], r"^error: eval: expected either a CHECKPOINT or --random-init"),
+    "eval_a_foreign_state": (
+        ["eval", "foreign"],
+        r"^error: foreign/state\.pt: not a bagssl checkpoint \(no model, epoch, config\); expected the state\.pt "
+        r"that train writes$",
+    ),
+    "eval_a_torn_state": (["eval", "torn"], r"^error: torn/state\.pt: cannot load checkpoint \(.+\)$"),
+    "eval_another_model": (
+        ["eval", "run", "model.projector=[64,64]"],
+        r"^error: eval: model\.projector: the checkpoint's model is fixed; expected overrides of how it is probed",
+    ),
+    "eval_config_without_random_init": (
+        ["eval", "run", "--config", "tiny.yaml"],
+        r"^error: eval: --config: read with --random-init only",
+    ),
     "eval_a_file_not_a_checkpoint": (
         ["eval", "a_file"],
         r"^error: a_file: not a checkpoint; expected a run directory, a checkpoint directory or its state\.pt$",
@@ -152,6 +167,10 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (work / "bad.yaml").write_text("data:\n  name: synthetic\n  root: : x\n")
     (work / "empty_root").mkdir()
     (work / "a_file").write_bytes(A_FILE)
+    (work / "foreign").mkdir()
+    torch.save({"weights": torch.zeros(2)}, work / "foreign" / "state.pt")  # a torch file, not a checkpoint
+    (work / "torn").mkdir()
+    (work / "torn" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
     tiny = load_config(None, TINY).model_dump(mode="json")
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     return work
@@ -196,6 +215,8 @@ REFUSED_BEFORE_TORCH = (
     "eval_missing_checkpoint",
     "eval_nothing_to_probe",
     "eval_a_file_not_a_checkpoint",
+    "eval_another_model",
+    "eval_config_without_random_init",
     "resume_nothing",
     "out_dir_under_a_file",
     "out_dir_that_cannot_exist",
