@@ -779,6 +779,10 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. patch.size=8")
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(
+                f"override {item!r}: {key}: an empty name between dots; expected a key like patch.size"
+            )
         out[key] = parse_value(text.strip())
     return out
 
@@ -1167,7 +1171,8 @@ def load_config(
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
     try:
-        tree = merge_overrides(tree, over)
+        # Dotted keys in the file (`patch.size: 8`) mean what they mean in an override or a spec's base.
+        tree = merge_overrides(merge_overrides({}, tree), over)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     # Overrides merge key by key, so exactly their flattened keys no longer hold the file's values.

@@ -397,7 +397,8 @@ def _read_base(spec: SweepSpec, spec_dir: Path, source: str) -> tuple[dict[str, 
             f"base.{key}": f"{cfg_file}:{line}" for key, line in cfg_lines.items() if not is_under(key, given)
         }
     try:
-        return merge_overrides(tree, base), locations
+        # Dotted keys in the file mean what they mean in the spec's own base.
+        return merge_overrides(merge_overrides({}, tree), base), locations
     except ConfigError as err:
         raise SpecError(f"{source}: base: {err}") from None
 

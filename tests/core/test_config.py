@@ -142,6 +142,11 @@ def test_override_syntax_errors() -> None:
         ),
         ("optim.base_lr=.nan", r"optim\.base_lr: expected a finite number \(got nan\)"),
         ("patch.aug.blur_sigma=[0.1,.inf]", r"patch\.aug\.blur_sigma: expected a finite number \(got inf\)"),
+        (
+            "patch..size=3",
+            r"^override 'patch\.\.size=3': patch\.\.size: an empty name between dots; expected a key",
+        ),
+        (".patch.size=3", r"^override '\.patch\.size=3': \.patch\.size: an empty name between dots"),
         # numpy's generators take seeds in [0, 2**32)
         ("run.seed=-1", r"run\.seed: expected greater than or equal to 0 \(got -1\)"),
         ("run.seed=4294967296", r"run\.seed: expected less than or equal to 4294967295"),
@@ -261,6 +266,17 @@ def test_a_directory_or_a_file_not_in_utf8(tmp_path: Path) -> None:
     assert config_error([], latin) == (
         f"{latin}:3: not UTF-8 text (byte 29: invalid continuation byte); expected a YAML file in UTF-8"
     )
+
+
+def test_a_dotted_key_in_a_file_is_the_same_key(tmp_path: Path) -> None:
+    """As in an override or a spec's base: `patch.size: 12` is `patch: {size: 12}`, and a typo in one is
+    still located at its line."""
+    path = tmp_path / "dotted.yaml"
+    path.write_text("patch.size: 12\npatch: {num: 3}\n")
+    cfg = load_config(path)
+    assert (cfg.patch.size, cfg.patch.num) == (12, 3)
+    path.write_text("patch.size: 12\npatch.sise: 3\n")
+    assert config_error([], path) == f"{path}:2: patch.sise: unknown key"
 
 
 def test_a_key_given_twice_or_an_endless_alias(tmp_path: Path) -> None:
