@@ -171,6 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = _given_config(args)
         out = Path(args.out or cfg.run.out_dir)
+        writable_dir(out, "--out" if args.out else "run.out_dir")
         if (out / SUMMARY_FILE).exists() or (out / CHECKPOINTS_DIR).exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
         owner = run_owner(out)
@@ -180,8 +181,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
         result = ended
     else:
-        # Before torch is imported and before the work whose checkpoints and results would go there.
-        writable_dir(out, "--out" if args.out else "run.out_dir")
+        if args.resume:  # checked before torch is imported, as a new run's directory is above
+            writable_dir(out, "--out" if args.out else "run.out_dir")
         from bagssl_core.provenance import provenance
         from bagssl_core.train import train
 

@@ -919,6 +919,15 @@ def is_under(key: str, keys: Iterable[str]) -> bool:
 # the key names it, or the message already says what is wrong with it.
 _MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
 _NO_INPUT = frozenset({"extra_forbidden", "missing", "value_error"})
+# pydantic's phrasings, as this project's "expected ..." (`Input should be a valid integer` -> `expected a
+# valid integer`, `String should have at most 100 characters` -> `expected at most 100 characters`).
+_LEADS = (
+    ("Input should be ", "expected "),
+    ("String should match pattern ", "expected a string matching "),
+    ("String should have ", "expected "),
+    ("List should have ", "expected "),
+    ("Dictionary should have ", "expected "),
+)
 
 
 def describe_validation_error(
@@ -947,8 +956,10 @@ def describe_validation_error(
     for e in err.errors():
         key, tag = _error_key(e, tree)
         msg = _MESSAGES.get(e["type"]) or e["msg"].removeprefix("Value error, ")
-        if msg.startswith("Input should be"):
-            msg = "expected " + msg.removeprefix("Input should be ")
+        for lead, then in _LEADS:
+            if msg.startswith(lead):
+                msg = then + msg.removeprefix(lead).partition(" after validation")[0]
+                break
         got = e.get("input")
         if e["type"] == "union_tag_invalid":
             ctx = e.get("ctx", {})

@@ -28,16 +28,17 @@ def writable_dir(path: str | Path, what: str) -> Path:
     """
     p = Path(path)
     chain = [*reversed(p.parents), p]
-    in_the_way = next((q for q in chain if q.exists() and not q.is_dir()), None)
-    if in_the_way is not None:
-        raise ConfigError(
-            f"{what}: cannot write to {p}: {in_the_way} is a file, not a directory; {_EXPECTED_DIR}"
-        )
-    deepest = [q for q in chain if q.is_dir()][-1]  # chain starts at "/" or "."
+    deepest = p
     try:
+        in_the_way = next((q for q in chain if q.exists() and not q.is_dir()), None)
+        if in_the_way is not None:
+            raise ConfigError(
+                f"{what}: cannot write to {p}: {in_the_way} is a file, not a directory; {_EXPECTED_DIR}"
+            )
+        deepest = [q for q in chain if q.is_dir()][-1]  # chain starts at "/" or "."
         with tempfile.TemporaryFile(dir=deepest):
             pass
-    except OSError as err:
+    except OSError as err:  # no permission, a read-only file system, a name too long, ...
         where = "" if deepest == p else f" in {deepest}"
         raise ConfigError(
             f"{what}: cannot write to {p} ({err.strerror or err}{where}); {_EXPECTED_DIR}"

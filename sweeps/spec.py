@@ -203,7 +203,7 @@ class TrackingSpec(_Strict):
     uri: str | None = Field(
         None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
     )
-    experiment: str = "bagssl"
+    experiment: str = Field("bagssl", min_length=1, max_length=500)  # MLflow's limits on a name
     outage_wait_s: float = Field(
         600.0,
         ge=0,
@@ -321,7 +321,9 @@ class Objective:
 
 
 class SweepSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    # A directory name under storage_path (with -N and _local appended): no '.' or '..', and short enough
+    # for any file system.
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=100)
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[Annotated[str, AfterValidator(_config_path)], Distribution] = Field(min_length=1)
     search: SearchSpec = Field(default_factory=SearchSpec)

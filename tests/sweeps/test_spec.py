@@ -132,6 +132,18 @@ BAD_SPECS = {
             ":8: scheduler: reduction_factor: not read by name: median; expected name: asha, or no reduction_factor"
         ],
     ),
+    "name_of_dots": (
+        VALID.replace("name: t", "name: ..", 1),
+        [":1: name: expected a string matching '^[A-Za-z0-9_][A-Za-z0-9_.-]*$' (got '..')"],
+    ),
+    "empty_experiment": (
+        VALID + "tracking: {experiment: ''}\n",
+        [":8: tracking.experiment: expected at least 1 character (got '')"],
+    ),
+    "empty_space": (
+        VALID.replace("space:\n  patch.size: {choice: [8, 12]}\n", "space: {}\n"),
+        [":5: space: expected at least 1 item"],
+    ),
     "infinite_cpus": (
         VALID + "resources: {cpus_per_worker: .inf}\n",
         [":8: resources.cpus_per_worker: expected a finite number (got inf)"],
