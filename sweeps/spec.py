@@ -99,6 +99,16 @@ class Distribution(_Strict):
             return [a[0], a[1] - 1]
         return [a[0], a[1]]
 
+    def inner_draw(self) -> float | None:
+        """A draw strictly between the bounds of a uniform or loguniform axis (None for other kinds): a
+        fractional number even where both bounds are whole, as most of the axis's draws are."""
+        a = self.args
+        if self.kind == "uniform":
+            return float(a[0] + 0.37 * (a[1] - a[0]))
+        if self.kind == "loguniform":
+            return float(a[0] * (a[1] / a[0]) ** 0.37)
+        return None
+
 
 class SearchSpec(_Strict):
     algo: Literal["optuna", "grid", "random"] = "optuna"
@@ -491,8 +501,26 @@ def _check_space_values(spec: SweepSpec, base_tree: dict[str, Any], at: Callable
         same checkpoint, so a knob ignored by some variants but used by others is fine: those variants
         leave it out of their name (`sweeps.space.variant_values`). A knob no variant uses is an error.
     """
+    _check_fractional_draws(spec, base_tree, at)
     _check_training_combinations(spec, base_tree, at)
     _check_evaluation_variants(spec, base_tree, at)
+
+
+def _check_fractional_draws(spec: SweepSpec, base_tree: dict[str, Any], at: Callable[[str], str]) -> None:
+    """A uniform or loguniform axis on a knob that takes whole numbers only: its bounds pass (1 and 20 are
+    whole) but nearly every draw fails the trial it is given to."""
+    for key, d in spec.space.items():
+        draw = d.inner_draw()
+        if draw is None:
+            continue
+        try:
+            validate_config({}, defaults=merge_overrides(base_tree, {key: draw}))
+        except ConfigError as err:
+            if "fractional part" in str(err):
+                raise SpecError(
+                    f"{at(f'space.{key}')}: space.{key}: {d.kind} draws fractional values such as {draw:.4g}, "
+                    f"and {key} takes whole numbers; expected randint, choice or grid"
+                ) from None
 
 
 def _check_training_combinations(

@@ -144,6 +144,16 @@ BAD_SPECS = {
         VALID.replace("space:\n  patch.size: {choice: [8, 12]}\n", "space: {}\n"),
         [":5: space: expected at least 1 item"],
     ),
+    "uniform_on_a_whole_number_knob": (
+        VALID.replace(
+            "  patch.size: {choice: [8, 12]}\n",
+            "  patch.size: {choice: [8, 12]}\n  schedule.epochs: {uniform: [1, 3]}\n",
+        ),
+        [
+            ":7: space.schedule.epochs: uniform draws fractional values such as 1.74, and schedule.epochs takes "
+            "whole numbers; expected randint, choice or grid"
+        ],
+    ),
     "infinite_cpus": (
         VALID + "resources: {cpus_per_worker: .inf}\n",
         [":8: resources.cpus_per_worker: expected a finite number (got inf)"],
