@@ -90,10 +90,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def storage_root(spec: SweepSpec) -> str:
-    """Where the spec's sweeps live: storage_path as an absolute local path, or a URI as given."""
-    if "://" in spec.storage_path:
-        return spec.storage_path.rstrip("/")
-    return str(Path(spec.storage_path).expanduser().resolve())
+    """Where the spec's sweeps live: storage_path as an absolute local path, or a URI as given.
+
+    Raises SpecError for an empty storage_path, which would put the sweeps in whatever directory the
+    driver runs in, and for a URI naming no bucket (`s3://`), which would become a local directory.
+    """
+    path = spec.storage_path
+    if not path.strip():
+        raise SpecError(
+            f"storage_path: {path!r} is empty; expected a directory (default ./sweeps_storage) or a URI such "
+            "as s3://bucket/path"
+        )
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if not scheme.strip():
+            raise SpecError(
+                f"storage_path: {path}: no scheme before ://; expected a URI such as s3://bucket/path"
+            )
+        # file:///PATH names no bucket; every other filesystem (s3, gs, ...) keeps the bucket as the host.
+        if scheme.lower() == "file" and not rest.strip("/").strip():
+            raise SpecError(f"storage_path: {path}: no path after file://; expected file:///PATH")
+        if scheme.lower() != "file" and not rest.split("/", 1)[0].strip():
+            raise SpecError(
+                f"storage_path: {path}: no bucket after {scheme}://; expected {scheme}://BUCKET[/PATH]"
+            )
+        return path.rstrip("/")
+    return str(Path(path).expanduser().resolve())
 
 
 def planned_sweep(spec: SweepSpec, local: bool) -> str:

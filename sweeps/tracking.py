@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -80,43 +81,175 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+# What check_reachable accepts, for its messages.
+EXPECTED_URIS = (
+    "sqlite:///path.db, http(s)://host[:port] (an MLflow server), or postgresql://, mysql:// or mssql:// "
+    "with its driver installed"
+)
+# The SQLAlchemy databases MLflow keeps runs in besides sqlite (mlflow.store.db.db_types).
+SERVER_DATABASES = ("postgresql", "mysql", "mssql")
+SQLITE_HEADER = b"SQLite format 3\x00"
+DATABRICKS = ("databricks", "databricks-uc", "uc")  # MLflow's names of a Databricks workspace
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with one line, when the tracking store cannot be reached or written.
 
     A server that takes the connection but never answers is given `timeout_s` per socket operation (connect,
-    each read): the check ends within a few times that, saying so.
+    each read): the check ends within a few times that, saying so. Every URI MLflow would refuse, or accept
+    and then fail on (or lose the runs of) once trials have trained, is refused here.
     """
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                if resp.status >= 400:
-                    raise TrackingError(f"tracking.uri: {uri} answered HTTP {resp.status} at /health")
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            reason = getattr(err, "reason", err)
-            if isinstance(reason, TimeoutError):  # a timed-out connect comes wrapped in a URLError
-                reason = f"no answer within {timeout_s:g} s"
-            raise TrackingError(
-                f"tracking.uri: cannot reach the MLflow server at {uri} ({reason}); expected a running "
-                "server (mlflow server ...) or a sqlite:///file.db URI"
-            ) from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///"))
-        parent = db.parent if str(db.parent) else Path(".")
-        if not parent.is_dir():
-            what = "is a file" if parent.exists() else "does not exist"
-            raise TrackingError(
-                f"tracking.uri: {uri}: {parent} {what}; expected the database file in an existing directory "
-                "(sqlite creates the file, not its directory)"
-            )
-        try:
-            writable_dir(parent, f"tracking.uri: {uri}")
-        except ConfigError as err:
-            raise TrackingError(str(err)) from None
-    elif uri.startswith("file:") or "://" not in uri:  # docs/operations.md, "The store"
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    scheme = m.group(1).lower() if m else ""
+    if uri.lower() in DATABRICKS or scheme in DATABRICKS:
+        # MLflow can write to a Databricks workspace, but not with a sweep's experiment names (there they
+        # are workspace paths) nor before credentials are checked: the first write would fail after Ray
+        # and the baselines started.
+        raise TrackingError(
+            f"tracking.uri: {uri}: a Databricks store, which sweeps do not write to; expected {EXPECTED_URIS}"
+        )
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout_s)
+    elif scheme.split("+")[0] == "sqlite":
+        _check_sqlite(uri, scheme)
+    elif scheme in ("", "file"):  # a path, or file:, is MLflow's file store (docs/operations.md, "The store")
         raise TrackingError(
             f"tracking.uri: {uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"
         )
+    elif scheme.split("+")[0] in SERVER_DATABASES:
+        _check_database_driver(uri)
+    else:
+        raise TrackingError(f"tracking.uri: {uri}: unsupported scheme {scheme!r}; expected {EXPECTED_URIS}")
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    """An MLflow server: a URL with a host, answering at /health."""
+    try:
+        host = urllib.parse.urlsplit(uri).hostname
+        urllib.parse.urlsplit(uri).port  # noqa: B018 -- raises ValueError on a port that is no number
+    except ValueError as err:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise TrackingError(
+            f"tracking.uri: {uri}: not a valid URL ({err}); expected http(s)://host[:port]"
+        ) from None
+    if not host:
+        raise TrackingError(f"tracking.uri: {uri}: no host; expected http(s)://host[:port]")
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            if resp.status >= 400:
+                raise TrackingError(f"tracking.uri: {uri} answered HTTP {resp.status} at /health")
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as err:
+        # ValueError: what urlsplit let through and http.client refuses (http.client.InvalidURL).
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, TimeoutError):  # a timed-out connect comes wrapped in a URLError
+            reason = f"no answer within {timeout_s:g} s"
+        raise TrackingError(
+            f"tracking.uri: cannot reach the MLflow server at {uri} ({reason}); expected a running "
+            "server (mlflow server ...) or a sqlite:///file.db URI"
+        ) from None
+
+
+def _check_sqlite(uri: str, scheme: str) -> None:
+    """A sqlite store: a database file (never in memory) that sqlite can create or open and write, in
+    an existing directory this user can write (sqlite keeps its journal beside the file)."""
+    if scheme != "sqlite":
+        _check_database_driver(uri)
+    db = _sqlite_path(uri, scheme)
+    parent = db.parent if str(db.parent) else Path(".")
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise TrackingError(
+            f"tracking.uri: {uri}: {parent} {what}; expected the database file in an existing directory "
+            "(sqlite creates the file, not its directory)"
+        )
+    try:
+        writable_dir(parent, f"tracking.uri: {uri}")
+    except ConfigError as err:
+        raise TrackingError(str(err)) from None
+    if db.is_dir():
+        raise TrackingError(
+            f"tracking.uri: {uri}: {db} is a directory; expected the database file ({scheme}:///{db}/mlflow.db)"
+        )
+    if db.exists():
+        _check_sqlite_file(uri, db)
+
+
+def _sqlite_path(uri: str, scheme: str) -> Path:
+    """The database file a sqlite URI names; TrackingError for one that names none."""
+    rest = uri[len(scheme) + 1 :]
+    if rest in ("", "//"):
+        raise TrackingError(
+            f"tracking.uri: {uri}: an in-memory database, whose runs are lost when the sweep ends; expected "
+            f"{scheme}:///path.db, a file"
+        )
+    if not rest.startswith("///"):
+        raise TrackingError(f"tracking.uri: {uri}: not a database path; expected {scheme}:///path.db")
+    if "?" in rest:
+        # sqlite's URI options (mode=ro, ...) would open a store a sweep cannot write, found out only
+        # when the first trial is logged.
+        raise TrackingError(
+            f"tracking.uri: {uri}: a query ({rest[rest.index('?') :]}); expected {scheme}:///path.db without one"
+        )
+    path = rest.removeprefix("///")
+    if not path:
+        raise TrackingError(f"tracking.uri: {uri}: no database path; expected {scheme}:///path.db")
+    return Path(path)
+
+
+def _check_sqlite_file(uri: str, db: Path) -> None:
+    """An existing file at a sqlite store's path: a database (or an empty file, which sqlite makes one
+    of) this user can write. Any other file sqlite refuses at the first write, after trials trained."""
+    if not db.is_file():
+        raise TrackingError(
+            f"tracking.uri: {uri}: {db} is not a regular file; expected an sqlite database file"
+        )
+    try:
+        with db.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise TrackingError(
+            f"tracking.uri: {uri}: {db} cannot be read ({err.strerror or err}); expected a database file this "
+            "user can read and write"
+        ) from None
+    if header and header != SQLITE_HEADER:
+        raise TrackingError(
+            f"tracking.uri: {uri}: {db} is not an SQLite database; expected an MLflow sqlite store, or a path "
+            "where sqlite can create one"
+        )
+    if not os.access(db, os.W_OK):
+        raise TrackingError(
+            f"tracking.uri: {uri}: {db} cannot be written; expected a database file this user can read and write"
+        )
+
+
+def _check_database_driver(uri: str) -> None:
+    """A database server's URI whose SQLAlchemy driver imports: MLflow imports it only at the first
+    write. The server itself is not contacted (each driver takes its own timeout options)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+        shown = url.render_as_string(hide_password=True)
+    except (ArgumentError, ValueError) as err:
+        raise TrackingError(
+            f"tracking.uri: {uri}: not a database URL ({err}); expected {EXPECTED_URIS}"
+        ) from None
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise TrackingError(
+            f"tracking.uri: {shown}: SQLAlchemy has no driver {url.drivername!r}; expected {EXPECTED_URIS}"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        missing = getattr(err, "name", None) or str(err)
+        raise TrackingError(
+            f"tracking.uri: {shown}: its database driver, the Python module {missing!r}, is not installed; "
+            f"expected it installed (or {url.get_backend_name()}+DRIVER:// naming an installed driver), or "
+            "a sqlite:///path.db or http(s):// URI"
+        ) from None
 
 
 def param_text(v: Any) -> str:

@@ -6,8 +6,11 @@ uses real sweep directories and `sweep.json` files, and a real Optuna journal.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -15,11 +18,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps import lifecycle
-from sweeps.lifecycle import SweepNotFound, SweepState
-from sweeps.spec import load_spec
+from sweeps.lifecycle import StateUnreadable, SweepNotFound, SweepState
+from sweeps.run import EXIT_BAD_INPUT, storage_root
+from sweeps.run import main as run_main
+from sweeps.spec import SpecError, load_spec
 from sweeps.status import main as status_main
 from sweeps.status import status_lines
-from tests.sweeps.conftest import sweep_cmd, tiny_spec
+from tests.sweeps.conftest import empty_mlflow_store, sweep_cmd, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_EPOCH = ("--set", "base.schedule.epochs=1")
@@ -109,6 +114,266 @@ def test_status_of_a_path_that_holds_no_sweeps_is_one_message(
         assert err == f"error: {path}: {what}; expected a sweep spec's storage_path\n"
 
 
+# --- a sweep.json that cannot be read (real files, as a crash, a full disk or a hand edit leave them) ---
+
+
+def _good_state(name: str) -> dict[str, object]:
+    return asdict(_state(name))
+
+
+ANY_STATE = "; expected the JSON object a sweep's driver writes"
+# case -> what is written at sweep.json (None: a directory there), and the problem the message names
+CORRUPT: dict[str, tuple[bytes | None, str]] = {
+    "empty": (b"", "empty" + ANY_STATE),
+    "invalid_json": (
+        b'{"name": "s-2", "spec": ',
+        "not valid JSON (Expecting value: line 1 column 25 (char 24))" + ANY_STATE,
+    ),
+    "a_list": (b"[1, 2]", "holds a list" + ANY_STATE),
+    "json_null": (b"null", "holds null" + ANY_STATE),
+    "missing_fields": (
+        json.dumps({k: v for k, v in _good_state("s-2").items() if k not in ("spec", "pid")}).encode(),
+        "missing spec, pid" + ANY_STATE,
+    ),
+    "pid_not_a_number": (
+        json.dumps({**_good_state("s-2"), "pid": "abc"}).encode(),
+        'pid: "abc"; expected a process id (a positive integer)',
+    ),
+    "pid_negative": (
+        json.dumps({**_good_state("s-2"), "pid": -1}).encode(),
+        "pid: -1; expected a process id (a positive integer)",
+    ),
+    "tracking_uri_null": (
+        json.dumps({**_good_state("s-2"), "tracking_uri": None}).encode(),
+        "tracking_uri: null; expected a string",
+    ),
+    "local_not_a_bool": (
+        json.dumps({**_good_state("s-2"), "local": "no"}).encode(),
+        'local: "no"; expected true or false',
+    ),
+    "unknown_state": (
+        json.dumps({**_good_state("s-2"), "state": "paused"}).encode(),
+        'state: "paused"; expected running or interrupted or finished',
+    ),
+    "not_utf8": (b"\xff\xfe{}", "not UTF-8 text" + ANY_STATE),
+    "a_directory": (None, "a directory; expected the JSON file a sweep's driver writes"),
+}
+
+
+def _corrupt(sweep_dir: Path, case: str) -> Path:
+    """A sweep directory whose sweep.json holds the case; the path of that sweep.json."""
+    content, _ = CORRUPT[case]
+    sweep_dir.mkdir(parents=True)
+    state_file = sweep_dir / lifecycle.STATE_FILE
+    if content is None:
+        state_file.mkdir()
+        (state_file / "kept").write_text("kept\n")
+    else:
+        state_file.write_bytes(content)
+    return state_file
+
+
+def _summary(problem: str) -> str:
+    """A status row's note: the problem without what every sweep.json is expected to hold."""
+    return problem.removesuffix(ANY_STATE)
+
+
+def _contents(path: Path) -> object:
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else path.read_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_an_unreadable_sweep_json_is_listed_as_unreadable_and_never_resumed(
+    tmp_path: Path, case: str
+) -> None:
+    _make(tmp_path, "s")
+    state_file = _corrupt(tmp_path / "s-2", case)
+    before = _contents(state_file)
+    problem = CORRUPT[case][1]
+
+    with pytest.raises(StateUnreadable) as unreadable:
+        lifecycle.read_state(tmp_path / "s-2")
+    assert str(unreadable.value).startswith(f"{state_file}: {problem}")
+
+    # The status lists both sweeps, the unreadable one with why.
+    rows = {line.split()[0]: line for line in status_lines(tmp_path)[1:]}
+    assert set(rows) == {"s", "s-2"}
+    assert rows["s"].split()[1:4] == ["s", "ray", "finished"]
+    assert f"unreadable (sweep.json: {_summary(problem)})" in rows["s-2"]
+    assert status_lines(tmp_path, spec="s")[1:] == status_lines(tmp_path)[1:]
+    assert status_lines(tmp_path, spec="other")[1:] == []
+
+    # Resuming it, by name or as the latest, is refused with one message naming the file.
+    with pytest.raises(SweepNotFound) as named:
+        lifecycle.sweep_to_resume(tmp_path, "s", False, "s-2", "spec.yaml")
+    assert str(named.value).startswith(f"spec.yaml: --resume s-2: cannot be resumed: {state_file}: {problem}")
+    with pytest.raises(SweepNotFound) as latest:
+        lifecycle.sweep_to_resume(tmp_path, "s", False, None, "spec.yaml")
+    assert str(latest.value).startswith(
+        f"spec.yaml: --resume: the latest sweep, s-2, cannot be resumed: {state_file}: {problem}"
+    )
+    assert "\n" not in str(named.value) + str(latest.value)
+    # Whose sweep it is cannot be told: it is not listed as the spec's, and the next sweep goes after it.
+    assert lifecycle.spec_sweeps(tmp_path, "s", False) == [tmp_path / "s"]
+    assert lifecycle.new_sweep_dir(tmp_path, "s", False).name == "s-3"
+    assert _contents(state_file) == before  # left as it was
+
+
+def test_an_unreadable_older_sweep_does_not_stop_resuming_the_latest(tmp_path: Path) -> None:
+    state_file = _corrupt(tmp_path / "s", "invalid_json")
+    _make(tmp_path, "s-2", state="interrupted")
+    assert lifecycle.sweep_to_resume(tmp_path, "s", False, None, "spec.yaml").name == "s-2"
+    with pytest.raises(SweepNotFound, match=r"expected one of: s-2$"):
+        lifecycle.sweep_to_resume(tmp_path, "s", False, "s-9", "spec.yaml")
+    assert state_file.read_bytes() == CORRUPT["invalid_json"][0]
+
+
+@pytest.mark.parametrize("case", ["empty", "pid_not_a_number", "a_directory"])
+def test_cli_resume_and_status_of_a_sweep_whose_sweep_json_is_unreadable(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m sweeps.run SPEC --resume [NAME]` refuses, in one line naming the file, and writes nothing;
+    `python -m sweeps.status` lists the sweep as unreadable beside the others and exits 0."""
+    spec = tiny_spec(tmp_path, "c")
+    capsys.readouterr()  # MLflow's log of the template store tiny_spec may create: not the run's output
+    storage = tmp_path / "storage"
+    _make(storage, "c_local", spec="c", local=True)
+    state_file = _corrupt(storage / "c_local-2", case)
+    before = _contents(state_file)
+    problem = CORRUPT[case][1]
+    for resume in (["--resume", "c_local-2"], ["--resume"]):
+        assert run_main([str(spec), "--local", *resume]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{state_file}: {problem}" in err
+        assert "Traceback" not in err
+    assert _contents(state_file) == before
+    assert sorted(p.name for p in storage.iterdir()) == ["c_local", "c_local-2"]  # no new sweep either
+    good = lifecycle.read_state(storage / "c_local")
+    assert good is not None and good.state == "finished"  # the other sweep untouched too
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeps.status", str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"c_local", "c_local-2"}
+    assert f"unreadable (sweep.json: {_summary(problem)})" in rows["c_local-2"]
+    assert _contents(state_file) == before
+
+
+# --- status when a sweep's MLflow store cannot be read (real stores and files) --------------------------
+
+
+def test_status_shows_a_sweep_whose_store_cannot_be_read_as_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    storage = tmp_path / "storage"
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    (tmp_path / "empty.db").write_bytes(b"")
+    empty_mlflow_store(tmp_path / "mlflow.db")  # a real store, without the sweep's parent run
+    stores = {
+        "a-dir": (f"sqlite:///{tmp_path / 'a_dir'}", f"store not a file: {tmp_path / 'a_dir'}"),
+        "b-gone": (f"sqlite:///{tmp_path / 'gone.db'}", f"store gone: {tmp_path / 'gone.db'}"),
+        "c-empty": (f"sqlite:///{tmp_path / 'empty.db'}", f"store empty: {tmp_path / 'empty.db'}"),
+        "d-not-sqlite": (f"sqlite:///{tmp_path / 'notes.txt'}", "MLflow: DatabaseError: "),
+        "e-no-run": (f"sqlite:///{tmp_path / 'mlflow.db'}", "MLflow: MlflowException: "),
+        "f-bogus": ("bogus://x", "MLflow: UnsupportedModelRegistryStoreURIException: "),
+        "g-no-server": ("http://127.0.0.1:9", "no answer from http://127.0.0.1:9"),
+        "h-in-memory": ("sqlite://", "not a sqlite:///path store: sqlite://"),
+    }
+    for name, (uri, _) in stores.items():
+        _make(storage, name, spec=name, tracking_uri=uri, parent_run_id="0123456789abcdef")
+    _make(storage, "i-no-run-yet", spec="i-no-run-yet")  # no parent run yet: unknown, with nothing to say
+    # Beside them, a sweep whose store answers: its row is whole. Two trials ended, one still runs.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("ok")
+    parent = client.create_run(exp, tags={"bagssl.role": "sweep"}).info.run_id
+    for i, value in enumerate([0.7, 0.8, None]):
+        tags = {"mlflow.parentRunId": parent, "bagssl.role": "trial", "bagssl.trial_id": f"t_{i}"}
+        run = client.create_run(exp, tags=tags).info.run_id
+        if value is not None:
+            client.log_metric(run, "val/knn_top1/mean_emb", value, step=1)
+            client.set_terminated(run, "FINISHED")
+    _make(
+        storage, "0-ok", spec="0-ok", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", parent_run_id=parent
+    )
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    capsys.readouterr()  # MLflow's log of creating the template store: not the status's output
+
+    assert status_main([str(storage)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {*stores, "i-no-run-yet", "0-ok"}
+    assert rows["0-ok"].split()[1:7] == ["0-ok", "ray", "finished", "2/2", "0.80", "(t_1)"]
+    for name, (_, note) in stores.items():
+        assert rows[name].split()[1:5] == [name, "ray", "finished", "?"], rows[name]
+        assert f"? ({note}" in rows[name], rows[name]
+    assert rows["i-no-run-yet"].split()[4:6] == ["?", "?"]
+    # Nothing was created or changed: no store where one was gone, no tables in the empty file.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "gone.db").exists()
+
+
+# --- storage_path -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("storage_path", "message"),
+    [
+        (
+            "",
+            "storage_path: '' is empty; expected a directory (default ./sweeps_storage) or a URI such as "
+            "s3://bucket/path",
+        ),
+        ("s3://", "storage_path: s3://: no bucket after s3://; expected s3://BUCKET[/PATH]"),
+        ("s3:///sweeps", "storage_path: s3:///sweeps: no bucket after s3://; expected s3://BUCKET[/PATH]"),
+        ("gs:////", "storage_path: gs:////: no bucket after gs://; expected gs://BUCKET[/PATH]"),
+        ("file:///", "storage_path: file:///: no path after file://; expected file:///PATH"),
+        (
+            "://sweeps",
+            "storage_path: ://sweeps: no scheme before ://; expected a URI such as s3://bucket/path",
+        ),
+    ],
+)
+def test_a_storage_path_naming_no_place_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    storage_path: str,
+    message: str,
+) -> None:
+    """Before, `s3://` became the local directory `./s3:` and `''` the working directory itself."""
+    spec = tiny_spec(tmp_path, "p")
+    capsys.readouterr()  # MLflow's log of the template store tiny_spec may create: not the run's output
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert run_main([str(spec), "--local", "--set", f"storage_path={storage_path}"]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(work.iterdir()) == []  # nothing made where the driver runs
+    with pytest.raises(SpecError, match=r"^storage_path: "):
+        storage_root(load_spec(spec, [f"storage_path={storage_path}"])[0])
+
+
+def test_a_storage_path_naming_a_place_is_kept(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path, "p")
+    for given, root in [
+        ("s3://bucket/", "s3://bucket"),
+        ("s3://bucket/sweeps//", "s3://bucket/sweeps"),
+        ("file:///tmp/sweeps", "file:///tmp/sweeps"),
+        (str(tmp_path / "here"), str(tmp_path / "here")),
+    ]:
+        assert storage_root(load_spec(spec, [f"storage_path={given}"])[0]) == root
+
+
 def test_space_hash_is_the_space_not_its_order_and_base_hash_ignores_where_a_run_executes(
     tmp_path: Path,
 ) -> None:
@@ -183,6 +448,35 @@ def test_running_a_spec_twice_gives_two_sweeps_and_resume_continues_the_latest(
         ("finished", 0, latest.info.run_id),
     ]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_spec_other_than_the_one_the_sweep_ran(
+    two_sweeps: tuple[Path, Path, list[str]],
+) -> None:
+    """Another objective or trial count would mix two sweeps under one parent run: refused before anything
+    is written, each differing key named; a knob of how patiently trials run may change."""
+    tmp, spec, _ = two_sweeps
+    state_file = tmp / "storage" / "twice_local-2" / lifecycle.STATE_FILE
+    before = state_file.read_bytes()
+    changed = ("--set", "num_samples=2", "--set", "metric=train/loss", "--set", "mode=min")
+    proc = subprocess.run(
+        sweep_cmd(spec, "--local", *ONE_EPOCH, "--resume", *changed, "--set", "failure.max_retries=2"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(
+        f"error: {spec}: --resume twice_local-2: the sweep ran another spec: metric: sweep has "
+        "val/knn_top1/mean_emb, given train/loss; mode: sweep has max, given min; num_samples: sweep has 1, "
+        "given 2; expected the sweep's own spec"
+    ), line
+    assert "failure" not in line.partition("expected")[0]
+    assert state_file.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -438,6 +438,139 @@ def test_sqlite_store(tmp_path: Path) -> None:
     assert (tmp_path / "a_file").read_text() == "kept\n"
 
 
+EXPECTED_URIS = (
+    "expected sqlite:///path.db, http(s)://host[:port] (an MLflow server), or postgresql://, mysql:// or mssql:// "
+    "with its driver installed"
+)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("bogus://x", f"tracking.uri: bogus://x: unsupported scheme 'bogus'; {EXPECTED_URIS}"),
+        ("postgres://h/db", f"tracking.uri: postgres://h/db: unsupported scheme 'postgres'; {EXPECTED_URIS}"),
+        (
+            "http://[::1",
+            "tracking.uri: http://[::1: not a valid URL (Invalid IPv6 URL); expected http(s)://host[:port]",
+        ),
+        (
+            "http://127.0.0.1:99999",
+            "tracking.uri: http://127.0.0.1:99999: not a valid URL (Port out of range 0-65535); expected "
+            "http(s)://host[:port]",
+        ),
+        ("https://", "tracking.uri: https://: no host; expected http(s)://host[:port]"),
+        (
+            "databricks",
+            f"tracking.uri: databricks: a Databricks store, which sweeps do not write to; {EXPECTED_URIS}",
+        ),
+        (
+            "databricks://profile",
+            f"tracking.uri: databricks://profile: a Databricks store, which sweeps do not write to; {EXPECTED_URIS}",
+        ),
+        ("sqlite:///", "tracking.uri: sqlite:///: no database path; expected sqlite:///path.db"),
+        (
+            "sqlite://",
+            "tracking.uri: sqlite://: an in-memory database, whose runs are lost when the sweep ends; expected "
+            "sqlite:///path.db, a file",
+        ),
+        (
+            "sqlite://host/m.db",
+            "tracking.uri: sqlite://host/m.db: not a database path; expected sqlite:///path.db",
+        ),
+        (
+            "postgresql+nosuchdriver://u@127.0.0.1:1/db",
+            f"tracking.uri: postgresql+nosuchdriver://u@127.0.0.1:1/db: SQLAlchemy has no driver "
+            f"'postgresql+nosuchdriver'; {EXPECTED_URIS}",
+        ),
+    ],
+)
+def test_a_uri_mlflow_cannot_use_is_refused_at_once(uri: str, message: str) -> None:
+    """Each of these used to pass the check and then crash, or lose the runs, once trials had trained."""
+    with pytest.raises(TrackingError) as info:
+        check_reachable(uri)
+    assert str(info.value) == message
+
+
+def test_a_sqlite_store_that_cannot_hold_the_runs_is_refused_and_left_alone(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: t\n")
+    (tmp_path / "a_dir").mkdir()
+    cases = {
+        f"sqlite:///{tmp_path}/m.db?mode=ro": "a query (?mode=ro); expected sqlite:///path.db without one",
+        f"sqlite:///{spec}": (
+            f"{spec} is not an SQLite database; expected an MLflow sqlite store, or a path where sqlite can "
+            "create one"
+        ),
+        f"sqlite:///{tmp_path}/a_dir": (
+            f"{tmp_path}/a_dir is a directory; expected the database file (sqlite:///{tmp_path}/a_dir/mlflow.db)"
+        ),
+    }
+    for uri, problem in cases.items():
+        with pytest.raises(TrackingError) as info:
+            check_reachable(uri)
+        assert str(info.value) == f"tracking.uri: {uri}: {problem}"
+    assert spec.read_text() == "name: t\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "spec.yaml"]  # nothing created
+    assert list((tmp_path / "a_dir").iterdir()) == []
+
+
+def test_a_sqlite_store_that_is_a_database_or_an_empty_file_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "empty.db").write_bytes(b"")  # sqlite makes a database of an empty file
+    store = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # a real store, as MLflow creates it
+    for db in ("empty.db", "mlflow.db", "new.db"):
+        check_reachable(f"sqlite:///{tmp_path / db}")
+    assert (tmp_path / "empty.db").read_bytes() == b""
+    assert not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "module"),
+    [
+        ("postgresql://u:secret@127.0.0.1:1/db", "psycopg"),
+        ("postgresql+psycopg2://u@127.0.0.1:1/db", "psycopg2"),
+        ("mysql://u@127.0.0.1:1/db", "MySQLdb"),
+        ("mysql+pymysql://u@127.0.0.1:1/db", "pymysql"),
+        ("mssql://u@127.0.0.1:1/db", "pyodbc"),
+    ],
+)
+def test_a_database_uri_needs_its_driver(uri: str, module: str) -> None:
+    """MLflow imports the driver only at the first write; the check names the one missing. The password
+    is never echoed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        check_reachable(uri)  # the driver is there: the URI is accepted (the server is not contacted)
+        return
+    with pytest.raises(TrackingError) as info:
+        check_reachable(uri)
+    message = str(info.value)
+    backend = uri.split(":", 1)[0].split("+", 1)[0]
+    assert message == (
+        f"tracking.uri: {uri.replace(':secret@', ':***@')}: its database driver, the Python module {module!r}, "
+        f"is not installed; expected it installed (or {backend}+DRIVER:// naming an installed driver), or a "
+        "sqlite:///path.db or http(s):// URI"
+    )
+    assert "secret" not in message
+
+
+def test_cli_refuses_an_in_memory_store_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sqlite://` used to run the whole sweep, exit 0 and keep none of its runs."""
+    from sweeps.run import EXIT_BAD_INPUT, main
+    from tests.sweeps.conftest import tiny_spec
+
+    spec = tiny_spec(tmp_path, "m", tracking={"uri": "sqlite://", "experiment": "m"})
+    capsys.readouterr()
+    assert main([str(spec), "--local"]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == (
+        f"error: {spec}: tracking.uri: sqlite://: an in-memory database, whose runs are lost when the sweep "
+        "ends; expected sqlite:///path.db, a file\n"
+    )
+    assert not (tmp_path / "storage").exists()
+
+
 def test_resolve_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_uri(None) == "sqlite:///mlflow.db"
