@@ -23,6 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bagssl_core.arguments import Parser
 from bagssl_core.config import (
     PRESETS,
     ConfigError,
@@ -45,7 +46,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bagssl_core", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bagssl_core", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one run (defaults: a short Fashion-MNIST job on CPU)")
     t.add_argument("--config", help="TrainConfig YAML file; key=value arguments override it")

@@ -439,10 +439,11 @@ def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(
+    from bagssl_core.arguments import Parser
+
+    p = Parser(
         prog="python -m sweeps.report",
         description="Rebuild a sweep's report (report.html, PNGs, report.json) from MLflow alone and log it "
         "on the sweep's parent run under report/.",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from bagssl_core.arguments import Parser
 from bagssl_core.config import ConfigError, TrainConfig, flatten
 from bagssl_core.openmp import prefer_passive_wait
 from bagssl_core.outputs import writable_dir
@@ -55,7 +56,7 @@ EXIT_OK, EXIT_TRIALS_FAILED, EXIT_BAD_INPUT, EXIT_TRACKING_LOST, EXIT_INTERRUPTE
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[1])
+    p = Parser(prog="python -m sweeps.run", description=__doc__.split("\n\n")[1])
     p.add_argument("spec", help="sweep spec YAML (see search_spaces/)")
     p.add_argument(
         "--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"

@@ -11,12 +11,12 @@ sweep's report picks it (`report.best_trial`: validation only, trials that ran a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bagssl_core.arguments import Parser
 from sweeps import lifecycle
 from sweeps.lifecycle import SweepState
 
@@ -143,7 +143,7 @@ def status_lines(storage: Path, spec: str | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sweeps.status", description=__doc__.split("\n\n")[1])
+    p = Parser(prog="python -m sweeps.status", description=__doc__.split("\n\n")[1])
     p.add_argument(
         "storage",
         nargs="?",

@@ -87,6 +87,15 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         ["train", "--out", "nothing", "--resume"],
         r"^error: --resume: nothing/config\.yaml: no such file; expected the directory of a run to continue$",
     ),
+    # argparse's own errors, one line as well
+    "unknown_flag": (
+        ["train", "--bogus"],
+        r"^error: python -m bagssl_core: unrecognized arguments: --bogus; see python -m bagssl_core --help$",
+    ),
+    "bad_choice": (
+        ["baselines", "--preset", "bogus"],
+        r"^error: python -m bagssl_core baselines: argument --preset: invalid choice: 'bogus'",
+    ),
     # Where a command will write is checked before it trains or probes (bagssl_core.outputs).
     "out_dir_under_a_file": (
         ["train", "--out", "a_file/run"],
