@@ -86,6 +86,31 @@ class DataError(RuntimeError):
     without importing torch first."""
 
 
+def takes_numbers(annotation: Any) -> bool:
+    """Whether a field's type holds numbers (int or float, alone, optional, in a union or as the items of a
+    list or tuple), and no booleans."""
+    if annotation in (int, float):
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    return bool(args) and bool not in args and all(takes_numbers(a) for a in args)
+
+
+def bool_for_number(value: Any) -> bool:
+    """Whether a value given for a number knob is, or holds, a boolean. pydantic reads `true` as 1 for an int
+    and 1.0 for a float: `patch.size: true` trained 1-px patches and `num_samples: yes` ran one trial."""
+    return any(isinstance(v, bool) for v in (value if isinstance(value, list | tuple) else [value]))
+
+
+def refuse_bool_for_number(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A `field_validator("*", mode="before")` body: a number field takes numbers only (`bool_for_number`).
+    TrainConfig checks its tree before validation instead (`_refuse_bools`): pydantic allows no such validator
+    on a tagged union's tag (`loss.name`)."""
+    name = info.field_name
+    if name is not None and takes_numbers(model.model_fields[name].annotation) and bool_for_number(value):
+        raise ValueError(f"expected a number, not {show_value(value)}")
+    return value
+
+
 class _Part(BaseModel):
     # No knob means anything at infinity: an infinite warm-up, learning rate or timeout only fails later.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -1051,6 +1076,7 @@ def validate_config(
             `eval.patches=random`. `validate_config({}, defaults=tree)` accepts any dump of a config.
     """
     _refuse_renamed(tree, source, lines, prefix)
+    _refuse_bools(tree, source, lines, prefix)
     if defaults is None:
         return _validate(tree, source, lines, prefix)
     defaults = migrate_saved_config(defaults, source)
@@ -1065,6 +1091,24 @@ def validate_config(
         if rule.knob not in given:
             _pop_dotted(merged, rule.knob)
     return _validate(merged, source, lines, prefix)
+
+
+def _refuse_bools(
+    tree: Mapping[str, Any], source: str | None, lines: Mapping[str, int | str] | None, prefix: str
+) -> None:
+    """ConfigError for each number knob `tree` gives a boolean (`bool_for_number`); a knob is a number knob
+    when its default is a number or a list of them."""
+    defaults = config_defaults()
+    problems = []
+    for key, value in flatten(tree).items():
+        default = defaults.get(key)
+        items = default if isinstance(default, list) and default else [default]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in items)
+        if numeric and bool_for_number(value):
+            where = f"{yaml_location(source, lines, prefix + key)}: " if source else ""
+            problems.append(f"{where}{prefix}{key}: expected a number, not {show_value(value)}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 # --- knobs renamed since runs were saved with them ----------------------------------------------------

@@ -13,7 +13,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bagssl_core.config import (
     RENAMED_KNOBS,
@@ -28,6 +37,7 @@ from bagssl_core.config import (
     override_locations,
     parse_overrides,
     read_yaml_file,
+    refuse_bool_for_number,
     set_dotted,
     show_value,
     validate_config,
@@ -49,6 +59,11 @@ class SpecError(ValueError):
 class _Strict(BaseModel):
     # Bounds, resources, timeouts: an infinite one is never what was meant, and fails only mid-sweep.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_for_number(cls, value, info)
 
 
 class Distribution(_Strict):

@@ -147,6 +147,10 @@ def test_override_syntax_errors() -> None:
             r"^override 'patch\.\.size=3': patch\.\.size: an empty name between dots; expected a key",
         ),
         (".patch.size=3", r"^override '\.patch\.size=3': \.patch\.size: an empty name between dots"),
+        # YAML's true is not 1 for a number knob (pydantic would read it so: a 1-px patch)
+        ("patch.size=true", r"^overrides: patch\.size: expected a number, not true$"),
+        ("model.projector=[64,true]", r"^overrides: model\.projector: expected a number, not \[64, true\]$"),
+        ("loss.inv_weight=false", r"^overrides: loss\.inv_weight: expected a number, not false$"),
         # numpy's generators take seeds in [0, 2**32)
         ("run.seed=-1", r"run\.seed: expected greater than or equal to 0 \(got -1\)"),
         ("run.seed=4294967296", r"run\.seed: expected less than or equal to 4294967295"),

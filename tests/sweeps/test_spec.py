@@ -154,6 +154,11 @@ BAD_SPECS = {
             "whole numbers; expected randint, choice or grid"
         ],
     ),
+    "bool_for_a_count": (VALID + "num_samples: yes\n", [":8: num_samples: expected a number, not true"]),
+    "bool_in_the_base": (
+        VALID.replace("eval: {every: 1}", "eval: {every: 1}\n  patch: {size: true}"),
+        [":5: base.patch.size: expected a number, not true"],
+    ),
     "infinite_cpus": (
         VALID + "resources: {cpus_per_worker: .inf}\n",
         [":8: resources.cpus_per_worker: expected a finite number (got inf)"],
