@@ -171,6 +171,10 @@ def _train(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--resume: {err}") from None
     else:
         cfg = _given_config(args)
+        if args.out is not None and not args.out.strip():
+            raise ConfigError(
+                "--out: an empty path; expected the run's directory (or leave --out out for run.out_dir)"
+            )
         out = Path(args.out or cfg.run.out_dir)
         writable_dir(out, "--out" if args.out else "run.out_dir")
         if (out / SUMMARY_FILE).exists() or (out / CHECKPOINTS_DIR).exists():

@@ -433,7 +433,9 @@ class RunConfig(_Part):
         description="auto = bf16 autocast on CUDA, fp32 on CPU. bf16 on a CPU that computes it natively "
         "(flags avx512_bf16, amx_bf16): training steps and extraction 1.5x to 2x faster (bench/cpu_precision.py).",
     )
-    out_dir: str = Field("runs/bagssl", description="Run directory: config, checkpoints, metrics, summary.")
+    out_dir: str = Field(
+        "runs/bagssl", min_length=1, description="Run directory: config, checkpoints, metrics, summary."
+    )
     checkpoint_every: int = Field(1, ge=0, description="Write a checkpoint every k epochs (0 = never).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep on disk.")
     log_every: int = Field(10, ge=1, description="Steps between progress updates.")
@@ -848,9 +850,13 @@ def read_yaml_file(
         The mapping, and the 1-based line of every key the file spells out, by dotted key (`patch.aug`), for
         `yaml_location`.
     """
+    if not str(path).strip():
+        raise ConfigError(f"{path!r}: an empty path; expected a YAML file holding {what}")
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{p}: is a directory; expected a YAML file holding {what}")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"{p}: not a regular file; expected a YAML file holding {what}")
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
     try:

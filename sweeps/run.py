@@ -128,7 +128,9 @@ def planned_sweep(spec: SweepSpec, local: bool) -> str:
     return f"{root}/{lifecycle.next_sweep_name(taken, spec.name, local)}"
 
 
-def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
+def print_plan(
+    spec: SweepSpec, base_cfg: TrainConfig, source: str, local: bool = False, resumed: Path | None = None
+) -> None:
     """`--dry-run`: the spec, the space, the trials, what each trial holds, and where the sweep lives."""
     r = spec.resources
     print(f"# sweep {spec.name!r} from {source}")
@@ -163,7 +165,10 @@ def print_plan(spec: SweepSpec, base_cfg: TrainConfig, source: str) -> None:
         )
     for line in describe_refine(spec, base_cfg):
         print(line)
-    print(f"# storage: {planned_sweep(spec, local=False)} (a new sweep; --resume continues the latest)")
+    if resumed is not None:
+        print(f"# storage: {resumed} (the sweep --resume continues)")
+    else:
+        print(f"# storage: {planned_sweep(spec, local)} (a new sweep; --resume continues the latest)")
 
 
 def rung_epochs(spec: SweepSpec, base_cfg: TrainConfig) -> list[int]:
@@ -233,15 +238,31 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _main(args: argparse.Namespace, driver: Driver) -> int:
+def _load(args: argparse.Namespace) -> tuple[SweepSpec, TrainConfig]:
+    """The spec and its base config, once the flags fit together and fit the spec."""
+    if args.local and args.address:
+        raise SpecError(
+            f"{args.spec}: --address: --local runs no Ray, so it joins no cluster; expected one of the two"
+        )
     spec, base_cfg = load_spec(args.spec, args.overrides)
     if args.local and spec.search.warm_start:
         raise SpecError(
             f"{args.spec}: search.warm_start: --local samples at random without Optuna, so it cannot "
             "start from earlier trials; run on Ray, or set search.warm_start: false"
         )
+    return spec, base_cfg
+
+
+def _main(args: argparse.Namespace, driver: Driver) -> int:
+    spec, base_cfg = _load(args)
     if args.dry_run:
-        print_plan(spec, base_cfg, args.spec)
+        root = storage_root(spec)
+        resumed = None
+        if args.resume is not None and "://" not in root:  # found as a real run would, writing nothing
+            resumed = lifecycle.sweep_to_resume(
+                Path(root), spec.name, args.local, args.resume or None, args.spec
+            )
+        print_plan(spec, base_cfg, args.spec, args.local, resumed)
         return EXIT_OK
 
     # Imported only now, in this one place: ray, torch and mlflow take seconds to import, and --help, a bad

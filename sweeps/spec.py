@@ -414,7 +414,12 @@ def _read_base(spec: SweepSpec, spec_dir: Path, source: str) -> tuple[dict[str, 
     tree: dict[str, Any] = {}
     locations: dict[str, str] = {}
     if cfg_path is not None:
-        cfg_file = spec_dir / str(cfg_path)
+        if not isinstance(cfg_path, str) or not cfg_path.strip():
+            raise SpecError(
+                f"{source}: base.config: {show_value(cfg_path)}; expected the path of a TrainConfig YAML file, "
+                "relative to the spec"
+            )
+        cfg_file = spec_dir / cfg_path
         try:
             tree, cfg_lines = read_yaml_file(cfg_file)
         except ConfigError as err:

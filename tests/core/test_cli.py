@@ -87,6 +87,12 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         ["train", "--out", "nothing", "--resume"],
         r"^error: --resume: nothing/config\.yaml: no such file; expected the directory of a run to continue$",
     ),
+    "empty_out": (["train", "--out", ""], r"^error: --out: an empty path; expected the run's directory"),
+    "empty_config": (["train", "--config", ""], r"^error: '': an empty path; expected a YAML file"),
+    "config_not_a_file": (
+        ["train", "--config", "/dev/null"],
+        r"^error: /dev/null: not a regular file; expected a YAML",
+    ),
     # argparse's own errors, one line as well
     "unknown_flag": (
         ["train", "--bogus"],
@@ -226,6 +232,9 @@ REFUSED_BEFORE_TORCH = (
     "eval_a_file_not_a_checkpoint",
     "eval_another_model",
     "eval_config_without_random_init",
+    "empty_out",
+    "empty_config",
+    "config_not_a_file",
     "resume_nothing",
     "out_dir_under_a_file",
     "out_dir_that_cannot_exist",

@@ -695,6 +695,21 @@ CLI_CASES = {
         [":7: metric: 'test/knn_top1/mean_emb' is scored on the test split"],
     ),
     "bad_set_key": (VALID, ["--dry-run", "--set", "resources.workerz=2"], ["resources.workerz: unknown key"]),
+    "local_with_address": (
+        VALID,
+        ["--local", "--address", "127.0.0.1:6379"],
+        ["--address: --local runs no Ray"],
+    ),
+    "resume_nothing_dry_run": (
+        VALID,
+        ["--dry-run", "--resume", "nosuch"],
+        ["--resume nosuch: not a sweep of 't' under", "expected one of: none"],
+    ),
+    "base_config_not_a_path": (
+        VALID.replace("  eval: {every: 1}", "  eval: {every: 1}\n  config: [a]"),
+        ["--dry-run"],
+        ["base.config: [a]; expected the path of a TrainConfig YAML file"],
+    ),
 }
 
 
