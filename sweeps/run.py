@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bagssl_core.arguments import Parser
-from bagssl_core.config import ConfigError, TrainConfig, flatten
+from bagssl_core.config import ConfigError, TrainConfig, flatten, is_under, validate_config
 from bagssl_core.openmp import prefer_passive_wait
 from bagssl_core.outputs import writable_dir
 from sweeps import lifecycle
@@ -267,7 +267,6 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
 
     # Imported only now, in this one place: ray, torch and mlflow take seconds to import, and --help, a bad
     # spec and --dry-run must answer at once. Ray must be imported after prepare_ray_environment (main).
-    from bagssl_core.data import DataError, load_split
     from sweeps.tracking import TrackingError, TrackingUnavailable, check_reachable, resolve_uri
     from sweeps.trainable import TrialPlan
 
@@ -287,11 +286,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
         raise SpecError(f"{args.spec}: {err}") from None
     if resume_dir is not None:  # remote storage: in _start_sweep, which finds the sweep's name in MLflow
         _refuse_another_spec(args.spec, resume_dir.name, spec, base_cfg, uri, str(resume_dir))
-    # Fail on a missing dataset here, with the core's one-line message, not inside a Ray worker.
-    try:
-        load_split(base_cfg.data, "test", base_cfg.run.seed)
-    except DataError as err:
-        raise SpecError(f"{args.spec}: base.data: {err}") from None
+    _check_datasets(args.spec, spec, base_cfg)
     exp_dir = _start_sweep(args, spec, base_cfg, root, resume_dir, uri, driver)
 
     base_tree = resolve_base(spec, Path(args.spec).parent, args.spec)
@@ -374,6 +369,31 @@ def _start_sweep(
     driver.resume_hint = f"python -m sweeps.run {args.spec} {local}--resume {name}{sets}"
     print(f"sweep {name}: {'resuming' if resuming else 'new'}, at {exp_dir}", flush=True)
     return exp_dir
+
+
+def _check_datasets(source: str, spec: SweepSpec, base_cfg: TrainConfig) -> None:
+    """Fail on a missing dataset here, with the core's one-line message, not inside a Ray worker: the
+    base's, and each one a discrete axis over data.* picks (a `data.name: {choice: [...]}` axis)."""
+    from bagssl_core.data import DataError, load_split
+
+    datasets = {"base.data": base_cfg.data}
+    base_tree = base_cfg.model_dump(mode="json")
+    for key, d in spec.space.items():
+        if is_under(key, ("data",)) and d.discrete:
+            for v in d.args:
+                datasets[f"space.{key}={v}"] = validate_config({key: v}, defaults=base_tree).data
+    # These loads only check: their "loaded" lines would come before a bad one's error, as if it ran.
+    data_log = logging.getLogger("bagssl_core.data")
+    level = data_log.level
+    data_log.setLevel(logging.WARNING)
+    try:
+        for where, data in datasets.items():
+            try:
+                load_split(data, "test", base_cfg.run.seed)
+            except DataError as err:
+                raise SpecError(f"{source}: {where}: {err}") from None
+    finally:
+        data_log.setLevel(level)
 
 
 def _refuse_another_spec(

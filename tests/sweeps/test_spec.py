@@ -789,6 +789,27 @@ def test_cli_missing_dataset(tmp_path: Path) -> None:
     assert list(empty.iterdir()) == []
 
 
+def test_cli_missing_dataset_of_a_space_axis(tmp_path: Path) -> None:
+    """A dataset an axis picks is checked as the base's is: before Ray or MLflow, not in every trial."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    text = (
+        runnable(tmp_path)
+        .replace(
+            "  patch.size: {choice: [8, 12]}\n",
+            "  patch.size: {choice: [8, 12]}\n  data.name: {choice: [fashion_mnist, cifar10]}\n",
+        )
+        .replace("{name: fashion_mnist}", f"{{name: fashion_mnist, root: {empty}}}")
+    )
+    path = write(tmp_path, text)
+    proc, _ = run_cli(tmp_path, str(path))
+    assert_bad_input(
+        proc.returncode, proc.stderr, path, "space.data.name=cifar10: cifar10: not found", str(empty)
+    )
+    assert "Ray" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize(
     ("epochs", "grace", "rf", "expected"),
     [(2, 1, 2.0, [1, 2]), (10, 1, 2.0, [1, 2, 4, 8]), (10, 2, 3.0, [2, 6]), (9, 1, 1.5, [1, 2, 3, 4, 6, 8])],
