@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ def init_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS); else start a local Ray sized to this machine's cores."""
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_listening(address)
         try:
             ctx = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -75,6 +77,27 @@ def init_ray(address: str | None) -> None:
         dashboard_port=port,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
+
+
+def _check_listening(address: str) -> None:
+    """SpecError unless a HOST:PORT address takes a TCP connection within 5 s: `ray.init` keeps retrying an
+    address where nothing listens for minutes, with no message. Other forms ("auto", ray://...) are Ray's
+    to resolve."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        reason = (
+            "no answer within 5 s"
+            if isinstance(err, TimeoutError)
+            else (getattr(err, "strerror", None) or err)
+        )
+        raise SpecError(
+            f"--address: nothing answers at {address} ({reason}); expected a Ray head's GCS address, as "
+            "`ray start --head` prints it (HOST:6379 by default)"
+        ) from None
 
 
 def driver_auth_mode() -> str:

@@ -789,6 +789,23 @@ def test_cli_missing_dataset(tmp_path: Path) -> None:
     assert list(empty.iterdir()) == []
 
 
+def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path) -> None:
+    """`ray.init` would retry such an address for minutes without a word."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    path = write(tmp_path, runnable(tmp_path))
+    proc, seconds = run_cli(tmp_path, str(path), "--address", f"127.0.0.1:{port}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); expected a Ray head's GCS "
+        "address, as `ray start --head` prints it (HOST:6379 by default)"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert seconds < 60
+
+
 def test_cli_missing_dataset_of_a_space_axis(tmp_path: Path) -> None:
     """A dataset an axis picks is checked as the base's is: before Ray or MLflow, not in every trial."""
     empty = tmp_path / "data"
