@@ -385,9 +385,23 @@ class SweepSpec(_Strict):
 def apply_spec_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`--set key=value` on the spec, as `parse_overrides` reads them: `num_samples=2`,
     `base.schedule.epochs=1`, `space.patch.size={choice: [8, 16]}` (everything after `space.` is one dotted
-    TrainConfig path)."""
+    TrainConfig path).
+
+    A mapping given for a part of the base merges into it key by key, as an override of the core's config
+    does (`base.data={name: cifar10}` keeps the base's batch size); any other value replaces what the spec
+    has, a mapping included (`search={algo: grid}` is the whole search, `space.patch.size={grid: [8]}` the
+    whole axis).
+    """
     for key, value in overrides.items():
-        if key.startswith("space."):
+        if key == "base" or key.startswith("base."):
+            inner = key.removeprefix("base").removeprefix(".")
+            if not isinstance(tree.get("base", {}), dict):
+                raise SpecError(f"--set {key}: base is not a mapping")
+            try:
+                tree["base"] = merge_overrides(tree.get("base", {}), {inner: value} if inner else value)
+            except ConfigError as err:
+                raise SpecError(f"--set {key}: {err}") from None
+        elif key.startswith("space."):
             tree.setdefault("space", {})
             if not isinstance(tree["space"], dict):
                 raise SpecError(f"--set {key}: space is not a mapping")
@@ -455,7 +469,10 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
         raise SpecError(str(err)) from None
     given = parse_overrides(overrides)
     tree = apply_spec_overrides(tree, given)
-    lines = override_locations(file_lines, given, f"{source} (--set)")
+    # A base mapping merges key by key (apply_spec_overrides): exactly its leaves now hold --set's values.
+    set_keys = {k: v for k, v in given.items() if not is_under(k, ("base",))}
+    set_keys |= flatten({k: v for k, v in given.items() if is_under(k, ("base",))})
+    lines = override_locations(file_lines, set_keys, f"{source} (--set)")
     try:
         spec = SweepSpec.model_validate(tree)
     except ValidationError as err:

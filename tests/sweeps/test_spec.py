@@ -827,6 +827,19 @@ def test_cli_missing_dataset_of_a_space_axis(tmp_path: Path) -> None:
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
 
 
+def test_a_base_mapping_given_by_set_merges_and_any_other_replaces() -> None:
+    """`base.data={...}` changes the keys it names, as the core's overrides do; `search={...}` is the whole
+    search, and an axis the whole axis."""
+    smoke = ROOT / "search_spaces" / "smoke.yaml"
+    sets = ["base.data={batch_size: 32}", "search={algo: grid, seed: 0}", "space.patch.size={grid: [10, 14]}"]
+    spec, base = load_spec(smoke, sets)
+    assert (base.data.batch_size, base.data.train_subset, base.data.test_subset) == (32, 512, 256)
+    assert (spec.search.algo, spec.search.n_startup_trials) == ("grid", 4)  # the spec's 2 went with it
+    assert spec.space["patch.size"].grid == [10, 14] and spec.space["patch.size"].choice is None
+    with pytest.raises(SpecError, match=r"smoke\.yaml \(--set\): base\.data\.batch_size: expected greater"):
+        load_spec(smoke, ["base.data={batch_size: 0}"])
+
+
 @pytest.mark.parametrize(
     ("epochs", "grace", "rf", "expected"),
     [(2, 1, 2.0, [1, 2]), (10, 1, 2.0, [1, 2, 4, 8]), (10, 2, 3.0, [2, 6]), (9, 1, 1.5, [1, 2, 3, 4, 6, 8])],
