@@ -983,7 +983,7 @@ def describe_validation_error(
         prefix: where `tree` sits in `source` (`base.` for a sweep spec's base): the keys are printed, and
             looked up in `lines`, with it.
     """
-    out = []
+    out: list[str] = []
     for e in err.errors():
         key, tag = _error_key(e, tree)
         msg = _MESSAGES.get(e["type"]) or e["msg"].removeprefix("Value error, ")
@@ -1003,7 +1003,14 @@ def describe_validation_error(
         got_s = "" if e["type"] in _NO_INPUT or isinstance(got, Mapping) else f" (got {got!r})"
         if key:
             where = f"{yaml_location(source, lines, prefix + key)}: " if source else ""
-            out.append(f"{where}{prefix}{key}: {msg}{got_s}")
+            head = f"{where}{prefix}{key}: "
+            # Each member of a union (`patch.size`: an int or a float) reports the same input: one line.
+            earlier = next((i for i, line in enumerate(out) if line.startswith(head + "expected ")), None)
+            if earlier is not None and msg.startswith("expected ") and out[earlier].endswith(got_s):
+                first = out[earlier].removeprefix(head).removesuffix(got_s).split(",")[0]
+                out[earlier] = f"{head}{first} or {msg.removeprefix('expected ').split(',')[0]}{got_s}"
+                continue
+            out.append(f"{head}{msg}{got_s}")
             continue
         # A check over the whole config names its keys itself, one problem a line: `patch.size: ...`.
         for line in f"{msg}{got_s}".splitlines():
@@ -1229,6 +1236,11 @@ def load_config(
     lines: dict[str, int] = {}
     if path is not None:
         tree, lines = read_yaml_file(path)
+    if path is not None and {"space", "metric"} <= tree.keys():
+        raise ConfigError(
+            f"{path}: a sweep spec, not a TrainConfig file; expected a config such as a run's config.yaml "
+            f"(the spec's base is one: python -m sweeps.run {path} --dry-run prints it)"
+        )
     over = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     source = str(path) if path is not None else ("overrides" if over else preset)
     try:

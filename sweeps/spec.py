@@ -396,21 +396,23 @@ def apply_spec_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> 
         if key == "base" or key.startswith("base."):
             inner = key.removeprefix("base").removeprefix(".")
             if not isinstance(tree.get("base", {}), dict):
-                raise SpecError(f"--set {key}: base is not a mapping")
+                raise SpecError(
+                    f"{key}: base is {show_value(tree['base'])}; expected a mapping of config sections"
+                )
             try:
                 tree["base"] = merge_overrides(tree.get("base", {}), {inner: value} if inner else value)
             except ConfigError as err:
-                raise SpecError(f"--set {key}: {err}") from None
+                raise SpecError(f"{key}: {err}") from None
         elif key.startswith("space."):
             tree.setdefault("space", {})
             if not isinstance(tree["space"], dict):
-                raise SpecError(f"--set {key}: space is not a mapping")
+                raise SpecError(f"{key}: space is {show_value(tree['space'])}; expected a mapping of axes")
             tree["space"][key.removeprefix("space.")] = value
         else:
             try:
                 set_dotted(tree, key, value)
             except ConfigError as err:
-                raise SpecError(f"--set {key}: {err}") from None
+                raise SpecError(f"{key}: {err}") from None
     return tree
 
 
@@ -468,7 +470,10 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
     except ConfigError as err:
         raise SpecError(str(err)) from None
     given = parse_overrides(overrides)
-    tree = apply_spec_overrides(tree, given)
+    try:
+        tree = apply_spec_overrides(tree, given)
+    except SpecError as err:
+        raise SpecError(f"{source} (--set): {err}") from None
     # A base mapping merges key by key (apply_spec_overrides): exactly its leaves now hold --set's values.
     set_keys = {k: v for k, v in given.items() if not is_under(k, ("base",))}
     set_keys |= flatten({k: v for k, v in given.items() if is_under(k, ("base",))})

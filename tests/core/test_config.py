@@ -127,6 +127,11 @@ def test_override_syntax_errors() -> None:
         ("pach.size=8", r"^overrides: pach: unknown key$"),
         ("patch.aug.flip=0.1", r"patch\.aug\.flip: unknown key"),
         ("patch.num=abc", r"patch\.num: expected a valid integer.*\(got 'abc'\)"),
+        # a union's members (patch.size: pixels or a fraction) report one line
+        (
+            "patch.size=abc",
+            r"^overrides: patch\.size: expected a valid integer or a valid number \(got 'abc'\)$",
+        ),
         ("data.batch_size=1.5", r"data\.batch_size: expected a valid integer.*\(got 1\.5\)"),
         ("optim.name=adam", r"optim\.name: expected 'lars', 'sgd' or 'adamw' \(got 'adam'\)"),
         ("eval.aggregation=[mean_emb,foo]", r"eval\.aggregation: expected 'mean_emb'.*\(got 'foo'\)"),
@@ -269,6 +274,15 @@ def test_a_directory_or_a_file_not_in_utf8(tmp_path: Path) -> None:
     latin.write_bytes("data:\n  name: synthetic\n# café\n".encode("latin-1"))
     assert config_error([], latin) == (
         f"{latin}:3: not UTF-8 text (byte 29: invalid continuation byte); expected a YAML file in UTF-8"
+    )
+
+
+def test_a_sweep_spec_given_as_a_config_is_told_so(tmp_path: Path) -> None:
+    spec = tmp_path / "smoke.yaml"
+    spec.write_text("name: s\nbase: {}\nspace: {patch.size: {choice: [8]}}\nmetric: val/knn_top1/mean_emb\n")
+    assert config_error([], spec) == (
+        f"{spec}: a sweep spec, not a TrainConfig file; expected a config such as a run's config.yaml (the "
+        f"spec's base is one: python -m sweeps.run {spec} --dry-run prints it)"
     )
 
 

@@ -580,7 +580,7 @@ def test_set_overrides_are_applied(capsys: pytest.CaptureFixture[str]) -> None:
         ("base.schedule.epochz=1", "schedule.epochz: unknown key"),
         ("space.patch.sise={choice: [8]}", "space.patch.sise: not a TrainConfig field"),
         ("num_samples=abc", "num_samples:"),
-        ("name.x=1", "--set name.x"),
+        ("name.x=1", "spec.yaml (--set): name.x: name: is a value, not a section"),
         ("novalue", "'novalue': expected key=value"),
     ],
 )
