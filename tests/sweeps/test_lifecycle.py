@@ -397,6 +397,18 @@ def test_space_hash_is_the_space_not_its_order_and_base_hash_ignores_where_a_run
 # --- end to end: real --local sweeps ---------------------------------------------------------------
 
 
+def _local_sweep(spec: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m sweeps.run SPEC --local` for one epoch, with `args`, as a user runs it."""
+    return subprocess.run(
+        sweep_cmd(spec, "--local", *ONE_EPOCH, *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 @pytest.fixture(scope="module")
 def two_sweeps(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
     """The same tiny spec run twice, then `--resume`d: the store, the spec and the three outputs."""
@@ -404,14 +416,7 @@ def two_sweeps(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, li
     spec = tiny_spec(tmp, "twice", num_samples=1)
     outs = []
     for extra in ((), (), ("--resume",)):
-        proc = subprocess.run(
-            sweep_cmd(spec, "--local", *ONE_EPOCH, *extra),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
+        proc = _local_sweep(spec, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(proc.stdout)
     return tmp, spec, outs
@@ -460,14 +465,7 @@ def test_resume_refuses_a_spec_other_than_the_one_the_sweep_ran(
     state_file = tmp / "storage" / "twice_local-2" / lifecycle.STATE_FILE
     before = state_file.read_bytes()
     changed = ("--set", "num_samples=2", "--set", "metric=train/loss", "--set", "mode=min")
-    proc = subprocess.run(
-        sweep_cmd(spec, "--local", *ONE_EPOCH, "--resume", *changed, "--set", "failure.max_retries=2"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = _local_sweep(spec, "--resume", *changed, "--set", "failure.max_retries=2")
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert line.startswith(
