@@ -392,8 +392,33 @@ def _check_datasets(source: str, spec: SweepSpec, base_cfg: TrainConfig) -> None
                 load_split(data, "test", base_cfg.run.seed)
             except DataError as err:
                 raise SpecError(f"{source}: {where}: {err}") from None
+        _check_axes_on_the_images(source, spec, base_cfg)
     finally:
         data_log.setLevel(level)
+
+
+def _check_axes_on_the_images(source: str, spec: SweepSpec, base_cfg: TrainConfig) -> None:
+    """An ImageFolder that keeps its images' own size has none until its files are read, so the spec's
+    check could not tell whether each axis's values fit it (a 40-px patch on 32-px images): told here,
+    once the size is read, and not by every trial that draws such a value."""
+    if base_cfg.image_size_known:
+        return
+    from bagssl_core.data import DataError, resolve_image_size
+
+    try:
+        sized = resolve_image_size(base_cfg)
+    except (ConfigError, DataError) as err:
+        raise SpecError(f"{source}: base.data: {err}") from None
+    tree = sized.model_dump(mode="json")
+    for key, d in spec.train_axes().items():
+        for v in d.probe_values():
+            try:
+                validate_config({key: v}, defaults=tree)
+            except ConfigError as err:
+                raise SpecError(
+                    f"{source}: space.{key}: value {v!r} is rejected once the images' own size is known "
+                    f"({sized.image_size} px): {str(err).splitlines()[0]}"
+                ) from None
 
 
 def _refuse_another_spec(

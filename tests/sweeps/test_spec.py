@@ -789,6 +789,36 @@ def test_cli_missing_dataset(tmp_path: Path) -> None:
     assert list(empty.iterdir()) == []
 
 
+def test_cli_an_axis_value_that_does_not_fit_an_imagefolders_own_size(tmp_path: Path) -> None:
+    """An ImageFolder that keeps its images' size has none until they are read: once the driver reads it, a
+    40-px patch on 32-px images is refused there, before Ray or MLflow, instead of failing its trials."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls, colour in (("ant", (250, 10, 10)), ("bee", (10, 10, 250))):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / split / cls / f"{i}.png")
+    text = (
+        runnable(tmp_path)
+        .replace(
+            "{name: fashion_mnist}", f"{{name: imagefolder, root: {tmp_path / 'images'}, batch_size: 2}}"
+        )
+        .replace("{choice: [8, 12]}", "{choice: [16, 40]}")
+    )
+    path = write(tmp_path, text)
+    proc, _ = run_cli(tmp_path, str(path))
+    assert_bad_input(
+        proc.returncode,
+        proc.stderr,
+        path,
+        "space.patch.size: value 40 is rejected once the images' own size is known (32 px): patch.size: a "
+        "40-px patch does not fit a 32-px image (imagefolder)",
+    )
+    assert proc.stderr.count("\n") == 1
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
+
+
 def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path) -> None:
     """`ray.init` would retry such an address for minutes without a word."""
     with socket.socket() as s:
