@@ -723,13 +723,21 @@ def test_cli_bad_spec(case: str, tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1  # one message
 
 
+def refused_before_the_sweep(tmp_path: Path, text: str, *expected: str) -> subprocess.CompletedProcess[str]:
+    """Run the spec `text` (no --dry-run: the checks that touch tracking, data and storage) and check that it
+    is one bad-input message holding `expected`, given before Ray started, MLflow's store or the storage."""
+    path = write(tmp_path, text)
+    proc, _ = run_cli(tmp_path, str(path))
+    assert_bad_input(proc.returncode, proc.stderr, path, *expected)
+    assert proc.stderr.count("\n") == 1, proc.stderr  # the message alone
+    assert "Ray" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
+    return proc
+
+
 def test_cli_unreachable_tracking_server_fails_fast(tmp_path: Path) -> None:
     text = runnable(tmp_path).replace(f"sqlite:///{tmp_path / 'mlflow.db'}", "http://127.0.0.1:9")
-    path = write(tmp_path, text)
-    proc, _ = run_cli(tmp_path, str(path))  # not --dry-run: a dry run never touches tracking
-    assert_bad_input(proc.returncode, proc.stderr, path, "tracking.uri", "http://127.0.0.1:9")
-    assert "Ray" not in proc.stderr  # refused before Ray started
-    assert not (tmp_path / "store").exists()
+    refused_before_the_sweep(tmp_path, text, "tracking.uri", "http://127.0.0.1:9")  # not a dry run
 
 
 def test_cli_storage_path_that_cannot_be_written(tmp_path: Path) -> None:
@@ -737,19 +745,13 @@ def test_cli_storage_path_that_cannot_be_written(tmp_path: Path) -> None:
     storage path must go, and it is left as it was."""
     (tmp_path / "a_file").write_text("kept\n")
     text = runnable(tmp_path).replace(str(tmp_path / "store"), str(tmp_path / "a_file" / "store"))
-    path = write(tmp_path, text)
-    proc, _ = run_cli(tmp_path, str(path))
-    assert_bad_input(
-        proc.returncode,
-        proc.stderr,
-        path,
+    refused_before_the_sweep(
+        tmp_path,
+        text,
         f"storage_path: cannot write to {tmp_path / 'a_file' / 'store'}: {tmp_path / 'a_file'} is a file, not a "
         "directory; expected a directory this user can create and write",
     )
-    assert proc.stderr.count("\n") == 1
-    assert "Ray" not in proc.stderr
     assert (tmp_path / "a_file").read_text() == "kept\n"
-    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_tracking_server_that_never_answers_is_given_up_on_after_the_timeout() -> None:
@@ -779,13 +781,7 @@ def test_cli_missing_dataset(tmp_path: Path) -> None:
     empty = tmp_path / "data"
     empty.mkdir()
     text = runnable(tmp_path).replace("{name: fashion_mnist}", f"{{name: cifar10, root: {empty}}}")
-    path = write(tmp_path, text)
-    proc, _ = run_cli(tmp_path, str(path))
-    assert_bad_input(
-        proc.returncode, proc.stderr, path, "base.data", "cifar10", str(empty), "data.download=true"
-    )
-    assert "Ray" not in proc.stderr
-    assert not (tmp_path / "mlflow.db").exists()
+    refused_before_the_sweep(tmp_path, text, "base.data", "cifar10", str(empty), "data.download=true")
     assert list(empty.iterdir()) == []
 
 
@@ -806,17 +802,12 @@ def test_cli_an_axis_value_that_does_not_fit_an_imagefolders_own_size(tmp_path: 
         )
         .replace("{choice: [8, 12]}", "{choice: [16, 40]}")
     )
-    path = write(tmp_path, text)
-    proc, _ = run_cli(tmp_path, str(path))
-    assert_bad_input(
-        proc.returncode,
-        proc.stderr,
-        path,
+    refused_before_the_sweep(
+        tmp_path,
+        text,
         "space.patch.size: value 40 is rejected once the images' own size is known (32 px): patch.size: a "
         "40-px patch does not fit a 32-px image (imagefolder)",
     )
-    assert proc.stderr.count("\n") == 1
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
 
 
 def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path) -> None:
@@ -848,13 +839,7 @@ def test_cli_missing_dataset_of_a_space_axis(tmp_path: Path) -> None:
         )
         .replace("{name: fashion_mnist}", f"{{name: fashion_mnist, root: {empty}}}")
     )
-    path = write(tmp_path, text)
-    proc, _ = run_cli(tmp_path, str(path))
-    assert_bad_input(
-        proc.returncode, proc.stderr, path, "space.data.name=cifar10: cifar10: not found", str(empty)
-    )
-    assert "Ray" not in proc.stderr
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "store").exists()
+    refused_before_the_sweep(tmp_path, text, "space.data.name=cifar10: cifar10: not found", str(empty))
 
 
 def test_a_base_mapping_given_by_set_merges_and_any_other_replaces() -> None:
