@@ -253,16 +253,21 @@ def _load(args: argparse.Namespace) -> tuple[SweepSpec, TrainConfig]:
     return spec, base_cfg
 
 
+def _local_sweep_to_resume(args: argparse.Namespace, spec: SweepSpec, root: str) -> Path | None:
+    """The directory of the sweep `--resume [NAME]` continues on local storage (SweepNotFound when there is
+    none to continue); None without --resume, or on remote storage, where MLflow names the sweeps."""
+    if args.resume is None or "://" in root:
+        return None
+    return lifecycle.sweep_to_resume(Path(root), spec.name, args.local, args.resume or None, args.spec)
+
+
 def _main(args: argparse.Namespace, driver: Driver) -> int:
     spec, base_cfg = _load(args)
     if args.dry_run:
-        root = storage_root(spec)
-        resumed = None
-        if args.resume is not None and "://" not in root:  # found as a real run would, writing nothing
-            resumed = lifecycle.sweep_to_resume(
-                Path(root), spec.name, args.local, args.resume or None, args.spec
-            )
-        print_plan(spec, base_cfg, args.spec, args.local, resumed)
+        # The sweep --resume would continue, found as a real run finds it, writing nothing.
+        print_plan(
+            spec, base_cfg, args.spec, args.local, _local_sweep_to_resume(args, spec, storage_root(spec))
+        )
         return EXIT_OK
 
     # Imported only now, in this one place: ray, torch and mlflow take seconds to import, and --help, a bad
@@ -274,11 +279,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
     local_exp = "://" not in root
     if local_exp:  # where the sweep will write, before anything is started or read
         writable_dir(root, f"{args.spec}: storage_path")
-    resume_dir = (
-        lifecycle.sweep_to_resume(Path(root), spec.name, args.local, args.resume or None, args.spec)
-        if local_exp and args.resume is not None
-        else None
-    )
+    resume_dir = _local_sweep_to_resume(args, spec, root)
     uri = resolve_uri(spec.tracking.uri)
     try:
         check_reachable(uri)
