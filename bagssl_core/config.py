@@ -76,7 +76,15 @@ def _is_size(v: int | float) -> bool:
 
 
 class ConfigError(ValueError):
-    """A configuration problem, already phrased for the user (file, key, what was expected)."""
+    """A configuration problem, already phrased for the user (file, key, what was expected).
+
+    `kinds` holds pydantic's error types (`int_from_float`, ...) when the problem came from validation, for
+    callers that act on the kind of a problem rather than on its wording.
+    """
+
+    def __init__(self, message: str, kinds: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.kinds = kinds
 
 
 class DataError(RuntimeError):
@@ -838,6 +846,13 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return tree
 
 
+def expand_dotted(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of `tree` with its dotted keys spelt out as sections: {"patch.size": 8} -> {"patch":
+    {"size": 8}}. `merge_overrides` reads dotted keys in the overrides only, so a file whose own keys may be
+    dotted is expanded first."""
+    return merge_overrides({}, tree)
+
+
 def read_yaml_file(
     path: str | Path, what: str = "a mapping of config sections"
 ) -> tuple[dict[str, Any], dict[str, int]]:
@@ -1197,7 +1212,10 @@ def _validate(
     try:
         return TrainConfig.model_validate(dict(tree), context=context)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, tree, source, lines, TrainConfig, prefix)) from None
+        raise ConfigError(
+            describe_validation_error(err, tree, source, lines, TrainConfig, prefix),
+            frozenset(e["type"] for e in err.errors()),
+        ) from None
 
 
 # `python -m bagssl_core train` without --config: a short but real job (Fashion-MNIST subsets, small
@@ -1245,7 +1263,7 @@ def load_config(
     source = str(path) if path is not None else ("overrides" if over else preset)
     try:
         # Dotted keys in the file (`patch.size: 8`) mean what they mean in an override or a spec's base.
-        tree = merge_overrides(merge_overrides({}, tree), over)
+        tree = merge_overrides(expand_dotted(tree), over)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
     # Overrides merge key by key, so exactly their flattened keys no longer hold the file's values.

@@ -40,6 +40,7 @@ from sweeps.spec import (
     SweepSpec,
     asha_max_t,
     asha_probe_epochs,
+    check_space_at_image_size,
     epoch_range,
     load_spec,
     resolve_base,
@@ -287,7 +288,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
         raise SpecError(f"{args.spec}: {err}") from None
     if resume_dir is not None:  # remote storage: in _start_sweep, which finds the sweep's name in MLflow
         _refuse_another_spec(args.spec, resume_dir.name, spec, base_cfg, uri, str(resume_dir))
-    _check_datasets(args.spec, spec, base_cfg)
+    _check_datasets(args.spec, args.overrides, spec, base_cfg)
     exp_dir = _start_sweep(args, spec, base_cfg, root, resume_dir, uri, driver)
 
     base_tree = resolve_base(spec, Path(args.spec).parent, args.spec)
@@ -372,10 +373,13 @@ def _start_sweep(
     return exp_dir
 
 
-def _check_datasets(source: str, spec: SweepSpec, base_cfg: TrainConfig) -> None:
+def _check_datasets(source: str, overrides: list[str], spec: SweepSpec, base_cfg: TrainConfig) -> None:
     """Fail on a missing dataset here, with the core's one-line message, not inside a Ray worker: the
-    base's, and each one a discrete axis over data.* picks (a `data.name: {choice: [...]}` axis)."""
-    from bagssl_core.data import DataError, load_split
+    base's, and each one a discrete axis over data.* picks (a `data.name: {choice: [...]}` axis). Each is
+    read as trials read it (training, validation and test split), so a subset or `data.val_size` that the
+    dataset cannot give fails here too. An ImageFolder that keeps its images' own size has the space
+    checked again at that size (`check_space_at_image_size`)."""
+    from bagssl_core.data import DataError, load_split, resolve_image_size
 
     datasets = {"base.data": base_cfg.data}
     base_tree = base_cfg.model_dump(mode="json")
@@ -390,36 +394,18 @@ def _check_datasets(source: str, spec: SweepSpec, base_cfg: TrainConfig) -> None
     try:
         for where, data in datasets.items():
             try:
-                load_split(data, "test", base_cfg.run.seed)
-            except DataError as err:
+                for split in ("val", "test"):  # "val" reads the training images and splits them
+                    load_split(data, split, base_cfg.run.seed)
+            except (ConfigError, DataError) as err:
                 raise SpecError(f"{source}: {where}: {err}") from None
-        _check_axes_on_the_images(source, spec, base_cfg)
+        if not base_cfg.image_size_known:
+            try:
+                size = resolve_image_size(base_cfg).image_size
+            except (ConfigError, DataError) as err:
+                raise SpecError(f"{source}: base.data: {err}") from None
+            check_space_at_image_size(source, overrides, size)
     finally:
         data_log.setLevel(level)
-
-
-def _check_axes_on_the_images(source: str, spec: SweepSpec, base_cfg: TrainConfig) -> None:
-    """An ImageFolder that keeps its images' own size has none until its files are read, so the spec's
-    check could not tell whether each axis's values fit it (a 40-px patch on 32-px images): told here,
-    once the size is read, and not by every trial that draws such a value."""
-    if base_cfg.image_size_known:
-        return
-    from bagssl_core.data import DataError, resolve_image_size
-
-    try:
-        sized = resolve_image_size(base_cfg)
-    except (ConfigError, DataError) as err:
-        raise SpecError(f"{source}: base.data: {err}") from None
-    tree = sized.model_dump(mode="json")
-    for key, d in spec.train_axes().items():
-        for v in d.probe_values():
-            try:
-                validate_config({key: v}, defaults=tree)
-            except ConfigError as err:
-                raise SpecError(
-                    f"{source}: space.{key}: value {v!r} is rejected once the images' own size is known "
-                    f"({sized.image_size} px): {str(err).splitlines()[0]}"
-                ) from None
 
 
 def _refuse_another_spec(

@@ -30,6 +30,7 @@ from bagssl_core.config import (
     TrainConfig,
     config_defaults,
     describe_validation_error,
+    expand_dotted,
     flatten,
     is_set,
     is_under,
@@ -446,7 +447,7 @@ def _read_base(spec: SweepSpec, spec_dir: Path, source: str) -> tuple[dict[str, 
         }
     try:
         # Dotted keys in the file mean what they mean in the spec's own base.
-        return merge_overrides(merge_overrides({}, tree), base), locations
+        return merge_overrides(expand_dotted(tree), base), locations
     except ConfigError as err:
         raise SpecError(f"{source}: base: {err}") from None
 
@@ -463,6 +464,37 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
 
     Returns the spec and the base TrainConfig. Raises SpecError with file, line, key and expectation.
     """
+    read = _read_spec(path, overrides)
+    _check_space_values(read.spec, read.base_tree, read.at)
+    _check_metric(read.spec, read.base_tree, read.base_cfg, read.at)
+    _check_grid_axes(read.spec, read.at)
+    _check_probe_epochs(read.spec, read.base_cfg, read.at)
+    return read.spec, read.base_cfg
+
+
+def check_space_at_image_size(path: str | Path, overrides: Iterable[str], image_size: int) -> None:
+    """`load_spec`'s check of the space's values again, with the base's images `image_size` px.
+
+    An ImageFolder that keeps its images' own size has none until its files are read, so `load_spec` could
+    not tell whether each axis's values fit it (a 40-px patch on 32-px images). The driver reads the size,
+    then calls this: a value that does not fit is refused before the sweep, with the spec's line, instead
+    of failing every trial that draws it.
+    """
+    read = _read_spec(path, overrides)
+    sized = merge_overrides(read.base_tree, {"data.image_size": image_size})
+    _check_space_values(read.spec, sized, read.at)
+
+
+@dataclass(frozen=True)
+class _ReadSpec:
+    spec: SweepSpec
+    base_tree: dict[str, Any]  # the base config as given (base.config file and the spec's base keys)
+    base_cfg: TrainConfig
+    at: Callable[[str], str]  # dotted spec key -> "file:line" where it was given
+
+
+def _read_spec(path: str | Path, overrides: Iterable[str]) -> _ReadSpec:
+    """The spec file with `--set` overrides applied, validated, and its base built and validated."""
     p = Path(path)
     source = str(p)
     try:
@@ -493,11 +525,7 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> tuple[SweepSpe
         base_cfg = validate_config(base_tree, source, base_file_lines | lines, prefix="base.")
     except ConfigError as err:
         raise SpecError(str(err)) from None
-    _check_space_values(spec, base_tree, at)
-    _check_metric(spec, base_tree, base_cfg, at)
-    _check_grid_axes(spec, at)
-    _check_probe_epochs(spec, base_cfg, at)
-    return spec, base_cfg
+    return _ReadSpec(spec, base_tree, base_cfg, at)
 
 
 def _check_probe_epochs(spec: SweepSpec, base_cfg: TrainConfig, at: Callable[[str], str]) -> None:
@@ -558,7 +586,7 @@ def _check_fractional_draws(spec: SweepSpec, base_tree: dict[str, Any], at: Call
         try:
             validate_config({}, defaults=merge_overrides(base_tree, {key: draw}))
         except ConfigError as err:
-            if "fractional part" in str(err):
+            if "int_from_float" in err.kinds:
                 raise SpecError(
                     f"{at(f'space.{key}')}: space.{key}: {d.kind} draws fractional values such as {draw:.4g}, "
                     f"and {key} takes whole numbers; expected randint, choice or grid"

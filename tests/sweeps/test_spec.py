@@ -785,9 +785,28 @@ def test_cli_missing_dataset(tmp_path: Path) -> None:
     assert list(empty.iterdir()) == []
 
 
-def test_cli_an_axis_value_that_does_not_fit_an_imagefolders_own_size(tmp_path: Path) -> None:
-    """An ImageFolder that keeps its images' size has none until they are read: once the driver reads it, a
-    40-px patch on 32-px images is refused there, before Ray or MLflow, instead of failing its trials."""
+@pytest.mark.parametrize(
+    ("axis", "expected"),
+    [
+        (
+            "patch.size: {choice: [16, 40]}",
+            ":6: space.patch.size: value 40 is rejected: patch.size: a 40-px patch does not fit a 32-px image "
+            "(imagefolder)",
+        ),
+        (  # an evaluation axis, probed inside each trial, is checked at the images' size too
+            "eval.grid_size: {choice: [16, 48]}",
+            ":7: space.eval.grid_size: value 48 is rejected: eval.grid_size: a 48-px grid patch does not fit a "
+            "32-px image",
+        ),
+    ],
+    ids=["training_axis", "evaluation_axis"],
+)
+def test_cli_an_axis_value_that_does_not_fit_an_imagefolders_own_size(
+    tmp_path: Path, axis: str, expected: str
+) -> None:
+    """An ImageFolder that keeps its images' size has none until they are read: once the driver reads it, the
+    spec's space is checked again at that size, so a 40-px patch on 32-px images is refused there, at its
+    line in the spec and before Ray or MLflow, instead of failing every trial that draws it."""
     from PIL import Image
 
     for split in ("train", "val"):
@@ -796,18 +815,36 @@ def test_cli_an_axis_value_that_does_not_fit_an_imagefolders_own_size(tmp_path: 
             for i in range(2):
                 Image.new("RGB", (32, 32), colour).save(tmp_path / "images" / split / cls / f"{i}.png")
     text = (
-        runnable(tmp_path)
-        .replace(
-            "{name: fashion_mnist}", f"{{name: imagefolder, root: {tmp_path / 'images'}, batch_size: 2}}"
-        )
-        .replace("{choice: [8, 12]}", "{choice: [16, 40]}")
+        with_axis(axis) if axis.startswith("eval.") else VALID.replace("patch.size: {choice: [8, 12]}", axis)
     )
-    refused_before_the_sweep(
-        tmp_path,
-        text,
-        "space.patch.size: value 40 is rejected once the images' own size is known (32 px): patch.size: a "
-        "40-px patch does not fit a 32-px image (imagefolder)",
+    text = runnable(tmp_path, text).replace(
+        "{name: fashion_mnist}",
+        f"{{name: imagefolder, root: {tmp_path / 'images'}, batch_size: 2, val_size: 1}}",
     )
+    refused_before_the_sweep(tmp_path, text, expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            "{name: fashion_mnist, train_subset: 300, val_size: 280, batch_size: 64}",
+            "base.data: data.val_size: 280 validation images leave 20 of the 300 training images, less than one "
+            "batch (data.batch_size=64); expected at most 236 validation images",
+        ),
+        (
+            "{name: fashion_mnist, train_subset: 70000}",
+            "base.data: data.train_subset: 70000 is more than the 60000 images of fashion_mnist train; expected "
+            "at most 60000",
+        ),
+    ],
+    ids=["val_size", "train_subset"],
+)
+def test_cli_a_split_the_dataset_cannot_give(tmp_path: Path, data: str, expected: str) -> None:
+    """The driver reads the training images as trials do, so a validation split or a subset that the
+    dataset cannot give is refused before Ray or MLflow, not by every trial at its start."""
+    text = runnable(tmp_path).replace("{name: fashion_mnist}", data)
+    refused_before_the_sweep(tmp_path, text, expected)
 
 
 def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path) -> None:
