@@ -45,17 +45,19 @@ class Placement:
 
 def init_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS); else start a local Ray sized to this machine's cores."""
+    # Messages name where the address came from: the flag, or the environment (as `ray job submit` sets it).
+    given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        _check_listening(address)
+        _check_listening(address, given)
         try:
             ctx = ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise SpecError(f"--address: cannot join the Ray cluster at {address}: {err}") from None
+            raise SpecError(f"{given}: cannot join the Ray cluster at {address}: {err}") from None
         if cluster_auth_mode(ctx.dashboard_url) == "disabled" and driver_auth_mode() == "token":
             ray.shutdown()
             raise SpecError(
-                f"--address: the Ray cluster at {address} runs without token authentication, but this driver "
+                f"{given}: the Ray cluster at {address} runs without token authentication, but this driver "
                 "has it on (RAY_AUTH_MODE=token, set by you or, since this machine holds a Ray token in "
                 "~/.ray/auth_token, by the sweep), so the cluster's processes could not call the driver back "
                 "and every trial would fail at once; expected the same mode on both sides: run the sweep "
@@ -79,7 +81,7 @@ def init_ray(address: str | None) -> None:
     )
 
 
-def _check_listening(address: str) -> None:
+def _check_listening(address: str, given: str) -> None:
     """SpecError unless a HOST:PORT address takes a TCP connection within 5 s: `ray.init` keeps retrying an
     address where nothing listens for minutes, with no message. Other forms ("auto", ray://...) are Ray's
     to resolve."""
@@ -95,7 +97,7 @@ def _check_listening(address: str) -> None:
             else (getattr(err, "strerror", None) or err)
         )
         raise SpecError(
-            f"--address: nothing answers at {address} ({reason}); expected a Ray head's GCS address, as "
+            f"{given}: nothing answers at {address} ({reason}); expected a Ray head's GCS address, as "
             "`ray start --head` prints it (HOST:6379 by default)"
         ) from None
 

@@ -662,13 +662,13 @@ def test_a_bad_base_value_is_located_where_it_was_given(tmp_path: Path) -> None:
 
 
 def run_cli(
-    tmp_path: Path, *args: str, timeout: float = 120
+    tmp_path: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "sweeps.run", *args],
         cwd=tmp_path,
-        env=clean_env(),
+        env=clean_env() | (env or {}),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -847,17 +847,23 @@ def test_cli_a_split_the_dataset_cannot_give(tmp_path: Path, data: str, expected
     refused_before_the_sweep(tmp_path, text, expected)
 
 
-def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path) -> None:
-    """`ray.init` would retry such an address for minutes without a word."""
+@pytest.mark.parametrize("given", ["--address", "RAY_ADDRESS"])
+def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path, given: str) -> None:
+    """`ray.init` would retry such an address for minutes without a word. The message names where the
+    address came from: the flag, or the environment (as `ray job submit` passes it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     path = write(tmp_path, runnable(tmp_path))
-    proc, seconds = run_cli(tmp_path, str(path), "--address", f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    if given == "--address":
+        proc, seconds = run_cli(tmp_path, str(path), "--address", address)
+    else:
+        proc, seconds = run_cli(tmp_path, str(path), env={"RAY_ADDRESS": address})
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
-        f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); expected a Ray head's GCS "
+        f"error: {given}: nothing answers at {address} (Connection refused); expected a Ray head's GCS "
         "address, as `ray start --head` prints it (HOST:6379 by default)"
     ]
     assert "Traceback" not in proc.stderr
