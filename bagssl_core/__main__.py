@@ -176,7 +176,6 @@ def _train(args: argparse.Namespace) -> int:
                 "--out: an empty path; expected the run's directory (or leave --out out for run.out_dir)"
             )
         out = Path(args.out or cfg.run.out_dir)
-        writable_dir(out, "--out" if args.out else "run.out_dir")
         if (out / SUMMARY_FILE).exists() or (out / CHECKPOINTS_DIR).exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")
         owner = run_owner(out)
@@ -186,8 +185,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{out}: the run has already ended; nothing to resume, nothing changed", file=sys.stderr)
         result = ended
     else:
-        if args.resume:  # checked before torch is imported, as a new run's directory is above
-            writable_dir(out, "--out" if args.out else "run.out_dir")
+        writable_dir(out, "--out" if args.out else "run.out_dir")  # before torch's import, and any work
         from bagssl_core.provenance import provenance
         from bagssl_core.train import train
 
