@@ -43,8 +43,11 @@ from bagssl_core.config import (
     TrainConfig,
     validate_config,
 )
+from bagssl_core.memory import Need, require_memory
 
 log = logging.getLogger(__name__)
+# In-memory datasets live in the host's memory, whatever device trains.
+CPU = torch.device("cpu")
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -249,6 +252,7 @@ def load_split(cfg: DataConfig, split: Split, seed: int) -> ImageData:
         images = data.images
         size = cfg.image_size or images.shape[-1]
         if images.shape[-1] != size:
+            require_memory([_images_need(cfg, split, images.shape[0], images.shape[1], size)], CPU)
             images = resize_images(images, size)
         if cfg.to_rgb and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
@@ -262,10 +266,22 @@ def _load_in_memory(cfg: DataConfig, source: Source, seed: int) -> TensorImageDa
     if cfg.name == "synthetic":
         n = cfg.synthetic_train if source == "train" else cfg.synthetic_test
         size = cfg.image_size or NATIVE_IMAGE_SIZE["synthetic"] or 32  # the table types imagefolder's None
+        require_memory([_images_need(cfg, source, n, 3, size)], CPU)
         images, labels = synthetic_images(n, cfg.synthetic_classes, size, seed, source)
         return TensorImageData("synthetic", source, images, labels, cfg.synthetic_classes)
     images, labels, num_classes = _LOADERS[cfg.name](cfg, source)
     return TensorImageData(cfg.name, source, images, labels, num_classes)
+
+
+def _images_need(cfg: DataConfig, split: str, n: int, channels: int, size: int) -> Need:
+    """The memory of `n` images held at `size` px, as an in-memory dataset holds them (uint8)."""
+    return Need(
+        f"the {n:,} {split} images of {cfg.name} at {size}x{size} px ({channels} channel"
+        f"{'s' if channels > 1 else ''}, uint8)",
+        n * channels * size * size,
+        "data.image_size",
+        f"a smaller data.image_size (got {size}), or fewer images (data.train_subset, data.test_subset)",
+    )
 
 
 def validation_size(cfg: DataConfig, num_train: int) -> int:

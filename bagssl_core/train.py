@@ -40,6 +40,7 @@ from bagssl_core.config import (
 )
 from bagssl_core.data import ImageData, collate_images, load_split, resolve_image_size
 from bagssl_core.losses import build_loss
+from bagssl_core.memory import Need, require_memory
 from bagssl_core.metrics import (
     ANALYSES_DIR,
     CHECKPOINT_SECONDS,
@@ -645,14 +646,15 @@ def start_run(
     image size resolved from the files (`resolve_image_size`), so that `--resume` compares like with like.
     """
     given, cfg = cfg, resolve_image_size(cfg)
-    if dist.is_main():
-        for line in tiny_patches(cfg):
-            log.warning(line)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed + dist.rank())
     device = resolve_device(cfg)
+    require_memory(training_needs(cfg), device)  # before the data load, which may take minutes
     train_data, eval_data = load_splits(cfg)
+    if dist.is_main():  # once the sizes are known to fit: a warning would be noise before their error
+        for line in tiny_patches(cfg):
+            log.warning(line)
     model: nn.Module = prepare_for_device(build_model(cfg.model, cfg.in_channels), device, cfg.model)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
@@ -678,6 +680,38 @@ def start_run(
         start_epoch=start_epoch,
         step=step,
     )
+
+
+def training_needs(cfg: TrainConfig) -> list[Need]:
+    """What one training step holds at once on a rank, at the least (`bagssl_core.memory`): its batch of
+    patches, the model's weights and gradients, and the features the projector keeps for its backward
+    pass. The model is built on the meta device, which allocates nothing, to count its parameters."""
+    b, n, c, side = per_rank_batch(cfg), cfg.patch.num, cfg.in_channels, cfg.input_size
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.in_channels)
+    params = sum(p.numel() for p in model.parameters())
+    features = model.embed_dim + sum(cfg.model.projector)
+    fewer = "fewer or smaller patches a step: a smaller data.batch_size, patch.num or patch.input_size"
+    return [
+        Need(
+            f"one batch of patches ({b} images a rank x patch.num={n} x {c}x{side}x{side} px, float32)",
+            b * n * c * side * side * 4,
+            "data.batch_size, patch.num, patch.input_size",
+            fewer,
+        ),
+        Need(
+            f"the model's weights and gradients ({params:,} parameters, float32)",
+            params * 4 * 2,
+            "model.projector",
+            f"a narrower model.projector (got {list(cfg.model.projector)})",
+        ),
+        Need(
+            f"the projector's features of one batch ({b * n:,} patches x {features:,} features, float32)",
+            b * n * features * 4,
+            "data.batch_size, patch.num, model.projector",
+            f"{fewer}, or a narrower model.projector (got {list(cfg.model.projector)})",
+        ),
+    ]
 
 
 def load_splits(cfg: TrainConfig) -> tuple[ImageData, dict[Split, ImageData]]:

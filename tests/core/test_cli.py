@@ -93,6 +93,23 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         ["train", "--config", "/dev/null"],
         r"^error: /dev/null: not a regular file; expected a YAML",
     ),
+    # Sizes whose tensors alone exceed this machine's memory: refused up front, not by torch's allocator.
+    "images_beyond_memory": (
+        ["train", "--out", "huge_images", "data.image_size=100000"],
+        r"^error: data\.image_size: this run needs at least [\d.]+ TiB at once, more than the [\d.]+ GiB of "
+        r"memory this machine has: [\d.]+ TiB for the 3,600 train images of fashion_mnist at 100000x100000 px "
+        r"\(1 channel, uint8\); expected a smaller data\.image_size \(got 100000\)",
+    ),
+    "patches_beyond_memory": (
+        ["train", "--out", "huge_patches", "patch.num=10000000"],
+        r"^error: data\.batch_size, patch\.num, model\.projector: this run needs at least [\d.]+ TiB at once.*; "
+        r"[\d.]+ TiB for one batch of patches \(128 images a rank x patch\.num=10000000 x 3x14x14 px, float32\)",
+    ),
+    "projector_beyond_memory": (
+        ["train", "--out", "huge_projector", "model.projector=[1000000,1000000]"],
+        r"^error: model\.projector: this run needs at least [\d.]+ TiB at once, .*: [\d.]+ TiB for the model's "
+        r"weights and gradients \(1,000,526,168,832 parameters, float32\);.* expected a narrower model\.projector",
+    ),
     # argparse's own errors, one line as well
     "unknown_flag": (
         ["train", "--bogus"],
