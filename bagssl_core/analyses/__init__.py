@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,26 @@ def check_analyses(names: Sequence[str]) -> None:
         raise ValueError(f"unknown analysis {', '.join(unknown)}; expected any of {', '.join(ANALYSES)}")
 
 
+def _write_together(out_dir: Path, report: AnalysisReport, results_json: str) -> None:
+    """Each figure and `analyses.json`, written under temporary names, then renamed into place together."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / RESULTS_FILE
+    # ".tmp.png", not ".png.tmp": matplotlib picks the format from the suffix.
+    staged = {name: (out_dir / f".{name}.tmp.png", path) for name, path in report.figures.items()}
+    staged[RESULTS_FILE] = (out_dir / f".{RESULTS_FILE}.tmp", results)
+    try:
+        for name, (tmp, _) in staged.items():
+            if name == RESULTS_FILE:
+                tmp.write_text(results_json)
+            else:
+                report.results[name].plot(tmp)
+        for tmp, final in staged.values():
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged.values():
+            tmp.unlink(missing_ok=True)
+
+
 def run_analyses(
     model: nn.Module,
     cfg: TrainConfig,
@@ -79,12 +100,15 @@ def run_analyses(
     autocast: bool = False,
 ) -> AnalysisReport:
     """Run each analysis of `names` on the (unwrapped) model in eval mode; write `out_dir/{name}.png` for
-    each and `out_dir/analyses.json` (every metric by name). The model's train/eval mode is restored."""
+    each and `out_dir/analyses.json` (every metric by name). The model's train/eval mode is restored.
+
+    The files are written once every analysis has run, each to a temporary name and then renamed over its
+    own: an analysis can run for long (`eval.analysis.neighbours`, small patches), and a run killed or
+    failing midway leaves `out_dir` as it was, never new PNGs beside an `analyses.json` of older ones."""
     check_analyses(names)
     inputs = AnalysisInputs(
         model, cfg, train_data, val_data, device, channel_stats(cfg.data.name, train_data.channels), autocast
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = AnalysisReport()
     blocks = []
     was_training = model.training
@@ -93,10 +117,8 @@ def run_analyses(
         for name in names:
             began = time.perf_counter()
             result = ANALYSES[name](inputs)
-            path = out_dir / f"{name}.png"
-            result.plot(path)
             report.metrics.update(result.metrics())
-            report.figures[name] = path
+            report.figures[name] = out_dir / f"{name}.png"
             report.results[name] = result
             blocks.append("\n".join(result.summary()))
             log.info("analysis %s: %.1f s", name, time.perf_counter() - began)
@@ -104,5 +126,5 @@ def run_analyses(
         model.train(was_training)
     report.text = "\n\n".join(blocks)
     payload = {str(k): v for k, v in report.metrics.items()}
-    (out_dir / RESULTS_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    _write_together(out_dir, report, json.dumps(payload, indent=2) + "\n")
     return report

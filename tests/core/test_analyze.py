@@ -237,6 +237,32 @@ def test_run_analyses_reports_every_expected_name(tmp_path: Path) -> None:
     assert "bag curve" in report.text and "locality" in report.text
 
 
+def test_analyses_stopped_midway_leave_the_directory_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run over the same directory that is interrupted (Ctrl-C) after its first analysis has run
+    changes no file there and leaves no temporary one: figures and `analyses.json` are written together."""
+    cfg = small_cfg(
+        "eval.analyses=[bag_curve, whole_vs_mean]", "eval.analysis.val_images=20",
+        "eval.analysis.bank_images=40", "eval.probes=[knn]", "patch.input_size=14",
+    )  # fmt: skip
+    train, val = splits(cfg)
+    run_analyses(small_cnn(), cfg, train, val, CPU, ["bag_curve", "whole_vs_mean"], tmp_path)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    assert sorted(before) == ["analyses.json", "bag_curve.png", "whole_vs_mean.png"]
+
+    def interrupted(inputs: AnalysisInputs) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(ANALYSES, "whole_vs_mean", interrupted)
+    other = small_cnn()
+    torch.nn.init.normal_(next(other.parameters()))  # another model: its bag curve would differ
+    with pytest.raises(KeyboardInterrupt):
+        run_analyses(other, cfg, train, val, CPU, ["bag_curve", "whole_vs_mean"], tmp_path)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    assert after == before
+
+
 # --- the command and the training run --------------------------------------------------------------
 
 TINY = [
