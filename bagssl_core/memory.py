@@ -13,14 +13,22 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from bagssl_core.config import ConfigError
+
+if TYPE_CHECKING:  # torch is imported only to ask a GPU its size: the sweep driver imports this module
+    import torch
 
 # cgroup v1 and v2 files holding the memory limit of this process's container; "max" or a number near 2**63
 # means none. A container's limit is what the kernel's OOM killer enforces, whatever the host has.
 _CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+class MemoryExceeded(ConfigError):
+    """A config whose own tensors exceed the memory of the device that runs it: bad input for a command
+    (exit 2), but in a sweep one trial's failure, not the spec's, since another machine or another trial's
+    values may fit."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ def memory_limit(device: torch.device) -> tuple[int, str]:
     """Bytes of memory on `device`, and how to name it: a GPU's total memory, else the machine's physical
     memory or its container's limit, whichever is smaller."""
     if device.type == "cuda":
+        import torch
+
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"GPU {device.index or 0} ({props.name})"
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -58,7 +68,7 @@ def memory_limit(device: torch.device) -> tuple[int, str]:
 
 
 def require_memory(needs: Sequence[Need], device: torch.device) -> None:
-    """ConfigError when `needs` together exceed `device`'s memory, starting with the largest need's knobs.
+    """MemoryExceeded when `needs` together exceed `device`'s memory, starting with the largest need's knobs.
 
     The message lists every need, largest first, so that the knob to change is plain."""
     total = sum(n.nbytes for n in needs)
@@ -67,7 +77,7 @@ def require_memory(needs: Sequence[Need], device: torch.device) -> None:
         return
     ordered = sorted(needs, key=lambda n: -n.nbytes)
     parts = "; ".join(f"{human_bytes(n.nbytes)} for {n.what}" for n in ordered)
-    raise ConfigError(
+    raise MemoryExceeded(
         f"{ordered[0].keys}: this run needs at least {human_bytes(total)} at once, more than the "
         f"{human_bytes(limit)} of memory {where} has: {parts}; expected {ordered[0].expected}"
     )

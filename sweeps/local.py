@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from bagssl_core.config import ConfigError
+from bagssl_core.memory import MemoryExceeded
 from bagssl_core.metrics import ANALYSES_DIR
 from sweeps.report import TrialOutcome
 from sweeps.space import tune_domain
@@ -45,6 +46,10 @@ def run_local(
                 result = run_trial(plan, params, Path(d), report)
                 # Its last report tells a diverged run from a finished one, as under Ray.
                 logger.complete(trial_id, Path(d) / ANALYSES_DIR if result.figures else None)
+        except MemoryExceeded as err:  # this trial's values on this machine: failed as under Ray
+            log.error("trial %s failed: %s", trial_id, err)
+            logger.error(trial_id, f"{type(err).__name__}: {err}")
+            continue
         except ConfigError:  # a bad config is the spec's fault, not one trial's
             raise
         except Exception as err:  # a trial's failure is recorded; the sweep goes on

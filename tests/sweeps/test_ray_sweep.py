@@ -146,6 +146,30 @@ def test_local_mode_runs_the_same_trial_code_without_ray(tmp_path: Path) -> None
     assert (tmp_path / "storage" / "local_local" / "best_config.yaml").is_file()
 
 
+def test_local_mode_fails_a_trial_whose_tensors_exceed_memory_and_goes_on(tmp_path: Path) -> None:
+    """Values that fit the spec but not this machine (a batch of 32 x 10**8 patches) fail their own trial,
+    as under Ray, instead of ending the sweep as bad input: another trial's values, or a bigger machine, may
+    fit."""
+    spec = tiny_spec(
+        tmp_path,
+        "memory",
+        space={"patch.num": {"grid": [2, 100_000_000]}},
+        search={"algo": "grid", "seed": 0},
+        scheduler={"name": "none"},
+        num_samples=1,
+    )
+    proc = _run(sweep_cmd(spec, "--local", "--set", "base.schedule.epochs=1"), timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the sweep ran to its end; a trial failed
+    assert "Traceback" not in proc.stderr
+    _, children = sweep_runs(tmp_path, "memory")
+    status = {int(float(r.data.params["patch.num"])): r.info.status for r in children}
+    assert status == {2: "FINISHED", 100_000_000: "FAILED"}
+    (failed,) = [r for r in children if r.info.status == "FAILED"]
+    assert failed.data.tags["bagssl.failure"].startswith(
+        "MemoryExceeded: data.batch_size, patch.num, model.projector: this run needs at least"
+    )
+
+
 def test_a_trial_that_can_never_be_placed_is_an_error_at_start(tmp_path: Path, ray_address: str) -> None:
     spec = tiny_spec(tmp_path, "infeasible")
     t0 = time.time()
