@@ -17,6 +17,7 @@ from typing import Any
 from bagssl_core.config import ConfigError, config_to_yaml, merge_overrides, validate_config
 from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED, ProbeKey, intervals_overlap, n_images
 from bagssl_core.outputs import writable_dir
+from bagssl_core.run_files import run_owner
 from sweeps.space import trial_overrides, variant_values
 from sweeps.spec import Objective, SweepSpec
 
@@ -425,7 +426,42 @@ def default_out_dir(experiment: str, parent_id: str) -> Path:
     return Path("sweep_reports") / f"{experiment}_{parent_id[:8]}"
 
 
-def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir: Path | None) -> Path:
+# What a report folder holds (`sweeps.report_html.build_report`): a folder holding anything else is not an
+# earlier report, and rebuilding one there would delete its PNGs and log its other files on the parent run.
+REPORT_FILES = ("report.html", "report.json")
+REPORT_EXTRAS = ("*.png", "analyses")
+
+
+def check_report_dir(out: str) -> None:
+    """ConfigError unless `out` (--out) can take a report: a new or empty directory, or an earlier report's
+    (both `REPORT_FILES` and nothing but `REPORT_EXTRAS` beside them), writable, and no run's own files."""
+    if not out.strip():
+        raise ConfigError("--out: an empty path; expected the report's folder (or leave --out out)")
+    path = Path(out)
+    owner = run_owner(path)
+    if owner is not None:
+        raise ConfigError(f"--out: {out} is part of {owner}; expected a folder outside a run's own files")
+    if path.is_dir():
+        entries = sorted(path.iterdir())
+        others = [
+            e.name
+            for e in entries
+            if e.name not in REPORT_FILES and not any(e.match(pattern) for pattern in REPORT_EXTRAS)
+        ]
+        missing = [f for f in REPORT_FILES if not (path / f).is_file()]
+        if entries and (others or missing):
+            found = (
+                f"holds files a report does not write ({', '.join(others[:5])})"
+                if others
+                else f"has no {' or '.join(missing)}, so it is not an earlier report"
+            )
+            raise ConfigError(
+                f"--out: {out} {found}; expected a new or empty folder, or an earlier report's, which is replaced"
+            )
+    writable_dir(path, "--out")
+
+
+def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir: str | Path | None) -> Path:
     """Read the sweep from the store, write report.html, its PNGs and report.json under out_dir (default
     `sweep_reports/<experiment>_<parent run id[:8]>`), log them under `report/` on the parent run, and
     return the path of report.html. Raises `sweeps.results.ResultsError` naming what was expected."""
@@ -434,7 +470,7 @@ def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir:
     from sweeps.results import load_sweep
 
     results = load_sweep(uri, experiment, parent_id)
-    built = publish(results, out_dir or default_out_dir(experiment, results.parent_id))
+    built = publish(results, Path(out_dir) if out_dir else default_out_dir(experiment, results.parent_id))
     return built.html.resolve()
 
 
@@ -460,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output folder (default: sweep_reports/<experiment>_<run id>)"
+        "--out",
+        default=None,
+        help="output folder: new, empty, or an earlier report's, which is replaced (default: "
+        "sweep_reports/<experiment>_<run id>)",
     )
     args = p.parse_args(argv)
     from sweeps.results import ResultsError
@@ -468,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.out is not None:  # before MLflow is read and the figures drawn
-            writable_dir(args.out, "--out")
+            check_report_dir(args.out)
         path = build_from_mlflow(resolve_uri(args.tracking_uri), args.experiment, args.parent, args.out)
     except (ResultsError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from bagssl_core.metrics import EPOCH_SECONDS, PATCHES_PER_S, ProbeKey
@@ -50,7 +52,7 @@ from sweeps.report import (
     score,
     score_fields,
 )
-from sweeps.results import SweepResults, TrialRecord, download_artifact
+from sweeps.results import ResultsError, SweepResults, TrialRecord, download_artifact
 from sweeps.spec import Objective
 
 REPORT_DIR = "report"  # the parent run's artifact folder
@@ -507,8 +509,29 @@ def render_html(results: SweepResults, sections: Sequence[Section], out_dir: Pat
 
 
 def publish(results: SweepResults, out_dir: Path) -> BuiltReport:
-    """Build the report under out_dir and log the folder as `report/` on the sweep's parent run."""
+    """Build the report under out_dir and log the folder as `report/` on the sweep's parent run.
+
+    Raises:
+        ResultsError: out_dir lies in the store's own artifact folders (the report would be logged into
+            itself), or the store refused the upload (the report stays built under out_dir).
+    """
     client = MlflowClient(tracking_uri=results.tracking_uri)
+    artifacts = urlparse(client.get_run(results.parent_id).info.artifact_uri)
+    if artifacts.scheme in ("", "file"):
+        # <experiment's artifact location>/<run id>/artifacts: nothing under the experiment's folder is ours.
+        experiment_dir = Path(artifacts.path).resolve().parents[1]
+        if out_dir.resolve().is_relative_to(experiment_dir):
+            raise ResultsError(
+                f"--out: {out_dir} lies in the MLflow store's artifact folders ({experiment_dir}); expected a "
+                "folder outside them (the report is logged there under report/)"
+            )
     built = build_report(results, out_dir, client)
-    client.log_artifacts(results.parent_id, str(out_dir), REPORT_DIR)
+    try:
+        client.log_artifacts(results.parent_id, str(out_dir), REPORT_DIR)
+    except (OSError, MlflowException) as err:
+        raise ResultsError(
+            f"{results.tracking_uri}: the report is written at {out_dir}, but logging it on the parent run "
+            f"{results.parent_id} failed ({type(err).__name__}: {str(err).splitlines()[0]}); expected an "
+            "artifact store this user can write"
+        ) from None
     return built

@@ -402,6 +402,35 @@ def test_report_of_a_real_sweep_rebuilt_from_mlflow_renders_in_chromium(tmp_path
         img = mpimg.imread(out / png)
         assert img.ndim == 3 and img.shape[0] > 50 and img.std() > 0.01, png
 
+    # Again into the same folder: an earlier report is replaced. Into the store's own artifact folders: refused
+    # before anything is written there.
+    before = {p.name for p in out.iterdir()}
+    assert run(cmd, tmp_path, timeout=600).returncode == 0
+    assert {p.name for p in out.iterdir()} == before
+    from mlflow.tracking import MlflowClient
+
+    artifacts = Path(MlflowClient(tracking_uri=uri).get_run(parent).info.artifact_uri.removeprefix("file://"))
+    inside = [*cmd[:-1], str(artifacts / "mine")]
+    refused = run(inside, tmp_path, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert refused.stderr.startswith(
+        f"error: --out: {artifacts / 'mine'} lies in the MLflow store's artifact"
+    )
+    assert not (artifacts / "mine").exists()
+    # A store that refuses the upload (a file where the parent's report/ folder goes): one line, and the
+    # report stays built where it was asked for.
+    (artifacts / "report").rename(tmp_path / "logged_report")
+    (artifacts / "report").write_text("in the way\n")
+    refused = run([*cmd[:-1], str(tmp_path / "unlogged")], tmp_path, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr[-2000:]
+    assert (
+        f"the report is written at {tmp_path / 'unlogged'}, but logging it on the parent run"
+        in refused.stderr
+    )
+    assert (tmp_path / "unlogged" / "report.html").is_file()
+    (artifacts / "report").unlink()
+    (tmp_path / "logged_report").rename(artifacts / "report")
+
     page = html_path.read_text()
     assert "BEATS the best trial: raw_pixels" in page
     assert 'src="file:' not in page and 'src="/' not in page  # self-contained
@@ -424,8 +453,6 @@ def test_report_of_a_real_sweep_rebuilt_from_mlflow_renders_in_chromium(tmp_path
     )  # text and figures, not one colour
 
     # The same files are on the parent run, under report/.
-    from mlflow.tracking import MlflowClient
-
     logged = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(parent, "report")}
     assert {"report/report.html", "report/report.json", "report/cost.png"} <= logged
 
@@ -451,11 +478,37 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
             ["--experiment", "plain", "--tracking-uri", uri, "--out", f"{tmp_path}/a_file/report"],
             f"--out: cannot write to {tmp_path}/a_file/report: {tmp_path}/a_file is a file, not a directory",
         ),
+        (["--experiment", "plain", "--tracking-uri", uri, "--out", ""], "--out: an empty path"),
+        # a folder that is not an earlier report: rebuilding there would delete its PNGs and log the rest
+        (
+            ["--experiment", "plain", "--tracking-uri", uri, "--out", f"{tmp_path}/mine"],
+            f"--out: {tmp_path}/mine holds files a report does not write (notes.txt)",
+        ),
+        (
+            ["--experiment", "plain", "--tracking-uri", uri, "--out", f"{tmp_path}/pictures"],
+            f"--out: {tmp_path}/pictures has no report.html or report.json, so it is not an earlier report",
+        ),
+        (
+            ["--experiment", "plain", "--tracking-uri", uri, "--out", f"{tmp_path}/run/checkpoints"],
+            f"--out: {tmp_path}/run/checkpoints is part of the run at {tmp_path}/run",
+        ),
     ]
     (tmp_path / "a_file").write_text("kept\n")
+    (tmp_path / "mine").mkdir()
+    for name in ("holiday.png", "notes.txt", "report.json"):
+        (tmp_path / "mine" / name).write_text(name)
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "pictures" / "holiday.png").write_text("kept")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "summary.json").write_text("{}")
     for args, expected in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (args, err)
     assert not (tmp_path / "missing.db").exists()  # a wrong path never creates an empty store
     assert (tmp_path / "a_file").read_text() == "kept\n"
+    assert sorted(p.read_text() for p in (tmp_path / "mine").iterdir()) == [
+        "holiday.png",
+        "notes.txt",
+        "report.json",
+    ]
