@@ -32,6 +32,7 @@ from bagssl_core.metrics import (
 from sweeps.report import TrialOutcome, trial_status
 from sweeps.spec import Objective, SweepSpec
 from sweeps.tracking import (
+    MLFLOW_TABLES,
     PARENT_TAG,
     TAG_FAILURE,
     TAG_REFINES,
@@ -40,6 +41,7 @@ from sweeps.tracking import (
     TAG_TRIAL,
     TrackingError,
     check_reachable,
+    sqlite_tables,
 )
 
 TRIAL_PARAM_PREFIX = "trial."  # a child's sampled values (TrialPlan.describe); the rest is its config
@@ -132,9 +134,30 @@ def open_store(uri: str) -> MlflowClient:
         check_reachable(uri)
     except TrackingError as err:
         raise ResultsError(str(err)) from None
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ResultsError(f"--tracking-uri: {uri}: no such file; expected the sqlite store a sweep wrote")
+    if uri.startswith("sqlite:///"):
+        problem = sqlite_store_problem(Path(uri.removeprefix("sqlite:///")))
+        if problem is not None:
+            raise ResultsError(f"--tracking-uri: {uri}: {problem}; expected the sqlite store a sweep wrote")
     return MlflowClient(tracking_uri=uri)
+
+
+def sqlite_store_problem(db: Path) -> str | None:
+    """Why the file `db` is not an existing MLflow sqlite store to read, or None. MLflow would create the
+    file, or its tables in an empty file or database, and then report 'no experiment': a reader must leave
+    what it was given as it was."""
+    if not db.exists():
+        return "no such file"
+    if not db.is_file():
+        return "not a file"
+    if db.stat().st_size == 0:
+        return "an empty file, not an MLflow store"
+    try:
+        tables = sqlite_tables(db)
+    except TrackingError as err:
+        return str(err)
+    if not tables >= MLFLOW_TABLES:
+        return "an SQLite database without MLflow's tables, not an MLflow store"
+    return None
 
 
 def load_sweep(uri: str, experiment: str, parent_id: str | None = None) -> SweepResults:

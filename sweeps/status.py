@@ -47,6 +47,10 @@ def _store_problem(uri: str) -> str | None:
             return f"store not a file: {db}"
         if db.stat().st_size == 0:
             return f"store empty: {db}"
+        from sweeps.results import sqlite_store_problem
+
+        if sqlite_store_problem(db) is not None:
+            return f"store not MLflow's: {db}"
     elif uri.startswith(("http://", "https://")):
         from sweeps.tracking import TrackingError, check_reachable
 

@@ -20,6 +20,7 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,30 @@ def _check_sqlite_file(uri: str, db: Path) -> None:
         raise TrackingError(
             f"tracking.uri: {uri}: {db} cannot be written; expected a database file this user can read and write"
         )
+    tables = sqlite_tables(db) if header else set()
+    if tables and not tables >= MLFLOW_TABLES:
+        # MLflow would add its tables beside another application's.
+        raise TrackingError(
+            f"tracking.uri: {uri}: {db} is another application's SQLite database (tables: "
+            f"{', '.join(sorted(tables)[:5])}); expected an MLflow sqlite store, or a path where sqlite can create one"
+        )
+
+
+# Tables every MLflow sqlite store has: a database that lacks them is not one (MLflow would create them).
+MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs"})
+
+
+def sqlite_tables(db: Path) -> set[str]:
+    """The tables of the sqlite database `db`, read without writing anything (a read-only connection)."""
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise TrackingError(
+            f"{db}: cannot be read as an SQLite database ({err}); expected an MLflow store"
+        ) from None
 
 
 def _check_database_driver(uri: str) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -277,12 +279,20 @@ def test_status_shows_a_sweep_whose_store_cannot_be_read_as_unknown(
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "notes.txt").write_text("not a database\n")
     (tmp_path / "empty.db").write_bytes(b"")
+    with closing(sqlite3.connect(tmp_path / "app.db")) as conn:
+        conn.execute("CREATE TABLE notes (text)")
+        conn.commit()
     empty_mlflow_store(tmp_path / "mlflow.db")  # a real store, without the sweep's parent run
     stores = {
         "a-dir": (f"sqlite:///{tmp_path / 'a_dir'}", f"store not a file: {tmp_path / 'a_dir'}"),
         "b-gone": (f"sqlite:///{tmp_path / 'gone.db'}", f"store gone: {tmp_path / 'gone.db'}"),
         "c-empty": (f"sqlite:///{tmp_path / 'empty.db'}", f"store empty: {tmp_path / 'empty.db'}"),
-        "d-not-sqlite": (f"sqlite:///{tmp_path / 'notes.txt'}", "MLflow: DatabaseError: "),
+        "d-not-sqlite": (
+            f"sqlite:///{tmp_path / 'notes.txt'}",
+            f"store not MLflow's: {tmp_path / 'notes.txt'}",
+        ),
+        # another application's database: MLflow would have added its tables beside the application's
+        "d2-foreign": (f"sqlite:///{tmp_path / 'app.db'}", f"store not MLflow's: {tmp_path / 'app.db'}"),
         "e-no-run": (f"sqlite:///{tmp_path / 'mlflow.db'}", "MLflow: MlflowException: "),
         "f-bogus": ("bogus://x", "MLflow: UnsupportedModelRegistryStoreURIException: "),
         "g-no-server": ("http://127.0.0.1:9", "no answer from http://127.0.0.1:9"),

@@ -9,8 +9,10 @@ import json
 import random
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -479,6 +481,16 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
             f"--out: cannot write to {tmp_path}/a_file/report: {tmp_path}/a_file is a file, not a directory",
         ),
         (["--experiment", "plain", "--tracking-uri", uri, "--out", ""], "--out: an empty path"),
+        # files that are not MLflow stores stay as they were: MLflow would have created its tables in them
+        (
+            ["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"],
+            f"--tracking-uri: sqlite:///{tmp_path}/empty.db: an empty file, not an MLflow store",
+        ),
+        (
+            ["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/app.db"],
+            f"tracking.uri: sqlite:///{tmp_path}/app.db: {tmp_path}/app.db is another application's SQLite "
+            "database (tables: notes)",
+        ),
         # a folder that is not an earlier report: rebuilding there would delete its PNGs and log the rest
         (
             ["--experiment", "plain", "--tracking-uri", uri, "--out", f"{tmp_path}/mine"],
@@ -494,6 +506,11 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
         ),
     ]
     (tmp_path / "a_file").write_text("kept\n")
+    (tmp_path / "empty.db").write_bytes(b"")
+    with closing(sqlite3.connect(tmp_path / "app.db")) as conn:
+        conn.execute("CREATE TABLE notes (text)")
+        conn.commit()
+    app_db = (tmp_path / "app.db").read_bytes()
     (tmp_path / "mine").mkdir()
     for name in ("holiday.png", "notes.txt", "report.json"):
         (tmp_path / "mine" / name).write_text(name)
@@ -512,3 +529,5 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
         "notes.txt",
         "report.json",
     ]
+    assert (tmp_path / "pictures" / "holiday.png").read_text() == "kept"
+    assert (tmp_path / "empty.db").read_bytes() == b"" and (tmp_path / "app.db").read_bytes() == app_db

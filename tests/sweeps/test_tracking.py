@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -504,13 +506,22 @@ def test_a_sqlite_store_that_cannot_hold_the_runs_is_refused_and_left_alone(tmp_
         f"sqlite:///{tmp_path}/a_dir": (
             f"{tmp_path}/a_dir is a directory; expected the database file (sqlite:///{tmp_path}/a_dir/mlflow.db)"
         ),
+        # MLflow would create its tables beside the application's
+        f"sqlite:///{tmp_path}/app.db": (
+            f"{tmp_path}/app.db is another application's SQLite database (tables: notes); expected an MLflow "
+            "sqlite store, or a path where sqlite can create one"
+        ),
     }
+    with closing(sqlite3.connect(tmp_path / "app.db")) as conn:
+        conn.execute("CREATE TABLE notes (text)")
+        conn.commit()
+    app_db = (tmp_path / "app.db").read_bytes()
     for uri, problem in cases.items():
         with pytest.raises(TrackingError) as info:
             check_reachable(uri)
         assert str(info.value) == f"tracking.uri: {uri}: {problem}"
-    assert spec.read_text() == "name: t\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "spec.yaml"]  # nothing created
+    assert spec.read_text() == "name: t\n" and (tmp_path / "app.db").read_bytes() == app_db
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "app.db", "spec.yaml"]  # nothing created
     assert list((tmp_path / "a_dir").iterdir()) == []
 
 
