@@ -443,7 +443,9 @@ def _find_idx(directory: Path, stem: str) -> Path | None:
 
 def _load_fashion_mnist(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, torch.Tensor, int]:
     root = Path(cfg.root)
-    dirs = [FASHION_MNIST_SYSTEM_DIR, root, root / "FashionMNIST" / "raw"]
+    # data.root first: files the user points at are used (and checked), never silently replaced by the
+    # system's copy, which serves when data.root holds none.
+    dirs = [root, root / "FashionMNIST" / "raw", FASHION_MNIST_SYSTEM_DIR]
     img_stem, lbl_stem = _FASHION_MNIST_FILES[split]
     for d in dirs:
         img_path, lbl_path = _find_idx(d, img_stem), _find_idx(d, lbl_stem)
@@ -454,8 +456,8 @@ def _load_fashion_mnist(cfg: DataConfig, split: Source) -> tuple[torch.Tensor, t
             return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10
     if not cfg.download:
         raise DataError(
-            f"fashion_mnist: {split} files not found in {FASHION_MNIST_SYSTEM_DIR}, {root} or "
-            f"{root / 'FashionMNIST' / 'raw'}; install Debian's dataset-fashion-mnist "
+            f"fashion_mnist: {split} files not found in {root}, {root / 'FashionMNIST' / 'raw'} or "
+            f"{FASHION_MNIST_SYSTEM_DIR}; install Debian's dataset-fashion-mnist "
             "(apt-get install dataset-fashion-mnist) or set data.download=true"
         )
     import torchvision

@@ -83,9 +83,8 @@ def test_fashion_mnist_resized_once_at_load() -> None:
 
 
 @needs_fmnist
+@needs_fmnist
 def test_fashion_mnist_from_root_gz_or_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The system directory is tried first; point it elsewhere so that data.root is what gets read.
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     raw = tmp_path / "a" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     plain = tmp_path / "b"
@@ -97,11 +96,28 @@ def test_fashion_mnist_from_root_gz_or_plain(tmp_path: Path, monkeypatch: pytest
     b = load_split(DataConfig(root=str(plain), to_rgb=False), "test", seed=0)
     assert len(a) == 10_000 and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert np.array_equal(a.images[:, 0].numpy(), read_idx(FMNIST / "t10k-images-idx3-ubyte.gz"))
+    # Files in neither data.root nor the system directory: one line saying where they were looked for.
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     with pytest.raises(DataError) as err:
         load_split(DataConfig(root=str(tmp_path / "a")), "train", seed=0)
     msg = str(err.value)
     assert "\n" not in msg and "fashion_mnist" in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "data.download=true" in msg
+
+
+@needs_fmnist
+def test_a_damaged_fashion_mnist_in_data_root_is_refused_not_replaced_by_the_system_copy(
+    tmp_path: Path,
+) -> None:
+    """data.root is read first: its files are what the user pointed at, so a damaged copy there is an error
+    naming it, even though the system's good copy would load."""
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(FMNIST / f"{stem}.gz", tmp_path)
+    raw = gzip.decompress((FMNIST / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    with pytest.raises(DataError) as err:
+        load_split(DataConfig(root=str(tmp_path)), "test", seed=0)
+    assert str(err.value).startswith(f"{tmp_path / 't10k-images-idx3-ubyte.gz'}: ")
 
 
 def _idx_bytes(magic: int, dims: tuple[int, ...], payload: bytes) -> bytes:
