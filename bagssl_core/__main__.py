@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from bagssl_core.arguments import Parser
 from bagssl_core.config import (
@@ -45,7 +46,8 @@ from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line's parser, and each command's own."""
     p = Parser(prog="python -m bagssl_core", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one run (defaults: a short Fashion-MNIST job on CPU)")
@@ -116,7 +118,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--out", help="write the baseline metrics as JSON here")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.probes=[knn]")
-    return p
+    return p, {"train": t, "eval": e, "analyze": a, "baselines": b}
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with options and key=value overrides in any order (`eval RUN --out F eval.knn_k=5`).
+
+    Each command's parser reads its arguments intermixed: argparse's plain parsing gives a `nargs="*"`
+    positional only the values before the first option and refuses the rest. Intermixed parsing does not
+    work through subparsers, so the command is picked here; --help and an unknown command go to the
+    top-level parser.
+    """
+    parser, commands = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -135,7 +154,9 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _baselines(args: argparse.Namespace) -> int:
     cfg = _given_config(args)
-    if args.out:  # before the probes, whose results would otherwise be lost to a path that cannot be written
+    if (
+        args.out is not None
+    ):  # before the probes, whose results would be lost to a path that cannot be written
         writable_file(args.out, "--out")
 
     from bagssl_core.baselines import format_baselines, score_baselines_on
@@ -254,7 +275,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.overrides, args.checkpoint = [args.checkpoint, *args.overrides], None
     if args.random_init == (args.checkpoint is not None):
         raise ConfigError("eval: expected either a CHECKPOINT or --random-init (with an optional --config)")
-    if args.out:
+    if args.out is not None:
         writable_file(args.out, "--out")
     if args.random_init:
         cfg = load_config(args.config, args.overrides)
@@ -274,6 +295,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise ConfigError(str(err)) from None
         source = f"{args.checkpoint} + overrides"
         cfg = validate_config(parse_overrides(args.overrides), source, defaults=state["config"])
+        _refuse_other_channels(cfg, state["model"])
         epoch = state["epoch"]
     metrics = metric_names(probe_backbone(cfg, None if state is None else state["model"]))
     print(format_probe_table(metrics))
@@ -282,6 +304,19 @@ def _eval(args: argparse.Namespace) -> int:
         payload = {"checkpoint": what, EPOCH: epoch, **metrics}
         _write_json(args.out, payload)
     return EXIT_OK
+
+
+def _refuse_other_channels(cfg: TrainConfig, weights: dict[str, Any]) -> None:
+    """ConfigError when data.* overrides give the checkpoint's backbone images of other channels than it was
+    trained on (a grayscale dataset kept at 1 channel, or data.to_rgb): its first layer cannot take them.
+    That layer is the first convolution among the weights, which follow the modules' order."""
+    trained = next(int(w.shape[1]) for w in weights.values() if w.ndim == 4)
+    if cfg.in_channels != trained:
+        raise ConfigError(
+            f"eval: data.name={cfg.data.name}, data.to_rgb={str(cfg.data.to_rgb).lower()}: images of "
+            f"{cfg.in_channels} channel{'s' if cfg.in_channels > 1 else ''}, but the checkpoint's backbone takes "
+            f"{trained}; expected data overrides that keep its input channels"
+        )
 
 
 def _checkpoint_to_probe(args: argparse.Namespace) -> Path:
@@ -310,7 +345,7 @@ COMMANDS = {"train": _train, "eval": _eval, "analyze": _analyze, "baselines": _b
 
 def main(argv: list[str] | None = None) -> int:
     prefer_passive_wait()  # before any command imports torch
-    args = _parser().parse_args(argv)
+    args = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)

@@ -102,7 +102,9 @@ def analyze(
         out = Path(out_dir) if out_dir is not None else default_out_dir(path)
     except (FileNotFoundError, RuntimeError) as err:
         raise ConfigError(str(err)) from None
-    writable_dir(out, "--out" if out_dir is not None else "the analyses' directory")
+    writable_dir(
+        out_dir if out_dir is not None else out, "--out" if out_dir is not None else "the analyses' directory"
+    )
     cfg = analysis_config(state["config"], only, overrides, f"{path} + overrides")
     if cfg.run.threads:
         import torch

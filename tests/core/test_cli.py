@@ -113,7 +113,31 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     # argparse's own errors, one line as well
     "unknown_flag": (
         ["train", "--bogus"],
-        r"^error: python -m bagssl_core: unrecognized arguments: --bogus; see python -m bagssl_core --help$",
+        r"^error: python -m bagssl_core train: unrecognized arguments: --bogus; see python -m bagssl_core train "
+        r"--help$",
+    ),
+    "unknown_command": (
+        ["fit"],
+        r"^error: python -m bagssl_core: argument command: invalid choice: 'fit'",
+    ),
+    # An empty --out would be the working directory.
+    "eval_empty_out": (
+        ["eval", "run", "--out", ""],
+        r"^error: --out: an empty path; expected the path of a file",
+    ),
+    "baselines_empty_out": (
+        ["baselines", "--out", ""],
+        r"^error: --out: an empty path; expected the path of a",
+    ),
+    "analyze_empty_out": (
+        ["analyze", "run", "--out", ""],
+        r"^error: --out: an empty path; expected a directory$",
+    ),
+    # data.* may change how a checkpoint is probed, but not the channels its first layer takes.
+    "eval_other_channels": (
+        ["eval", "run", "data.name=fashion_mnist", "data.to_rgb=false"],
+        r"^error: eval: data\.name=fashion_mnist, data\.to_rgb=false: images of 1 channel, but the checkpoint's "
+        r"backbone takes 3; expected data overrides that keep its input channels$",
     ),
     "bad_choice": (
         ["baselines", "--preset", "bogus"],
@@ -220,6 +244,11 @@ def results(work: Path, trained: Trained) -> dict[str, subprocess.CompletedProce
     commands["eval_checkpoint"] = ["eval", "run", "--out", "eval.json"]
     commands["eval_random_init"] = ["eval", "--random-init", "--config", "tiny.yaml", "--out", "random.json"]
     commands["eval_random_init_overrides"] = ["eval", "--random-init", "--out", "random2.json", *TINY]
+    # Options and overrides in any order, as the usage lines write them.
+    commands["eval_override_after_out"] = ["eval", "run", "--out", "centre.json", "eval.aggregation=[centre]"]
+    commands["train_overrides_around_options"] = [
+        "train", "--preset", "none", *TINY[:5], "--out", "mixed", "--quiet", *TINY[5:], "run.seed=3",
+    ]  # fmt: skip
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {name: pool.submit(cli, args, work) for name, args in commands.items()}
         return {name: f.result() for name, f in futures.items()}
@@ -237,9 +266,24 @@ def test_bad_input_is_one_message_and_exit_2(
     assert re.search(BAD_INPUT[case][1], lines[0]), lines[0]
 
 
+def test_options_and_overrides_may_come_in_any_order(
+    work: Path, results: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    """`eval RUN --out F key=value` and overrides on both sides of an option: argparse alone gives the
+    overrides positional only the values before the first option, and refused the rest."""
+    for case in ("eval_override_after_out", "train_overrides_around_options"):
+        assert results[case].returncode == 0, results[case].stderr[-2000:]
+    probes = [k for k in json.loads((work / "centre.json").read_text()) if "/knn_" in k]
+    assert probes and all(k.endswith("/centre") for k in probes)
+    saved = yaml.safe_load((work / "mixed" / "config.yaml").read_text())
+    assert saved["run"]["seed"] == 3 and saved["data"]["name"] == "synthetic" and saved["patch"]["num"] == 2
+
+
 # Refused from the command line and the files it names alone: no dataset to read, no checkpoint to load.
 REFUSED_BEFORE_TORCH = (
     "unknown_key",
+    "eval_empty_out",
+    "baselines_empty_out",
     "wrong_type",
     "patch_too_large",
     "malformed_yaml",
