@@ -180,6 +180,8 @@ class ImageFolderData(ImageData):
             img = decode_image(str(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as err:
             raise DataError(f"imagefolder: cannot decode {path}: {str(err).splitlines()[0]}") from None
+        if img.dtype != torch.uint8:  # a 16-bit PNG: scaled to 8 bits, as every other image is held
+            img = TF.to_dtype(img, torch.uint8, scale=True)
         if img.shape[-2:] == (self.image_size, self.image_size):
             return img
         img = TF.resize(img, [self.image_size], antialias=True)

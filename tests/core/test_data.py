@@ -240,6 +240,21 @@ def test_imagefolder_labels_and_size(tmp_path: Path) -> None:
     assert len(sub) == 2 and all(sub[i][1] == int(sub.labels[i]) for i in range(2))
 
 
+def test_imagefolder_reads_16_bit_pngs_as_8_bit_images(tmp_path: Path) -> None:
+    """torchvision decodes a 16-bit PNG to uint16, which could not be stacked with the uint8 images: it is
+    held as the others are, its top 8 bits (40000 >> 8 = 156)."""
+    _write_tree(tmp_path)
+    Image.fromarray(np.full((16, 16), 40_000, dtype=np.uint16)).save(tmp_path / "train" / "ant" / "deep.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, val_size=2)
+    deep = []
+    for split in ("train", "val"):
+        part = load_split(cfg, split, seed=0)
+        images, _ = part.__getitems__(list(range(len(part))))
+        assert images.dtype == torch.uint8
+        deep += [im for f, im in zip(part.files, images, strict=True) if f.name == "deep.png"]
+    assert len(deep) == 1 and deep[0].unique().tolist() == [156]
+
+
 def test_imagefolder_validation_comes_from_train_and_test_from_val(tmp_path: Path) -> None:
     """ImageNet's layout: val/ is the held-out test split; validation images are carved from train/."""
     _write_tree(tmp_path)
