@@ -30,6 +30,7 @@ from bagssl_core.config import (
     ConfigError,
     DataError,
     TrainConfig,
+    error_message,
     flatten,
     is_under,
     load_config,
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

@@ -94,6 +94,23 @@ class DataError(RuntimeError):
     without importing torch first."""
 
 
+def error_message(err: BaseException) -> str:
+    """`err`'s message, on one line where torch made it several.
+
+    A DataLoader re-raises a worker's exception as the same type, with the worker's traceback in its
+    message ("Caught DataError in DataLoader worker process 0.", "Original Traceback ...", and last
+    "bagssl_core.config.DataError: MESSAGE"): the original message is that last line's end.
+    """
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        marker = f"{type(err).__name__}: "
+        at = last.find(marker)
+        if at >= 0:
+            return last[at + len(marker) :]
+    return text
+
+
 def takes_numbers(annotation: Any) -> bool:
     """Whether a field's type holds numbers (int or float, alone, optional, in a union or as the items of a
     list or tuple), and no booleans."""

@@ -9,6 +9,7 @@ same time (a few at once) and each test checks one of the results.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import yaml
+from torchvision.io import write_png
 
 from bagssl_core.config import load_config
 from bagssl_core.metrics import TIMING_METRICS
@@ -53,6 +55,30 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "missing_dataset": (
         ["train", "--out", "cifar_run", "data.name=cifar10", "data.root=empty_root"],
         r"^error: cifar10: not found .* in empty_root; set data\.download=true",
+    ),
+    # Decoded in a DataLoader worker, which re-raises the error with its own traceback in the message.
+    "corrupt_image_in_a_worker": (
+        [
+            "train",
+            "--out",
+            "corrupt_run",
+            "--preset",
+            "none",
+            "data.name=imagefolder",
+            "data.root=corrupt_tree",
+            "data.num_workers=1",
+            "data.image_size=16",
+            "data.batch_size=2",
+            "data.val_size=1",
+            "patch.num=2",
+            "patch.size=8",
+            "patch.input_size=8",
+            "model.projector=[16,16]",
+            "eval.probes=[knn]",
+            "schedule.epochs=1",
+            "run.threads=1",
+        ],
+        r"^error: imagefolder: cannot decode corrupt_tree/train/a/\d\.png: ",
     ),
     "eval_missing_checkpoint": (["eval", "no_such_run"], r"^error: no_such_run: no checkpoint here"),
     "eval_nothing_to_probe": (["eval"], r"^error: eval: expected either a CHECKPOINT or --random-init"),
@@ -181,6 +207,8 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
         r"^error: --out: cannot write to a_file/analyses: a_file is a file, not a directory",
     ),
 }
+# Found once the run has started: the data's INFO lines (loaded splits) come before the error's.
+FOUND_ONCE_RUNNING = frozenset({"corrupt_image_in_a_worker"})
 # Resuming the finished tiny run: name -> arguments.
 RESUME = {
     # nothing but the run directory: the run's own config
@@ -227,6 +255,13 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save({"weights": torch.zeros(2)}, work / "foreign" / "state.pt")  # a torch file, not a checkpoint
     (work / "torn").mkdir()
     (work / "torn" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    for split, cls in itertools.product(("train", "val"), "ab"):  # every train/a image is cut short
+        (work / "corrupt_tree" / split / cls).mkdir(parents=True)
+        for i in range(3):
+            png = work / "corrupt_tree" / split / cls / f"{i}.png"
+            write_png(torch.full((3, 16, 16), 100 if cls == "a" else 200, dtype=torch.uint8), str(png))
+            if (split, cls) == ("train", "a"):
+                png.write_bytes(png.read_bytes()[:60])  # the header, so its size still reads
     tiny = load_config(None, TINY).model_dump(mode="json")
     (work / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     return work
@@ -262,6 +297,8 @@ def test_bad_input_is_one_message_and_exit_2(
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
+    if case in FOUND_ONCE_RUNNING:
+        lines = [line for line in lines if not line.startswith("INFO ")]
     assert len(lines) == 1, proc.stderr
     assert re.search(BAD_INPUT[case][1], lines[0]), lines[0]
 
