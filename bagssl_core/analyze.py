@@ -71,6 +71,11 @@ def analysis_config(
         stored_eval = stored.get("eval")
         asked = stored_eval.get("analyses") if isinstance(stored_eval, dict) else None
         tree["eval.analyses"] = asked or list(ANALYSES)
+    elif tree["eval.analyses"] == []:  # for `train`, no analyses; here, a command with nothing to do
+        raise ConfigError(
+            f"analyze: eval.analyses: an empty list; expected one or more of {', '.join(ANALYSES)} (or leave it "
+            "out for the run's own, else all)"
+        )
     return validate_config(tree, source, defaults=stored)
 
 

@@ -69,6 +69,23 @@ def check_analyses(names: Sequence[str]) -> None:
         raise ValueError(f"unknown analysis {', '.join(unknown)}; expected any of {', '.join(ANALYSES)}")
 
 
+def _kept_results(out_dir: Path, names: Sequence[str]) -> dict[str, float]:
+    """The metrics an earlier `analyses.json` in out_dir holds for the analyses not run again now: their
+    PNGs stay in the folder, so their numbers stay in the file beside them."""
+    try:
+        earlier = json.loads((out_dir / RESULTS_FILE).read_text())
+    except (OSError, ValueError):  # none yet, or not ours to read: written anew
+        return {}
+    if not isinstance(earlier, dict):
+        return {}
+    kept = {}
+    for name, value in earlier.items():
+        key = AnalysisKey.parse(name)
+        if key is not None and key.analysis not in names:
+            kept[name] = value
+    return kept
+
+
 def _write_together(out_dir: Path, report: AnalysisReport, results_json: str) -> None:
     """Each figure and `analyses.json`, written under temporary names, then renamed into place together."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +117,8 @@ def run_analyses(
     autocast: bool = False,
 ) -> AnalysisReport:
     """Run each analysis of `names` on the (unwrapped) model in eval mode; write `out_dir/{name}.png` for
-    each and `out_dir/analyses.json` (every metric by name). The model's train/eval mode is restored.
+    each and `out_dir/analyses.json` (every metric by name; an earlier file's metrics of analyses not run now
+    are kept, as their PNGs are). The model's train/eval mode is restored.
 
     The files are written once every analysis has run, each to a temporary name and then renamed over its
     own: an analysis can run for long (`eval.analysis.neighbours`, small patches), and a run killed or
@@ -125,6 +143,6 @@ def run_analyses(
     finally:
         model.train(was_training)
     report.text = "\n\n".join(blocks)
-    payload = {str(k): v for k, v in report.metrics.items()}
+    payload = _kept_results(out_dir, names) | {str(k): v for k, v in report.metrics.items()}
     _write_together(out_dir, report, json.dumps(payload, indent=2) + "\n")
     return report

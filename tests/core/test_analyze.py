@@ -263,6 +263,29 @@ def test_analyses_stopped_midway_leave_the_directory_as_it_was(
     assert after == before
 
 
+def test_analyses_run_again_replace_their_own_numbers_and_keep_the_others(tmp_path: Path) -> None:
+    """A later run of some analyses into the same folder: their PNGs and numbers are replaced, and the other
+    analyses' numbers stay in analyses.json beside their PNGs, which stay too."""
+    cfg = small_cfg(
+        "eval.analyses=[bag_curve, whole_vs_mean]", "eval.analysis.val_images=20",
+        "eval.analysis.bank_images=40", "eval.probes=[knn]", "patch.input_size=14",
+    )  # fmt: skip
+    train, val = splits(cfg)
+    first = run_analyses(small_cnn(), cfg, train, val, CPU, ["bag_curve", "whole_vs_mean"], tmp_path)
+    other = small_cnn()
+    torch.nn.init.normal_(next(other.parameters()))
+    again = run_analyses(other, cfg, train, val, CPU, ["bag_curve"], tmp_path)
+    saved = json.loads((tmp_path / "analyses.json").read_text())
+    expected = {str(k): v for k, v in first.metrics.items() if k.analysis == "whole_vs_mean"}
+    expected |= {str(k): v for k, v in again.metrics.items()}
+    assert saved == expected and expected.keys() == {str(k) for k in first.metrics}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "analyses.json",
+        "bag_curve.png",
+        "whole_vs_mean.png",
+    ]
+
+
 # --- the command and the training run --------------------------------------------------------------
 
 TINY = [
@@ -298,6 +321,7 @@ def test_train_runs_the_analyses_and_analyze_reproduces_them(tmp_path: Path) -> 
         "unknown": (["analyze", "run", "--only", "bag_curve,colour"], r"^error: analyze: --only: unknown analysis colour"),
         "model_key": (["analyze", "run", "patch.size=8"], r"^error: analyze: patch\.size: cannot change what the"),
         "bad_value": (["analyze", "run", "eval.analysis.queries=0"], r"eval\.analysis\.queries"),
+        "no_analysis": (["analyze", "run", "eval.analyses=[]"], r"^error: analyze: eval\.analyses: an empty list"),
     }  # fmt: skip
     commands = {"again": ["analyze", "run", "--only", "bag_curve,locality", "--out", "again"]}
     commands |= {name: args for name, (args, _) in bad_input.items()}
