@@ -13,7 +13,7 @@ from typing import Any
 
 from bagssl_core.analyses import ANALYSES, AnalysisReport, run_analyses
 from bagssl_core.config import ConfigError, TrainConfig, parse_overrides, validate_config
-from bagssl_core.data import load_split
+from bagssl_core.data import check_same_data, data_identity, load_split
 from bagssl_core.metrics import ANALYSES_DIR
 from bagssl_core.models import build_model, prepare_for_device
 from bagssl_core.outputs import writable_dir
@@ -121,6 +121,7 @@ def analyze(
     model.load_state_dict(state["model"])
     model = prepare_for_device(model, device, cfg.model)
     train_data = load_split(cfg.data, "train", cfg.run.seed)
+    check_same_data(state.get("data"), data_identity(train_data), cfg.data.root, f"the checkpoint at {path}")
     val_data = load_split(cfg.data, "val", cfg.run.seed)
     report = run_analyses(
         model, cfg, train_data, val_data, device, cfg.eval.analyses, out, use_bf16(cfg, device)

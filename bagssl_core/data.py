@@ -20,12 +20,13 @@ files without it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import tarfile
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,47 @@ class ImageFolderData(ImageData):
             return img
         img = TF.resize(img, [self.image_size], antialias=True)
         return TF.center_crop(img, [self.image_size, self.image_size])
+
+
+def data_identity(train: ImageData) -> dict[str, Any]:
+    """What tells one dataset from another, for a checkpoint to keep: its classes, its number of training
+    images and a fingerprint of them as a run draws them (their labels in order; an ImageFolder's class and
+    file names too). A data.root that moved gives the same; other images or labels do not."""
+    digest = hashlib.sha256(train.labels.numpy().tobytes())
+    classes = train.classes if isinstance(train, ImageFolderData) else None
+    if isinstance(train, ImageFolderData):
+        for f in train.files:
+            digest.update(f"{f.parent.name}/{f.name}\n".encode())
+    return {
+        "name": train.name,
+        "num_classes": train.num_classes,
+        "classes": classes,
+        "images": len(train),
+        "fingerprint": digest.hexdigest()[:16],
+    }
+
+
+def check_same_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any], root: str, source: str) -> None:
+    """ConfigError unless `now` (`data_identity` of the data found now) is the data a checkpoint (`source`)
+    saved as `saved`; a checkpoint written before identities were saved (None) is taken as it is."""
+    if not saved:
+        return
+    differ = []
+    if (saved["num_classes"], saved["classes"]) != (now["num_classes"], now["classes"]):
+        then, found = (
+            f"{d['num_classes']} classes" + (f" ({', '.join(d['classes'][:5])})" if d["classes"] else "")
+            for d in (saved, now)
+        )
+        differ.append(f"{then} then, {found} now")
+    if saved["images"] != now["images"]:
+        differ.append(f"{saved['images']} training images then, {now['images']} now")
+    if not differ and saved["fingerprint"] != now["fingerprint"]:
+        differ.append("other training images or labels")
+    if differ:
+        raise ConfigError(
+            f"data.root: {root}: not the {now['name']} data {source} was trained on ({'; '.join(differ)}); "
+            "expected the same images (data.root may move them, not change them)"
+        )
 
 
 def collate_images(

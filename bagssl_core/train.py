@@ -38,7 +38,14 @@ from bagssl_core.config import (
     tiny_patches,
     validate_config,
 )
-from bagssl_core.data import ImageData, collate_images, load_split, resolve_image_size
+from bagssl_core.data import (
+    ImageData,
+    check_same_data,
+    collate_images,
+    data_identity,
+    load_split,
+    resolve_image_size,
+)
 from bagssl_core.losses import build_loss
 from bagssl_core.memory import Need, require_memory
 from bagssl_core.metrics import (
@@ -468,6 +475,7 @@ def save_checkpoint(run: Run, epoch: int) -> Path:
         "epoch": epoch,
         "step": run.step,
         "config": run.cfg.model_dump(mode="json"),
+        "data": data_identity(run.train_data),  # to refuse other data under a moved data.root
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -658,7 +666,11 @@ def start_run(
     model: nn.Module = prepare_for_device(build_model(cfg.model, cfg.in_channels), device, cfg.model)
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
-    start_epoch, step = _resume(resume_from, model, optimizer) if resume_from is not None else (0, 0)
+    start_epoch, step = (
+        _resume(resume_from, model, optimizer, train_data, cfg.data.root)
+        if resume_from is not None
+        else (0, 0)
+    )
     model = default_wrapper(model, device)
     model.train()
     if dist.is_main():
@@ -721,10 +733,18 @@ def load_splits(cfg: TrainConfig) -> tuple[ImageData, dict[Split, ImageData]]:
     return train_data, {s: load_split(cfg.data, s, cfg.run.seed) for s in ("val", "test")}
 
 
-def _resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+def _resume(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_data: ImageData,
+    data_root: str,
+) -> tuple[int, int]:
     """Load a checkpoint into the (unwrapped) model and the optimizer and restore the random state;
-    returns the epochs and steps it had done."""
+    returns the epochs and steps it had done. ConfigError when `train_data` is not the data it trained on."""
     state = load_checkpoint(path)
+    where = f"the checkpoint at {find_checkpoint(path)}"
+    check_same_data(state.get("data"), data_identity(train_data), data_root, where)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _restore_rng(state["rng"])

@@ -547,6 +547,71 @@ def test_resume_continues_an_interrupted_run_from_its_own_config(work: Path) -> 
     ]
 
 
+def _image_tree(root: Path, classes: str, prefix: str = "") -> None:
+    for split, cls in itertools.product(("train", "val"), classes):
+        (root / split / cls).mkdir(parents=True)
+        for i in range(3):
+            value = 60 + 60 * classes.index(cls) + 5 * i
+            write_png(
+                torch.full((3, 16, 16), value, dtype=torch.uint8),
+                str(root / split / cls / f"{prefix}{i}.png"),
+            )
+
+
+def test_a_data_root_holding_other_images_is_refused_by_resume_and_analyze(work: Path) -> None:
+    """data.root may move a run's images, never change them: a checkpoint keeps its data's identity
+    (classes, image count, a fingerprint of names and labels), and `train --resume` and `analyze` compare."""
+    _image_tree(work / "two", "ab")
+    _image_tree(work / "three", "abc")
+    _image_tree(work / "renamed", "ab", prefix="x")  # the same classes and count, other images
+    shutil.copytree(work / "two", work / "moved")
+    settings = [
+        "data.name=imagefolder", "data.batch_size=2", "data.val_size=1", "patch.num=2", "patch.size=8",
+        "patch.input_size=8", "model.projector=[16,16]", "eval.probes=[knn]", "run.threads=1",
+    ]  # fmt: skip
+    args = ["train", "--out", "if_run", "--quiet", "--preset", "none", *settings, "data.root=two"]
+    trained = cli([*args, "schedule.epochs=2"], work)
+    assert trained.returncode == 0, trained.stderr
+    (work / "if_run" / "summary.json").unlink()  # cut back to a crash after epoch 1
+    shutil.rmtree(work / "if_run" / "checkpoints" / "epoch_0002")
+    lines = (work / "if_run" / "metrics.jsonl").read_text().splitlines()
+    (work / "if_run" / "metrics.jsonl").write_text(lines[0] + "\n")
+
+    checkpoint = "the checkpoint at if_run/checkpoints/epoch_0001"
+    refused = {
+        "resume_three": (
+            ["train", "--out", "if_run", "--resume", "--quiet", "data.root=three"],
+            f"data.root: three: not the imagefolder data {checkpoint} was trained on (2 classes (a, b) then, 3 "
+            "classes (a, b, c) now; 5 training images then, 8 now)",
+        ),
+        "analyze_renamed": (
+            [
+                "analyze",
+                "if_run",
+                "data.root=renamed",
+                "--only",
+                "bag_curve",
+                "--out",
+                "an_renamed",
+                "eval.analysis.val_images=2",
+                "eval.analysis.bank_images=4",
+            ],
+            "data.root: renamed: not the imagefolder data the checkpoint at if_run was trained on (other training "
+            "images or labels)",
+        ),
+    }
+    for name, (command, message) in refused.items():
+        proc = cli(command, work)
+        errors = [line for line in proc.stderr.splitlines() if not line.startswith("INFO ")]
+        assert proc.returncode == 2 and errors == [
+            f"error: {message}; expected the same images (data.root may move them, not change them)"
+        ], (name, proc.stderr)
+    assert not (work / "an_renamed").exists()
+    moved = cli(["train", "--out", "if_run", "--resume", "--quiet", "data.root=moved"], work)
+    assert moved.returncode == 0, moved.stderr
+    assert "status: finished after 2 epochs" in moved.stdout
+
+
 def with_old_loss_names(tree: dict[str, Any]) -> dict[str, Any]:
     """A tcr config as a run saved it before each loss had its own knobs (config_to_yaml at commit
     766e226^): one flat loss section with every loss's knobs, the tcr ones under their old names."""
