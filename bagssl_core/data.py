@@ -626,7 +626,13 @@ def resolve_image_size(cfg: TrainConfig) -> TrainConfig:
     files = [f for source in ("train", "test") for f in _imagefolder_files(root, source)[0]]
     size = imagefolder_size(files, root)
     log.info("imagefolder: every image under %s is %dx%d: data.image_size=%d", root, size, size, size)
-    return validate_config({"data": {"image_size": size}}, defaults=cfg.model_dump())
+    try:
+        return validate_config({"data": {"image_size": size}}, defaults=cfg.model_dump())
+    except ConfigError as err:  # about a data.image_size the user never set: say where the size came from
+        raise ConfigError(
+            f"imagefolder: the images under {root} are {size}x{size} px, kept at their own size as "
+            f"data.image_size is not set, and at that size: {err}"
+        ) from None
 
 
 def _load_imagefolder(root: Path, split: Source, image_size: int | None) -> ImageFolderData:

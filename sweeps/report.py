@@ -461,7 +461,9 @@ def check_report_dir(out: str) -> None:
     writable_dir(path, "--out")
 
 
-def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir: str | Path | None) -> Path:
+def build_from_mlflow(
+    uri: str, experiment: str, parent_id: str | None, out_dir: str | Path | None, what: str = "--tracking-uri"
+) -> Path:
     """Read the sweep from the store, write report.html, its PNGs and report.json under out_dir (default
     `sweep_reports/<experiment>_<parent run id[:8]>`), log them under `report/` on the parent run, and
     return the path of report.html. Raises `sweeps.results.ResultsError` naming what was expected."""
@@ -469,7 +471,7 @@ def build_from_mlflow(uri: str, experiment: str, parent_id: str | None, out_dir:
     from sweeps.report_html import publish
     from sweeps.results import load_sweep
 
-    results = load_sweep(uri, experiment, parent_id)
+    results = load_sweep(uri, experiment, parent_id, what)
     built = publish(results, Path(out_dir) if out_dir else default_out_dir(experiment, results.parent_id))
     return built.html.resolve()
 
@@ -503,12 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     from sweeps.results import ResultsError
-    from sweeps.tracking import resolve_uri
+    from sweeps.tracking import resolve_uri, uri_source
 
     try:
         if args.out is not None:  # before MLflow is read and the figures drawn
             check_report_dir(args.out)
-        path = build_from_mlflow(resolve_uri(args.tracking_uri), args.experiment, args.parent, args.out)
+        what = uri_source(args.tracking_uri, "--tracking-uri")
+        path = build_from_mlflow(resolve_uri(args.tracking_uri), args.experiment, args.parent, args.out, what)
     except (ResultsError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

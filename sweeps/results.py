@@ -127,17 +127,17 @@ def parse_param(text: str) -> Any:
     return None if text == "None" else value
 
 
-def open_store(uri: str) -> MlflowClient:
+def open_store(uri: str, what: str = "--tracking-uri") -> MlflowClient:
     """A client of an existing store: an unreachable server or a missing sqlite file is an error (MLflow
-    would create an empty database and report 'no experiment' instead)."""
+    would create an empty database and report 'no experiment' instead). Messages name the URI as `what`."""
     try:
-        check_reachable(uri)
+        check_reachable(uri, what=what)
     except TrackingError as err:
         raise ResultsError(str(err)) from None
     if uri.startswith("sqlite:///"):
         problem = sqlite_store_problem(Path(uri.removeprefix("sqlite:///")))
         if problem is not None:
-            raise ResultsError(f"--tracking-uri: {uri}: {problem}; expected the sqlite store a sweep wrote")
+            raise ResultsError(f"{what}: {uri}: {problem}; expected the sqlite store a sweep wrote")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -160,10 +160,12 @@ def sqlite_store_problem(db: Path) -> str | None:
     return None
 
 
-def load_sweep(uri: str, experiment: str, parent_id: str | None = None) -> SweepResults:
-    """Read a sweep from the store at `uri`: the parent `parent_id`, else the newest sweep parent run of
-    `experiment`. Raises ResultsError naming what was expected."""
-    client = open_store(uri)
+def load_sweep(
+    uri: str, experiment: str, parent_id: str | None = None, what: str = "--tracking-uri"
+) -> SweepResults:
+    """Read a sweep from the store at `uri` (named `what` in messages): the parent `parent_id`, else the
+    newest sweep parent run of `experiment`. Raises ResultsError naming what was expected."""
+    client = open_store(uri, what)
     try:
         return _load(client, uri, experiment, parent_id)
     except MlflowException as err:

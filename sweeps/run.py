@@ -273,7 +273,13 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
 
     # Imported only now, in this one place: ray, torch and mlflow take seconds to import, and --help, a bad
     # spec and --dry-run must answer at once. Ray must be imported after prepare_ray_environment (main).
-    from sweeps.tracking import TrackingError, TrackingUnavailable, check_reachable, resolve_uri
+    from sweeps.tracking import (
+        TrackingError,
+        TrackingUnavailable,
+        check_reachable,
+        resolve_uri,
+        uri_source,
+    )
     from sweeps.trainable import TrialPlan
 
     root = storage_root(spec)
@@ -283,7 +289,7 @@ def _main(args: argparse.Namespace, driver: Driver) -> int:
     resume_dir = _local_sweep_to_resume(args, spec, root)
     uri = resolve_uri(spec.tracking.uri)
     try:
-        check_reachable(uri)
+        check_reachable(uri, what=uri_source(spec.tracking.uri, "tracking.uri"))
     except TrackingError as err:
         raise SpecError(f"{args.spec}: {err}") from None
     if resume_dir is not None:  # remote storage: in _start_sweep, which finds the sweep's name in MLflow

@@ -93,13 +93,31 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 DATABRICKS = ("databricks", "databricks-uc", "uc")  # MLflow's names of a Databricks workspace
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def uri_source(given: str | None, key: str) -> str:
+    """What to call a store's URI in messages (`resolve_uri` picks it): `key` (a spec key, a flag) when it
+    was given there, else the environment variable that gave it, else `key` at its default."""
+    if given:
+        return key
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    return f"{key} (default)"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0, what: str = "tracking.uri") -> None:
     """Fail fast, with one line, when the tracking store cannot be reached or written.
 
     A server that takes the connection but never answers is given `timeout_s` per socket operation (connect,
     each read): the check ends within a few times that, saying so. Every URI MLflow would refuse, or accept
-    and then fail on (or lose the runs of) once trials have trained, is refused here.
+    and then fail on (or lose the runs of) once trials have trained, is refused here. The message starts
+    with `what`: where the URI came from (`uri_source`).
     """
+    try:
+        _check_reachable(uri, timeout_s)
+    except TrackingError as err:
+        raise TrackingError(what + str(err).removeprefix("tracking.uri")) from None
+
+
+def _check_reachable(uri: str, timeout_s: float) -> None:
     m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
     scheme = m.group(1).lower() if m else ""
     if uri.lower() in DATABRICKS or scheme in DATABRICKS:

@@ -313,8 +313,13 @@ def test_imagefolder_keeps_the_files_own_size(tmp_path: Path, fmnist_test: Image
     assert (resolved.image_size, resolved.patch_px, resolved.data.image_size) == (28, 14, 28)
     assert data.resolve_image_size(resolved) is resolved
     too_big = load_config(None, {"data.name": "imagefolder", "data.root": str(tmp_path), "patch.size": 40})
-    with pytest.raises(ConfigError, match=r"patch\.size: a 40-px patch does not fit a 28-px image"):
+    with pytest.raises(ConfigError) as err:
         data.resolve_image_size(too_big)
+    assert str(err.value) == (  # names where the size came from: not a data.image_size the user set
+        f"imagefolder: the images under {tmp_path} are 28x28 px, kept at their own size as data.image_size is "
+        "not set, and at that size: patch.size: a 40-px patch does not fit a 28-px image (imagefolder); "
+        "expected at most 28 pixels or a fraction <= 1"
+    )
 
 
 @needs_fmnist

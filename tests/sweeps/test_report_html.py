@@ -459,6 +459,35 @@ def test_report_of_a_real_sweep_rebuilt_from_mlflow_renders_in_chromium(tmp_path
     assert {"report/report.html", "report/report.json", "report/cost.png"} <= logged
 
 
+@pytest.mark.parametrize(
+    ("env", "flag", "named"),
+    [("junk://x", None, "MLFLOW_TRACKING_URI"), (None, "junk://x", "--tracking-uri"), (None, None, None)],
+    ids=["environment", "flag", "default"],
+)
+def test_report_names_where_its_store_uri_came_from(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: str | None,
+    flag: str | None,
+    named: str | None,
+) -> None:
+    from sweeps.report import main
+
+    monkeypatch.chdir(tmp_path)  # the default store, sqlite:///mlflow.db, is not there
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    assert main(["--experiment", "x", *(["--tracking-uri", flag] if flag else [])]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    if named is None:
+        assert line.startswith("error: --tracking-uri (default): sqlite:///mlflow.db: no such file")
+    else:
+        assert line.startswith(f"error: {named}: junk://x: unsupported scheme 'junk'")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -488,7 +517,7 @@ def test_report_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.
         ),
         (
             ["--experiment", "x", "--tracking-uri", f"sqlite:///{tmp_path}/app.db"],
-            f"tracking.uri: sqlite:///{tmp_path}/app.db: {tmp_path}/app.db is another application's SQLite "
+            f"--tracking-uri: sqlite:///{tmp_path}/app.db: {tmp_path}/app.db is another application's SQLite "
             "database (tables: notes)",
         ),
         # a folder that is not an earlier report: rebuilding there would delete its PNGs and log the rest

@@ -870,6 +870,15 @@ def test_cli_address_where_nothing_listens_fails_fast(tmp_path: Path, given: str
     assert seconds < 60
 
 
+def test_cli_a_store_uri_from_the_environment_is_named_so(tmp_path: Path) -> None:
+    """A spec without tracking.uri takes MLFLOW_TRACKING_URI: a bad one is named as the variable, not as a
+    spec key the user never wrote."""
+    path = write(tmp_path, VALID + f"storage_path: {tmp_path / 'store'}\n")
+    proc, _ = run_cli(tmp_path, str(path), env={"MLFLOW_TRACKING_URI": "junk://x"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: {path}: MLFLOW_TRACKING_URI: junk://x: unsupported scheme 'junk'")
+
+
 def test_cli_missing_dataset_of_a_space_axis(tmp_path: Path) -> None:
     """A dataset an axis picks is checked as the base's is: before Ray or MLflow, not in every trial."""
     empty = tmp_path / "data"
