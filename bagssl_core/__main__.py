@@ -155,9 +155,8 @@ def _analyze(args: argparse.Namespace) -> int:
 
 def _baselines(args: argparse.Namespace) -> int:
     cfg = _given_config(args)
-    if (
-        args.out is not None
-    ):  # before the probes, whose results would be lost to a path that cannot be written
+    # Before the probes, whose results would be lost to a path that cannot be written.
+    if args.out is not None:
         writable_file(args.out, "--out")
 
     from bagssl_core.baselines import format_baselines, score_baselines_on
