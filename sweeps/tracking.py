@@ -239,7 +239,12 @@ def _check_sqlite_file(uri: str, db: Path) -> None:
         raise TrackingError(
             f"tracking.uri: {uri}: {db} cannot be written; expected a database file this user can read and write"
         )
-    tables = sqlite_tables(db) if header else set()
+    try:
+        tables = sqlite_tables(db) if header else set()
+    except TrackingError as err:
+        raise TrackingError(
+            f"tracking.uri: {uri}: {err}; expected an MLflow sqlite store, or a path where sqlite can create one"
+        ) from None
     if tables and not tables >= MLFLOW_TABLES:
         # MLflow would add its tables beside another application's.
         raise TrackingError(
@@ -260,9 +265,7 @@ def sqlite_tables(db: Path) -> set[str]:
         with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             return {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as err:
-        raise TrackingError(
-            f"{db}: cannot be read as an SQLite database ({err}); expected an MLflow store"
-        ) from None
+        raise TrackingError(f"{db} cannot be read as an SQLite database ({err})") from None
 
 
 def _check_database_driver(uri: str) -> None:

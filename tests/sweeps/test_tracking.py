@@ -506,6 +506,11 @@ def test_a_sqlite_store_that_cannot_hold_the_runs_is_refused_and_left_alone(tmp_
         f"sqlite:///{tmp_path}/a_dir": (
             f"{tmp_path}/a_dir is a directory; expected the database file (sqlite:///{tmp_path}/a_dir/mlflow.db)"
         ),
+        # an SQLite header over bytes that are no database
+        f"sqlite:///{tmp_path}/torn.db": (
+            f"{tmp_path}/torn.db cannot be read as an SQLite database (file is not a database); expected an "
+            "MLflow sqlite store, or a path where sqlite can create one"
+        ),
         # MLflow would create its tables beside the application's
         f"sqlite:///{tmp_path}/app.db": (
             f"{tmp_path}/app.db is another application's SQLite database (tables: notes); expected an MLflow "
@@ -516,12 +521,18 @@ def test_a_sqlite_store_that_cannot_hold_the_runs_is_refused_and_left_alone(tmp_
         conn.execute("CREATE TABLE notes (text)")
         conn.commit()
     app_db = (tmp_path / "app.db").read_bytes()
+    (tmp_path / "torn.db").write_bytes(b"SQLite format 3\x00" + bytes(200))
     for uri, problem in cases.items():
         with pytest.raises(TrackingError) as info:
             check_reachable(uri)
         assert str(info.value) == f"tracking.uri: {uri}: {problem}"
     assert spec.read_text() == "name: t\n" and (tmp_path / "app.db").read_bytes() == app_db
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "app.db", "spec.yaml"]  # nothing created
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_dir",
+        "app.db",
+        "spec.yaml",
+        "torn.db",
+    ]  # nothing created
     assert list((tmp_path / "a_dir").iterdir()) == []
 
 
