@@ -192,7 +192,8 @@ class ImageFolderData(ImageData):
 def data_identity(train: ImageData) -> dict[str, Any]:
     """What tells one dataset from another, for a checkpoint to keep: its classes, its number of training
     images and a fingerprint of them as a run draws them (their labels in order; an ImageFolder's class and
-    file names too). A data.root that moved gives the same; other images or labels do not."""
+    file names too, and its files' own sizes). A data.root that moved gives the same; other images or
+    labels do not."""
     digest = hashlib.sha256(train.labels.numpy().tobytes())
     classes = train.classes if isinstance(train, ImageFolderData) else None
     if isinstance(train, ImageFolderData):
@@ -204,7 +205,26 @@ def data_identity(train: ImageData) -> dict[str, Any]:
         "classes": classes,
         "images": len(train),
         "fingerprint": digest.hexdigest()[:16],
+        "sizes": _file_sizes(train) if isinstance(train, ImageFolderData) else None,
     }
+
+
+# Files whose own size `data_identity` reads from their headers: enough to tell a tree re-encoded at another
+# size (which a run resizes to its own size without a word), few enough for every checkpoint.
+_IDENTITY_FILES = 16
+
+
+def _file_sizes(data: ImageFolderData) -> list[str]:
+    """The distinct sizes ("WxH") of an ImageFolder's first files as stored, before any resize; a file whose
+    header cannot be read is left out (the loader says so when it decodes it)."""
+    sizes = set()
+    for path in data.files[:_IDENTITY_FILES]:
+        try:
+            with Image.open(path) as img:
+                sizes.add(f"{img.size[0]}x{img.size[1]}")
+        except (OSError, UnidentifiedImageError):
+            continue
+    return sorted(sizes)
 
 
 def check_same_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any], root: str, source: str) -> None:
@@ -221,6 +241,8 @@ def check_same_data(saved: Mapping[str, Any] | None, now: Mapping[str, Any], roo
         differ.append(f"{then} then, {found} now")
     if saved["images"] != now["images"]:
         differ.append(f"{saved['images']} training images then, {now['images']} now")
+    if saved.get("sizes") and now.get("sizes") and saved["sizes"] != now["sizes"]:
+        differ.append(f"images of {', '.join(saved['sizes'])} px then, {', '.join(now['sizes'])} px now")
     if not differ and saved["fingerprint"] != now["fingerprint"]:
         differ.append("other training images or labels")
     if differ:

@@ -547,15 +547,13 @@ def test_resume_continues_an_interrupted_run_from_its_own_config(work: Path) -> 
     ]
 
 
-def _image_tree(root: Path, classes: str, prefix: str = "") -> None:
+def _image_tree(root: Path, classes: str, prefix: str = "", side: int = 16) -> None:
     for split, cls in itertools.product(("train", "val"), classes):
         (root / split / cls).mkdir(parents=True)
         for i in range(3):
             value = 60 + 60 * classes.index(cls) + 5 * i
-            write_png(
-                torch.full((3, 16, 16), value, dtype=torch.uint8),
-                str(root / split / cls / f"{prefix}{i}.png"),
-            )
+            image = torch.full((3, side, side), value, dtype=torch.uint8)
+            write_png(image, str(root / split / cls / f"{prefix}{i}.png"))
 
 
 def test_a_data_root_holding_other_images_is_refused_by_resume_and_analyze(work: Path) -> None:
@@ -564,6 +562,7 @@ def test_a_data_root_holding_other_images_is_refused_by_resume_and_analyze(work:
     _image_tree(work / "two", "ab")
     _image_tree(work / "three", "abc")
     _image_tree(work / "renamed", "ab", prefix="x")  # the same classes and count, other images
+    _image_tree(work / "bigger", "ab", side=32)  # the same names, re-encoded at another size
     shutil.copytree(work / "two", work / "moved")
     settings = [
         "data.name=imagefolder", "data.batch_size=2", "data.val_size=1", "patch.num=2", "patch.size=8",
@@ -598,6 +597,21 @@ def test_a_data_root_holding_other_images_is_refused_by_resume_and_analyze(work:
             ],
             "data.root: renamed: not the imagefolder data the checkpoint at if_run was trained on (other training "
             "images or labels)",
+        ),
+        "analyze_bigger": (
+            [
+                "analyze",
+                "if_run",
+                "data.root=bigger",
+                "--only",
+                "bag_curve",
+                "--out",
+                "an_bigger",
+                "eval.analysis.val_images=2",
+                "eval.analysis.bank_images=4",
+            ],
+            "data.root: bigger: not the imagefolder data the checkpoint at if_run was trained on (images of "
+            "16x16 px then, 32x32 px now)",
         ),
     }
     for name, (command, message) in refused.items():
