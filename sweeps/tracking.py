@@ -114,7 +114,10 @@ def check_reachable(uri: str, timeout_s: float = 5.0, what: str = "tracking.uri"
     try:
         _check_reachable(uri, timeout_s)
     except TrackingError as err:
-        raise TrackingError(what + str(err).removeprefix("tracking.uri")) from None
+        raise TrackingError(f"{what}: {err}") from None
+
+
+# The checks below phrase what is wrong with the URI; `check_reachable` puts the key that gave it first.
 
 
 def _check_reachable(uri: str, timeout_s: float) -> None:
@@ -125,7 +128,7 @@ def _check_reachable(uri: str, timeout_s: float) -> None:
         # are workspace paths) nor before credentials are checked: the first write would fail after Ray
         # and the baselines started.
         raise TrackingError(
-            f"tracking.uri: {uri}: a Databricks store, which sweeps do not write to; expected {EXPECTED_URIS}"
+            f"{uri}: a Databricks store, which sweeps do not write to; expected {EXPECTED_URIS}"
         )
     if scheme in ("http", "https"):
         _check_server(uri, timeout_s)
@@ -133,12 +136,12 @@ def _check_reachable(uri: str, timeout_s: float) -> None:
         _check_sqlite(uri, scheme)
     elif scheme in ("", "file"):  # a path, or file:, is MLflow's file store (docs/operations.md, "The store")
         raise TrackingError(
-            f"tracking.uri: {uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"
+            f"{uri}: MLflow 3's file store is in maintenance mode; expected sqlite:///path.db or http(s)://"
         )
     elif scheme.split("+")[0] in SERVER_DATABASES:
         _check_database_driver(uri)
     else:
-        raise TrackingError(f"tracking.uri: {uri}: unsupported scheme {scheme!r}; expected {EXPECTED_URIS}")
+        raise TrackingError(f"{uri}: unsupported scheme {scheme!r}; expected {EXPECTED_URIS}")
 
 
 def _check_server(uri: str, timeout_s: float) -> None:
@@ -147,23 +150,21 @@ def _check_server(uri: str, timeout_s: float) -> None:
         host = urllib.parse.urlsplit(uri).hostname
         urllib.parse.urlsplit(uri).port  # noqa: B018 -- raises ValueError on a port that is no number
     except ValueError as err:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
-        raise TrackingError(
-            f"tracking.uri: {uri}: not a valid URL ({err}); expected http(s)://host[:port]"
-        ) from None
+        raise TrackingError(f"{uri}: not a valid URL ({err}); expected http(s)://host[:port]") from None
     if not host:
-        raise TrackingError(f"tracking.uri: {uri}: no host; expected http(s)://host[:port]")
+        raise TrackingError(f"{uri}: no host; expected http(s)://host[:port]")
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             if resp.status >= 400:
-                raise TrackingError(f"tracking.uri: {uri} answered HTTP {resp.status} at /health")
+                raise TrackingError(f"{uri} answered HTTP {resp.status} at /health")
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as err:
         # ValueError: what urlsplit let through and http.client refuses (http.client.InvalidURL).
         reason = getattr(err, "reason", err)
         if isinstance(reason, TimeoutError):  # a timed-out connect comes wrapped in a URLError
             reason = f"no answer within {timeout_s:g} s"
         raise TrackingError(
-            f"tracking.uri: cannot reach the MLflow server at {uri} ({reason}); expected a running "
+            f"cannot reach the MLflow server at {uri} ({reason}); expected a running "
             "server (mlflow server ...) or a sqlite:///file.db URI"
         ) from None
 
@@ -178,16 +179,16 @@ def _check_sqlite(uri: str, scheme: str) -> None:
     if not parent.is_dir():
         what = "is a file" if parent.exists() else "does not exist"
         raise TrackingError(
-            f"tracking.uri: {uri}: {parent} {what}; expected the database file in an existing directory "
+            f"{uri}: {parent} {what}; expected the database file in an existing directory "
             "(sqlite creates the file, not its directory)"
         )
     try:
-        writable_dir(parent, f"tracking.uri: {uri}")
+        writable_dir(parent, uri)
     except ConfigError as err:
         raise TrackingError(str(err)) from None
     if db.is_dir():
         raise TrackingError(
-            f"tracking.uri: {uri}: {db} is a directory; expected the database file ({scheme}:///{db}/mlflow.db)"
+            f"{uri}: {db} is a directory; expected the database file ({scheme}:///{db}/mlflow.db)"
         )
     if db.exists():
         _check_sqlite_file(uri, db)
@@ -198,20 +199,20 @@ def _sqlite_path(uri: str, scheme: str) -> Path:
     rest = uri[len(scheme) + 1 :]
     if rest in ("", "//"):
         raise TrackingError(
-            f"tracking.uri: {uri}: an in-memory database, whose runs are lost when the sweep ends; expected "
+            f"{uri}: an in-memory database, whose runs are lost when the sweep ends; expected "
             f"{scheme}:///path.db, a file"
         )
     if not rest.startswith("///"):
-        raise TrackingError(f"tracking.uri: {uri}: not a database path; expected {scheme}:///path.db")
+        raise TrackingError(f"{uri}: not a database path; expected {scheme}:///path.db")
     if "?" in rest:
         # sqlite's URI options (mode=ro, ...) would open a store a sweep cannot write, found out only
         # when the first trial is logged.
         raise TrackingError(
-            f"tracking.uri: {uri}: a query ({rest[rest.index('?') :]}); expected {scheme}:///path.db without one"
+            f"{uri}: a query ({rest[rest.index('?') :]}); expected {scheme}:///path.db without one"
         )
     path = rest.removeprefix("///")
     if not path:
-        raise TrackingError(f"tracking.uri: {uri}: no database path; expected {scheme}:///path.db")
+        raise TrackingError(f"{uri}: no database path; expected {scheme}:///path.db")
     return Path(path)
 
 
@@ -219,36 +220,34 @@ def _check_sqlite_file(uri: str, db: Path) -> None:
     """An existing file at a sqlite store's path: a database (or an empty file, which sqlite makes one
     of) this user can write. Any other file sqlite refuses at the first write, after trials trained."""
     if not db.is_file():
-        raise TrackingError(
-            f"tracking.uri: {uri}: {db} is not a regular file; expected an sqlite database file"
-        )
+        raise TrackingError(f"{uri}: {db} is not a regular file; expected an sqlite database file")
     try:
         with db.open("rb") as f:
             header = f.read(len(SQLITE_HEADER))
     except OSError as err:
         raise TrackingError(
-            f"tracking.uri: {uri}: {db} cannot be read ({err.strerror or err}); expected a database file this "
+            f"{uri}: {db} cannot be read ({err.strerror or err}); expected a database file this "
             "user can read and write"
         ) from None
     if header and header != SQLITE_HEADER:
         raise TrackingError(
-            f"tracking.uri: {uri}: {db} is not an SQLite database; expected an MLflow sqlite store, or a path "
+            f"{uri}: {db} is not an SQLite database; expected an MLflow sqlite store, or a path "
             "where sqlite can create one"
         )
     if not os.access(db, os.W_OK):
         raise TrackingError(
-            f"tracking.uri: {uri}: {db} cannot be written; expected a database file this user can read and write"
+            f"{uri}: {db} cannot be written; expected a database file this user can read and write"
         )
     try:
         tables = sqlite_tables(db) if header else set()
     except TrackingError as err:
         raise TrackingError(
-            f"tracking.uri: {uri}: {err}; expected an MLflow sqlite store, or a path where sqlite can create one"
+            f"{uri}: {err}; expected an MLflow sqlite store, or a path where sqlite can create one"
         ) from None
     if tables and not tables >= MLFLOW_TABLES:
         # MLflow would add its tables beside another application's.
         raise TrackingError(
-            f"tracking.uri: {uri}: {db} is another application's SQLite database (tables: "
+            f"{uri}: {db} is another application's SQLite database (tables: "
             f"{', '.join(sorted(tables)[:5])}); expected an MLflow sqlite store, or a path where sqlite can create one"
         )
 
@@ -278,21 +277,19 @@ def _check_database_driver(uri: str) -> None:
         url = make_url(uri)
         shown = url.render_as_string(hide_password=True)
     except (ArgumentError, ValueError) as err:
-        raise TrackingError(
-            f"tracking.uri: {uri}: not a database URL ({err}); expected {EXPECTED_URIS}"
-        ) from None
+        raise TrackingError(f"{uri}: not a database URL ({err}); expected {EXPECTED_URIS}") from None
     try:
         dialect = url.get_dialect()
     except NoSuchModuleError:
         raise TrackingError(
-            f"tracking.uri: {shown}: SQLAlchemy has no driver {url.drivername!r}; expected {EXPECTED_URIS}"
+            f"{shown}: SQLAlchemy has no driver {url.drivername!r}; expected {EXPECTED_URIS}"
         ) from None
     try:
         dialect.import_dbapi()
     except ImportError as err:
         missing = getattr(err, "name", None) or str(err)
         raise TrackingError(
-            f"tracking.uri: {shown}: its database driver, the Python module {missing!r}, is not installed; "
+            f"{shown}: its database driver, the Python module {missing!r}, is not installed; "
             f"expected it installed (or {url.get_backend_name()}+DRIVER:// naming an installed driver), or "
             "a sqlite:///path.db or http(s):// URI"
         ) from None
