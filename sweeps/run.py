@@ -387,29 +387,32 @@ def _check_datasets(source: str, overrides: list[str], spec: SweepSpec, base_cfg
     checked again at that size (`check_space_at_image_size`)."""
     from bagssl_core.data import DataError, load_split, resolve_image_size
 
-    datasets = {"base.data": base_cfg.data}
-    base_tree = base_cfg.model_dump(mode="json")
-    for key, d in spec.space.items():
-        if is_under(key, ("data",)) and d.discrete:
-            for v in d.args:
-                datasets[f"space.{key}={v}"] = validate_config({key: v}, defaults=base_tree).data
     # These loads only check: their "loaded" lines would come before a bad one's error, as if it ran.
     data_log = logging.getLogger("bagssl_core.data")
     level = data_log.level
     data_log.setLevel(logging.WARNING)
     try:
+        base_data, own_size = base_cfg.data, None
+        if not base_cfg.image_size_known:  # each file's header read once, here, not by each load below
+            try:
+                sized = resolve_image_size(base_cfg)
+            except (ConfigError, DataError) as err:
+                raise SpecError(f"{source}: base.data: {err}") from None
+            base_data, own_size = sized.data, sized.image_size
+        datasets = {"base.data": base_data}
+        base_tree = base_cfg.model_dump(mode="json")
+        for key, d in spec.space.items():
+            if is_under(key, ("data",)) and d.discrete:
+                for v in d.args:
+                    datasets[f"space.{key}={v}"] = validate_config({key: v}, defaults=base_tree).data
         for where, data in datasets.items():
             try:
                 for split in ("val", "test"):  # "val" reads the training images and splits them
                     load_split(data, split, base_cfg.run.seed)
             except (ConfigError, DataError) as err:
                 raise SpecError(f"{source}: {where}: {err}") from None
-        if not base_cfg.image_size_known:
-            try:
-                size = resolve_image_size(base_cfg).image_size
-            except (ConfigError, DataError) as err:
-                raise SpecError(f"{source}: base.data: {err}") from None
-            check_space_at_image_size(source, overrides, size)
+        if own_size is not None:
+            check_space_at_image_size(source, overrides, own_size)
     finally:
         data_log.setLevel(level)
 
