@@ -41,7 +41,7 @@ from bagssl_core.config import (
 )
 from bagssl_core.metrics import format_probe_table
 from bagssl_core.openmp import prefer_passive_wait
-from bagssl_core.outputs import writable_dir, writable_file
+from bagssl_core.outputs import refuse_empty_path, writable_dir, writable_file
 from bagssl_core.run_files import CHECKPOINTS_DIR, SUMMARY_FILE, ended_run, find_checkpoint, run_owner
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -192,10 +192,8 @@ def _train(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--resume: {err}") from None
     else:
         cfg = _given_config(args)
-        if args.out is not None and not args.out.strip():
-            raise ConfigError(
-                "--out: an empty path; expected the run's directory (or leave --out out for run.out_dir)"
-            )
+        if args.out is not None:
+            refuse_empty_path(args.out, "--out", "the run's directory (or leave --out out for run.out_dir)")
         out = Path(args.out or cfg.run.out_dir)
         if (out / SUMMARY_FILE).exists() or (out / CHECKPOINTS_DIR).exists():
             raise ConfigError(f"{out}: already holds a run; pass --resume to continue it, or another --out")

@@ -26,7 +26,7 @@ def writable_dir(path: str | Path, what: str) -> Path:
     Raises:
         ConfigError: naming `what` (the key or flag that gave the path), the path and why it cannot be.
     """
-    _refuse_empty(path, what, "a directory")
+    refuse_empty_path(path, what, "a directory")
     p = Path(path)
     chain = [*reversed(p.parents), p]
     deepest = p
@@ -54,7 +54,7 @@ def writable_file(path: str | Path, what: str) -> Path:
     Raises:
         ConfigError: naming `what`, the path and what was expected.
     """
-    _refuse_empty(path, what, "the path of a file to write")
+    refuse_empty_path(path, what, "the path of a file to write")
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{what}: {p} is a directory; expected the path of a file to write")
@@ -69,7 +69,7 @@ def writable_file(path: str | Path, what: str) -> Path:
     return p
 
 
-def _refuse_empty(path: str | Path, what: str, expected: str) -> None:
+def refuse_empty_path(path: str | Path, what: str, expected: str) -> None:
     """An empty path given as a string (`--out ''`) would be the working directory: never what was meant."""
     if isinstance(path, str) and not path.strip():
         raise ConfigError(f"{what}: an empty path; expected {expected}")

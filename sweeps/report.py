@@ -16,7 +16,7 @@ from typing import Any
 
 from bagssl_core.config import ConfigError, config_to_yaml, merge_overrides, validate_config
 from bagssl_core.metrics import DIVERGED_AT_STEP, EPOCH, EPOCHS_PLANNED, ProbeKey, intervals_overlap, n_images
-from bagssl_core.outputs import writable_dir
+from bagssl_core.outputs import refuse_empty_path, writable_dir
 from bagssl_core.run_files import run_owner
 from sweeps.space import trial_overrides, variant_values
 from sweeps.spec import Objective, SweepSpec
@@ -435,8 +435,7 @@ REPORT_EXTRAS = ("*.png", "analyses")
 def check_report_dir(out: str) -> None:
     """ConfigError unless `out` (--out) can take a report: a new or empty directory, or an earlier report's
     (both `REPORT_FILES` and nothing but `REPORT_EXTRAS` beside them), writable, and no run's own files."""
-    if not out.strip():
-        raise ConfigError("--out: an empty path; expected the report's folder (or leave --out out)")
+    refuse_empty_path(out, "--out", "the report's folder (or leave --out out)")
     path = Path(out)
     owner = run_owner(path)
     if owner is not None:
