@@ -102,6 +102,7 @@ class Run:
     train_data: ImageData  # what the model trains on, and the probes' kNN bank / linear training set
     eval_data: dict[Split, ImageData]  # "val" (every probing epoch) and "test" (the end)
     eval_variants: Mapping[str, EvalConfig] | None  # see `evaluate`
+    data_id: dict[str, Any]  # `data_identity(train_data)`, read once: every checkpoint keeps it
     start_epoch: int = 0  # epochs done before this process started (resume)
     step: int = 0  # global steps done
 
@@ -475,7 +476,7 @@ def save_checkpoint(run: Run, epoch: int) -> Path:
         "epoch": epoch,
         "step": run.step,
         "config": run.cfg.model_dump(mode="json"),
-        "data": data_identity(run.train_data),  # to refuse other data under a moved data.root
+        "data": run.data_id,  # to refuse other data under a moved data.root
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -660,6 +661,7 @@ def start_run(
     device = resolve_device(cfg)
     require_memory(training_needs(cfg), device)  # before the data load, which may take minutes
     train_data, eval_data = load_splits(cfg)
+    data_id = data_identity(train_data)
     if dist.is_main():  # once the sizes are known to fit: a warning would be noise before their error
         for line in tiny_patches(cfg):
             log.warning(line)
@@ -667,9 +669,7 @@ def start_run(
     optimizer = build_optimizer(model, cfg)
     steps_per_epoch = len(train_loader(train_data, cfg, 0))
     start_epoch, step = (
-        _resume(resume_from, model, optimizer, train_data, cfg.data.root)
-        if resume_from is not None
-        else (0, 0)
+        _resume(resume_from, model, optimizer, data_id, cfg.data.root) if resume_from is not None else (0, 0)
     )
     model = default_wrapper(model, device)
     model.train()
@@ -689,6 +689,7 @@ def start_run(
         train_data=train_data,
         eval_data=eval_data,
         eval_variants=eval_variants,
+        data_id=data_id,
         start_epoch=start_epoch,
         step=step,
     )
@@ -737,14 +738,14 @@ def _resume(
     path: str | Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    train_data: ImageData,
+    data_id: dict[str, Any],
     data_root: str,
 ) -> tuple[int, int]:
     """Load a checkpoint into the (unwrapped) model and the optimizer and restore the random state;
-    returns the epochs and steps it had done. ConfigError when `train_data` is not the data it trained on."""
+    returns the epochs and steps it had done. ConfigError when `data_id` is not the data it trained on."""
     state = load_checkpoint(path)
     where = f"the checkpoint at {find_checkpoint(path)}"
-    check_same_data(state.get("data"), data_identity(train_data), data_root, where)
+    check_same_data(state.get("data"), data_id, data_root, where)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _restore_rng(state["rng"])
